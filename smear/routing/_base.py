@@ -1,0 +1,176 @@
+"""The one contract every routing method follows, and the stacked experts and router they share.
+
+Axes used in every docstring and einsum: b = batch (examples), s = positions (tokens or pixels),
+c = model width, r = adapter bottleneck, n = experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smear.routing.config import RoutingConfig
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward information that the backbone's own forward cannot carry to its blocks.
+
+    One object is shared by every block of a model (see ``smear.routing.set_context``).
+    """
+
+    task_ids: Tensor | None = None     # (b,) long: task / domain id, for tag and latent skills
+    example_ids: Tensor | None = None  # (b,) long: dataset index, for hash routing
+    step: int = 0                      # global training step, for temperature schedules
+    mask: Tensor | None = None         # (b, s) bool, True = real token (sequence layout only)
+    route_input: Tensor | None = None  # (b, c): overrides the block's own router input (T5 decoder)
+
+
+@dataclass
+class RoutingInputs:
+    x: Tensor          # (b, s, c) expert input
+    mask: Tensor       # (b, s) bool, True = real position
+    u: Tensor          # (b, c) router input: masked mean of the block input over positions
+    ctx: RoutingContext
+    training: bool
+
+
+@dataclass
+class RoutingOutput:
+    y: Tensor                      # (b, s, c) the experts' combined output (before the block's residual)
+    probs: Tensor                  # (b, n) routing distribution (for logging and specialisation plots)
+    aux_loss: Tensor               # scalar, zero when unused
+    extras: dict[str, Any] = field(default_factory=dict)  # method-specific (log-probs, baselines, ...)
+
+
+def swish(x: Tensor) -> Tensor:
+    return F.silu(x)
+
+
+class ExpertBank(nn.Module):
+    """N bottleneck adapters stacked as tensors: f_n(x) = swish(x W_down[n] + b_down[n]) W_up[n].
+
+    methods.md section 1: ``W_down[N, C, r]``, ``b_down[N, r]``, ``W_up[N, r, C]``, no up bias,
+    weights initialised N(0, 0.01^2).
+    """
+
+    def __init__(self, num_experts: int, dim: int, rank: int, init_std: float = 0.01):
+        super().__init__()
+        self.num_experts, self.dim, self.rank = num_experts, dim, rank
+        self.w_down = nn.Parameter(torch.randn(num_experts, dim, rank) * init_std)  # (n, c, r)
+        self.b_down = nn.Parameter(torch.zeros(num_experts, rank))                # (n, r)
+        self.w_up = nn.Parameter(torch.randn(num_experts, rank, dim) * init_std)    # (n, r, c)
+
+    # --- building one adapter per example -------------------------------------------------------
+    def merge(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-example merged expert, sum_n p[b, n] theta_n (SMEAR eq. 2): one matmul per tensor.
+
+        p: (b, n) -> w_down (b, c, r), b_down (b, r), w_up (b, r, c).
+        """
+        b, (n, c, r) = p.shape[0], self.w_down.shape
+        w_down = (p @ self.w_down.reshape(n, c * r)).view(b, c, r)
+        b_down = p @ self.b_down
+        w_up = (p @ self.w_up.reshape(n, r * c)).view(b, r, c)
+        return w_down, b_down, w_up
+
+    def gather(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Each example's chosen expert. idx: (b,) long -> w_down (b, c, r), b_down (b, r), w_up (b, r, c)."""
+        return self.w_down[idx], self.b_down[idx], self.w_up[idx]
+
+    @staticmethod
+    def apply(x: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor) -> Tensor:
+        """One adapter per example with two batched matmuls. x: (b, s, c) -> (b, s, c)."""
+        h = swish(torch.baddbmm(b_down.unsqueeze(1), x, w_down))  # (b, s, r)
+        return torch.bmm(h, w_up)                                  # (b, s, c)
+
+    def apply_shared(self, x: Tensor, n: int = 0) -> Tensor:
+        """Expert n for every example (a dense adapter). x: (b, s, c) -> (b, s, c)."""
+        h = swish(torch.matmul(x, self.w_down[n]) + self.b_down[n])  # (b, s, r)
+        return torch.matmul(h, self.w_up[n])                         # (b, s, c)
+
+    def apply_all(self, x: Tensor) -> Tensor:
+        """Every expert on every example, einsum over the stack. x: (b, s, c) -> (b, n, s, c)."""
+        h = swish(torch.einsum("bsc,ncr->bnsr", x, self.w_down) + self.b_down[None, :, None, :])
+        return torch.einsum("bnsr,nrc->bnsc", h, self.w_up)
+
+
+class Router(nn.Module):
+    """p = softmax(LayerNorm(u) . W_hat), W_hat[:, n] = LayerNorm_n(W[:, n]) (methods.md section 1).
+
+    W is (c, n), init N(0, 0.01^2), no bias. Each expert column is layer-normalised over c with its own
+    gain (init ``gain_init`` = 0.01) and bias (init 0), so logits start small and routing near uniform.
+    Reading of the reference: "each expert column of W goes through its own LayerNorm over C".
+    """
+
+    def __init__(self, dim: int, num_experts: int, init_std: float = 0.01, gain_init: float = 0.01):
+        super().__init__()
+        self.in_norm = nn.LayerNorm(dim)
+        self.weight = nn.Parameter(torch.randn(dim, num_experts) * init_std)     # (c, n)
+        self.col_gain = nn.Parameter(torch.full((num_experts, dim), gain_init))  # (n, c)
+        self.col_bias = nn.Parameter(torch.zeros(num_experts, dim))              # (n, c)
+
+    def forward(self, u: Tensor) -> Tensor:
+        """u: (b, c) -> logits (b, n)."""
+        w = F.layer_norm(self.weight.t(), (self.weight.shape[0],))  # (n, c), each column normalised
+        w = w * self.col_gain + self.col_bias                        # (n, c)
+        return self.in_norm(u) @ w.t()                               # (b, n)
+
+
+def expert_dropout_logits(logits: Tensor, rate: float) -> Tensor:
+    """Training-only expert dropout: each expert's logit is dropped (set to -1e9) with probability ``rate``.
+
+    Softmax of the result is the renormalised distribution over the kept experts. A row whose experts
+    would all be dropped keeps them all.
+    """
+    if rate <= 0:
+        return logits
+    drop = torch.rand_like(logits) < rate                 # (b, n)
+    drop &= ~drop.all(dim=-1, keepdim=True)
+    return logits.masked_fill(drop, -1e9)
+
+
+def entropy(p: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy in nats, 0 log 0 = 0."""
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
+
+
+class RoutingMethod(nn.Module):
+    """Base class of every routing method: ``forward(experts, inputs, logits) -> RoutingOutput``.
+
+    Class attributes a method may override:
+      uses_router     -- whether the block builds a learned Router for it (logits is None otherwise)
+      expert_dropout  -- whether training applies expert dropout to the router logits first
+      mixes_positions -- True when outputs at one position depend on other positions (Soft MoE):
+                         refused in causal decoder blocks
+    """
+
+    name: str = "?"
+    uses_router: bool = True
+    expert_dropout: bool = False
+    mixes_positions: bool = False
+
+    def __init__(self, cfg: RoutingConfig, *, dim: int, num_experts: int, rank: int, num_tasks: int):
+        super().__init__()
+        self.cfg, self.dim, self.num_experts, self.rank, self.num_tasks = cfg, dim, num_experts, rank, num_tasks
+
+    @classmethod
+    def expert_shape(cls, cfg: RoutingConfig) -> tuple[int, int]:
+        """(number of experts, rank) of the block's ExpertBank for this method."""
+        return cfg.num_experts, cfg.rank
+
+    def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
+        raise NotImplementedError
+
+    def task_loss_terms(self, out: RoutingOutput, per_example_loss: Tensor) -> Tensor:
+        """Loss terms that need the per-example task loss (REINFORCE); zero for most methods."""
+        return per_example_loss.new_zeros(())
+
+    def param_groups(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name (relative to this module), e.g. latent skills' 10x."""
+        return {}
+
+    def zero(self, like: Tensor) -> Tensor:
+        return like.new_zeros(())

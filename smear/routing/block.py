@@ -1,0 +1,93 @@
+"""The expert routing block shared by every method: stacked adapter experts, a router, a residual.
+
+methods.md section 1. Two layouts:
+  image    -- x (b, c, h, w):  out = x + f(BN(x)), adapters per spatial position (ResNet)
+  sequence -- x (b, s, c):     out = x + LN_post(f(x)) (T5), padding masked out of the router input
+The routing method (registry key) decides how the experts are applied; the block owns the experts.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from smear.routing._base import ExpertBank, Router, RoutingContext, RoutingInputs, RoutingOutput, expert_dropout_logits
+from smear.routing._registry import get_method_class
+from smear.routing.config import RoutingConfig
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over positions of real tokens only. x: (b, s, c), mask: (b, s) bool -> (b, c)."""
+    m = mask.to(x.dtype).unsqueeze(-1)                      # (b, s, 1)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class T5LayerNormLike(nn.Module):
+    """RMS norm without mean subtraction, as T5's LayerNorm (used after the experts in sequence layout)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+
+class ExpertRoutingBlock(nn.Module):
+    """Adapter experts + router + residual, routing method chosen by ``cfg.method``."""
+
+    def __init__(self, dim: int, cfg: RoutingConfig, *, layout: Literal["image", "sequence"],
+                 num_tasks: int = 1, context: RoutingContext | None = None):
+        super().__init__()
+        method_cls = get_method_class(cfg.method)
+        num_experts, rank = method_cls.expert_shape(cfg)
+        self.layout, self.dim = layout, dim
+        self.cfg = cfg
+        self.context = context if context is not None else RoutingContext()
+        self.experts = ExpertBank(num_experts, dim, rank, cfg.init_std)
+        self.router = Router(dim, num_experts, cfg.init_std, cfg.router_gain_init) if method_cls.uses_router else None
+        self.method = method_cls(cfg, dim=dim, num_experts=num_experts, rank=rank, num_tasks=num_tasks)
+        if layout == "image":
+            self.pre_norm: nn.Module = nn.BatchNorm2d(dim)
+            self.post_norm: nn.Module = nn.Identity()
+        else:
+            self.pre_norm = nn.Identity()
+            self.post_norm = T5LayerNormLike(dim)
+        self.last: RoutingOutput | None = None  # output of the latest forward, read by losses and logging
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def route(self, x: Tensor, mask: Tensor, u: Tensor) -> RoutingOutput:
+        """x: (b, s, c), mask: (b, s), u: (b, c) -> RoutingOutput with y (b, s, c)."""
+        logits = None
+        if self.router is not None:
+            logits = self.router(u)                                               # (b, n)
+            if self.training and self.method.expert_dropout:
+                logits = expert_dropout_logits(logits, self.cfg.expert_dropout)
+        inp = RoutingInputs(x=x, mask=mask, u=u, ctx=self.context, training=self.training)
+        out = self.method(self.experts, inp, logits)
+        assert out.y.shape == x.shape, (out.y.shape, x.shape)
+        assert out.probs.shape == (x.shape[0], self.num_experts), out.probs.shape
+        self.last = out
+        return out
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.layout == "image":
+            b, c, h, w = x.shape
+            u = x.mean(dim=(2, 3))                                                # (b, c)
+            tokens = self.pre_norm(x).flatten(2).transpose(1, 2)                  # (b, h*w, c)
+            full = torch.ones(b, h * w, dtype=torch.bool, device=x.device)
+            y = self.route(tokens, full, u).y                                     # (b, h*w, c)
+            return x + y.transpose(1, 2).reshape(b, c, h, w)
+        # sequence layout
+        b, s, c = x.shape
+        if mask is None:
+            mask = self.context.mask if self.context.mask is not None else torch.ones(b, s, dtype=torch.bool, device=x.device)
+        u = self.context.route_input if self.context.route_input is not None else masked_mean(x, mask)
+        y = self.route(self.pre_norm(x), mask, u).y
+        return x + self.post_norm(y)
