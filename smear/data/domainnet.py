@@ -1,0 +1,127 @@
+"""DomainNet in its official layout: ``ROOT/<domain>_{train,test}.txt`` lines ``<relative path> <label>``.
+
+Splits (methods.md section 2): train = 80% of each domain's official train list (shuffled with
+seed 42), validation = the other 20%, test = the official ``<domain>_test.txt``.
+Each item is ``(image (3, H, W) float, label, domain id, example id)``; the example id indexes the
+concatenated split (for hash routing).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+Split = Literal["train", "val", "test"]
+
+
+class DataError(ValueError):
+    """A missing or malformed dataset; one-line message naming the bad path or value."""
+
+
+@dataclass(frozen=True)
+class Record:
+    path: str
+    label: int
+    domain: int
+
+
+def _read_list(root: Path, domain: str, which: str) -> list[Record]:
+    f = root / f"{domain}_{which}.txt"
+    if not f.is_file():
+        raise DataError(f"missing list file {f} for domain {domain!r}")
+    recs = []
+    for ln, line in enumerate(f.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise DataError(f"{f}:{ln}: expected '<relative path> <label>', got {line!r}")
+        recs.append(Record(parts[0], int(parts[1]), DOMAINS.index(domain) if domain in DOMAINS else -1))
+    return recs
+
+
+def check_root(root: str | Path, domains: tuple[str, ...] | list[str]) -> Path:
+    """Validate a DomainNet root for the given domains; raise DataError naming what is missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {str(root)!r} does not exist or is not a directory")
+    for d in domains:
+        if d not in DOMAINS:
+            raise DataError(f"unknown domain {d!r}; valid: {', '.join(DOMAINS)}")
+        for which in ("train", "test"):
+            if not (root / f"{d}_{which}.txt").is_file():
+                raise DataError(f"data root {str(root)!r} has no {d}_{which}.txt")
+    return root
+
+
+def split_records(root: str | Path, domains: list[str] | tuple[str, ...], split: Split, *,
+                  val_fraction: float = 0.2, seed: int = 42) -> list[Record]:
+    """The records of ``split`` over ``domains``, domain ids renumbered 0..len(domains)-1 in the given order."""
+    root = check_root(root, domains)
+    out: list[Record] = []
+    for di, d in enumerate(domains):
+        if split == "test":
+            recs = _read_list(root, d, "test")
+        else:
+            recs = _read_list(root, d, "train")
+            order = list(range(len(recs)))
+            random.Random(seed).shuffle(order)
+            n_val = int(round(len(recs) * val_fraction))
+            keep = order[:n_val] if split == "val" else order[n_val:]
+            recs = [recs[i] for i in sorted(keep)]
+        out.extend(Record(r.path, r.label, di) for r in recs)
+    return out
+
+
+def num_classes(root: str | Path, domains: list[str] | tuple[str, ...]) -> int:
+    """1 + the largest label in the domains' official train lists (345 for DomainNet)."""
+    return 1 + max(r.label for d in domains for r in _read_list(Path(root), d, "train"))
+
+
+def build_transform(split: Split, resolution: int, augment: Literal["paper", "none"]) -> T.Compose:
+    """Paper: RandomResizedCrop + flip for training, Resize(256/224 x) + CenterCrop for evaluation."""
+    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if split == "train" and augment == "paper":
+        return T.Compose([T.RandomResizedCrop(resolution), T.RandomHorizontalFlip(), *norm])
+    if augment == "paper":
+        return T.Compose([T.Resize(round(resolution * 256 / 224)), T.CenterCrop(resolution), *norm])
+    return T.Compose([T.Resize((resolution, resolution)), *norm])
+
+
+class DomainNetDataset(Dataset):
+    """One split of DomainNet over the chosen domains. ``cache=True`` keeps decoded images in memory."""
+
+    def __init__(self, root: str | Path, domains: list[str] | tuple[str, ...], split: Split, *,
+                 resolution: int = 224, augment: Literal["paper", "none"] = "paper", cache: bool = False):
+        self.root, self.domains, self.split = Path(root), tuple(domains), split
+        self.records = split_records(root, domains, split)
+        self.transform = build_transform(split, resolution, augment)
+        self._cache: dict[int, Image.Image] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _image(self, i: int) -> Image.Image:
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        path = self.root / self.records[i].path
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"image {str(path)!r} listed in {self.domains[self.records[i].domain]}_*.txt is missing") from None
+        if self._cache is not None:
+            self._cache[i] = img
+        return img
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, int]:
+        r = self.records[i]
+        return self.transform(self._image(i)), r.label, r.domain, i

@@ -1,0 +1,1 @@
+"""Ray trainables: the train loop (one code path) run as a Tune function trainable or in a TorchTrainer."""

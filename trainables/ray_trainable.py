@@ -1,0 +1,94 @@
+"""Ray glue for the train loop: a Tune function trainable, and a Ray Train TorchTrainer inside it.
+
+ray-mlflow.md (Train V2, Ray 2.60): ``Tuner(TorchTrainer(...))`` fails, so a trial is a Tune function
+trainable. It runs the train loop directly when the trial needs one worker (~3 s start-up), and fits a
+``TorchTrainer`` with ``TuneReportCallback`` when it asks for several data-parallel workers. The
+TorchTrainer's run name is the trial id (deterministic), so a restarted trial finds its own checkpoints.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import ray.train
+import ray.tune
+
+from smear.configs import build
+from trainables.config import TrainConfig
+from trainables.loop import train_loop
+
+
+class TuneSession:
+    """The train loop reports to Ray Tune (single-worker trials)."""
+
+    world_rank, world_size = 0, 1
+
+    def report(self, metrics, checkpoint_dir):
+        ckpt = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=ckpt)
+
+    def latest_checkpoint_dir(self):
+        ckpt = ray.tune.get_checkpoint()
+        return _local_dir(ckpt)
+
+
+class TrainSession:
+    """The train loop reports to Ray Train (each data-parallel worker)."""
+
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+
+    def report(self, metrics, checkpoint_dir):
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def latest_checkpoint_dir(self):
+        return _local_dir(ray.train.get_checkpoint())
+
+
+def _local_dir(ckpt) -> str | None:
+    if ckpt is None:
+        return None
+    dest = tempfile.mkdtemp(prefix="smear-restore-")
+    return ckpt.to_directory(dest)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker."""
+    from ray.train.torch import prepare_model
+
+    train_loop(config, TrainSession(), wrap_model=lambda m: prepare_model(m, move_to_device=False))
+
+
+def trial(config: dict[str, Any], train_storage: str | None = None) -> None:
+    """The Tune function trainable of every sweep trial (bind ``train_storage`` with tune.with_parameters)."""
+    cfg = build(TrainConfig, config)
+    if cfg.num_workers <= 1:
+        train_loop(cfg, TuneSession())
+        return
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    ctx = ray.tune.get_context()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": max(1, cfg.torch_threads)}),
+        run_config=RunConfig(name=f"train-{ctx.get_trial_id()}", storage_path=train_storage or os.path.join(ctx.get_trial_dir(), "_train"),
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def trial_resources(cfg: TrainConfig, cpus_per_worker: float = 1, gpus_per_worker: float = 0) -> dict[str, float]:
+    """Resources of the Tune trial itself: the worker's for one worker, ~nothing when Ray Train runs workers."""
+    if cfg.num_workers <= 1:
+        res = {"cpu": cpus_per_worker}
+        if gpus_per_worker:
+            res["gpu"] = gpus_per_worker
+        return res
+    return {"cpu": 0}
