@@ -1,0 +1,214 @@
+"""Launch a sweep: validate the declaration, run it on Ray Tune, record every trial in MLflow, report.
+
+    python service/launch.py [--sweep NAME|PATH] [--smoke] [--dry-run] [--tracking-uri URI]
+                             [--storage DIR] [--name RUN_NAME] [--data-root DIR]
+
+Local Ray is started for the sweep unless RAY_ADDRESS names a cluster (``ray job submit`` sets it).
+MLflow goes to ``sqlite:///$PWD/mlflow.db`` unless ``--tracking-uri`` or MLFLOW_TRACKING_URI says
+otherwise; Tune results and checkpoints go under ``./results`` unless ``--storage`` says otherwise.
+Bad input exits with code 2 and a one-line message before anything starts or is written.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, e.g. by `ray job submit`
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+from smear.configs import ConfigError  # noqa: E402
+from smear.data.domainnet import DataError, check_root  # noqa: E402
+from service.spaces import Sweep, load_sweep, param_space  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's own prints the usage too)
+        print(f"launch.py: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--sweep", default="default", help="a declaration in search_spaces/ (name) or a path to one")
+    p.add_argument("--smoke", action="store_true", help="the same sweep with a tiny budget")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the trial list, start and write nothing")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///$PWD/mlflow.db)")
+    p.add_argument("--storage", default=None, help="where Tune keeps results and checkpoints (default: ./results)")
+    p.add_argument("--name", default=None, help="run name of the sweep (default: <sweep>-<time>)")
+    p.add_argument("--data-root", default=None, help="dataset root for every trial (overrides the declaration)")
+    return p.parse_args(argv)
+
+
+def default_data_root() -> str:
+    """Where the offline digits DomainNet stand-in lives on each node (generated on first use)."""
+    return os.environ.get("SMEAR_DATA_DIR") or str(Path.home() / ".cache" / "smear-sweep" / "digits-domainnet")
+
+
+def resolve_data(sweep: Sweep, data_root: str | None, *, create: bool) -> None:
+    """Fill in and check every trial's data root; generate the offline dataset if needed (and allowed)."""
+    for t in sweep.trials:
+        d = t.config["data"]
+        if data_root is not None:
+            d["root"] = str(Path(data_root).resolve())
+        if d["root"] == "":
+            d["root"] = default_data_root()
+            if create:
+                from smear.data.digits_domainnet import write_digits_domainnet
+
+                write_digits_domainnet(d["root"])
+            continue
+        check_root(d["root"], d["domains"])
+
+
+def print_trials(sweep: Sweep) -> None:
+    print(f"sweep {sweep.name!r}: {len(sweep.trials)} trials  ({sweep.description})")
+    for t in sweep.trials:
+        over = " ".join(f"{k}={v}" for k, v in t.overrides.items())
+        print(f"  [{t.index:3d}] {over}  steps={t.config['steps']} eval_every={t.config['eval_every']}")
+
+
+def summary_table(rows: list[dict]) -> str:
+    """method x seed -> val and test accuracy, then mean +- std per method (markdown)."""
+    lines = ["| method | seed | val acc (best) | test acc | status |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["method"], r["seed"])):
+        lines.append(f"| {r['method']} | {r['seed']} | {_fmt(r.get('val'))} | {_fmt(r.get('test'))} | {r['status']} |")
+    lines += ["", "| method | trials | val mean +- std | test mean +- std |", "|---|---|---|---|"]
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    order = sorted(by_method, key=lambda m: -_mean([r.get("test") for r in by_method[m]]))
+    for m in order:
+        rs = by_method[m]
+        lines.append(f"| {m} | {len(rs)} | {_ms([r.get('val') for r in rs])} | {_ms([r.get('test') for r in rs])} |")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _mean(vs) -> float:
+    vs = [v for v in vs if v is not None]
+    return statistics.fmean(vs) if vs else float("-inf")
+
+
+def _ms(vs) -> str:
+    vs = [v for v in vs if v is not None]
+    if not vs:
+        return "-"
+    sd = statistics.stdev(vs) if len(vs) > 1 else 0.0
+    return f"{statistics.fmean(vs):.4f} +- {sd:.4f}"
+
+
+def _tracking_uri(args) -> str:
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        uri = f"sqlite:///{Path(rel).resolve()}"  # trials chdir: relative paths would land in trial folders
+    return uri
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
+
+
+def run_sweep(args, sweep: Sweep) -> int:
+    import ray
+    from ray import tune
+    from mlflow.tracking import MlflowClient
+
+    from service.tracking import MLflowTracker, get_or_create_experiment, git_commit
+    from trainables.config import TrainConfig
+    from trainables.ray_trainable import trial, trial_resources
+    from smear.configs import build
+
+    uri = _tracking_uri(args)
+    storage = str(Path(args.storage or "results").resolve())
+    name = args.name or f"{sweep.name}{'-smoke' if args.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+    commit = git_commit(REPO)
+
+    client = MlflowClient(uri)  # the driver creates the store first: trials never race on its schema
+    artifact_root = str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts") if uri.startswith("sqlite:") else None
+    exp_id = get_or_create_experiment(client, f"smear-sweep/{sweep.name}", artifact_root)
+    parent = client.create_run(exp_id, run_name=name, tags={
+        "sweep": name, "declaration": sweep.name, "git_commit": commit, "smoke": str(args.smoke),
+        "mlflow.note.content": sweep.description})
+    pid = parent.info.run_id
+    client.log_text(pid, sweep.text, "declaration.yaml")
+    client.log_dict(pid, [{"index": t.index, **t.overrides} for t in sweep.trials], "trials.json")
+    tracker = MLflowTracker(uri, exp_id, pid, name, {"git_commit": commit})
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(dashboard_host="127.0.0.1", log_to_driver=False)
+    first = build(TrainConfig, sweep.trials[0].config)
+    res = trial_resources(first, sweep.resources.get("cpu", 1), sweep.resources.get("gpu", 0))
+    trainable = tune.with_resources(tune.with_parameters(trial, train_storage=str(Path(storage) / name / "_train")), res)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(sweep),
+        tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials or None),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage, callbacks=[tracker], verbose=1,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
+    )
+    t0 = time.time()
+    status = "FAILED"
+    try:
+        grid = tuner.fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.close_unfinished("KILLED" if status != "FINISHED" else "FAILED")
+        if status != "FINISHED":
+            client.set_terminated(pid, status)
+    wall = time.time() - t0
+    rows = []
+    for r in grid:
+        cfg = r.config
+        m = r.metrics or {}
+        rows.append({"method": cfg["routing"]["method"], "seed": cfg["seed"], "val": m.get("val/best_accuracy"),
+                     "test": m.get("test/accuracy"), "status": "ERROR" if r.error else "OK"})
+    table = summary_table(rows)
+    client.log_text(pid, f"# {name}\n\n{sweep.description}\n\nwall time {wall:.0f} s\n\n{table}\n", "summary.md")
+    client.log_metric(pid, "sweep/wall_s", wall)
+    n_err = sum(r["status"] != "OK" for r in rows)
+    client.set_terminated(pid, "FINISHED" if n_err == 0 else "FAILED")
+    print(f"\nsweep {name}: {len(rows)} trials, {n_err} failed, wall {wall:.0f} s\n")
+    print(table)
+    print(f"\nMLflow: experiment 'smear-sweep/{sweep.name}', parent run '{name}' in {uri}")
+    print(f"Browse: {ui_command(uri)}")
+    return 0 if n_err == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        sweep = load_sweep(args.sweep, smoke=args.smoke)
+        resolve_data(sweep, args.data_root, create=not args.dry_run)
+    except (ConfigError, DataError) as e:
+        print(f"launch.py: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.dry_run:
+        print_trials(sweep)
+        return 0
+    return run_sweep(args, sweep)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""The MLflow record of a sweep, written from the driver only: one parent run, one child run per trial.
+
+Why not Ray's MLflowLoggerCallback (ray-mlflow.md): it duplicates runs after ``Tuner.restore``, leaves
+runs RUNNING, makes two HTTP calls per metric, and does not nest. This callback keeps a
+trial_id -> run_id map in its saved state (and finds runs by their ``trial_id`` tag when that state is
+lost), logs each result with one ``log_batch``, nests child runs under the parent
+(``mlflow.parentRunId``), ends runs FINISHED / FAILED, and keeps the sweep going through a tracking
+outage (results logged while the store is down are dropped with a warning, never the trial).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+from smear.configs import flatten
+
+log = logging.getLogger(__name__)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+MAX_PARAM_LEN = 6000
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root, tags=EXPERIMENT_KIND)
+
+
+def trial_run_name(config: dict[str, Any], trial_id: str) -> str:
+    """Readable, deterministic: method, seed, then the trial id (e.g. ``smear-s0-a1b2c_00000``)."""
+    return f"{config['routing']['method']}-s{config['seed']}-{trial_id}"
+
+
+class MLflowTracker(Callback):
+    """Tune callback: one MLflow child run per trial under ``parent_run_id``."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, tags: dict[str, str]):
+        self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
+        self.sweep, self.tags = sweep, dict(tags)
+        self.runs: dict[str, str] = {}   # trial_id -> run_id
+        self._client: MlflowClient | None = None
+
+    # Tune saves/restores callbacks with the experiment state: keep only plain data.
+    def get_state(self) -> dict | None:
+        return {"runs": dict(self.runs)}
+
+    def set_state(self, state: dict) -> None:
+        self.runs.update(state.get("runs", {}))
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def _safe(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # tracking outage: keep the sweep running
+            log.warning("MLflow %s failed (%s); continuing without it", what, str(e).splitlines()[0][:200])
+            return None
+
+    def _find_run(self, trial_id: str) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.trial_id = '{trial_id}' and tags.mlflow.parentRunId = '{self.parent_run_id}'",
+            max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def _run_for(self, trial) -> str | None:
+        tid = trial.trial_id
+        if tid in self.runs:
+            return self.runs[tid]
+        run_id = self._safe("search", self._find_run, tid)
+        if run_id is None:
+            cfg = trial.config
+            tags = {**self.tags, "mlflow.parentRunId": self.parent_run_id, "sweep": self.sweep, "trial_id": tid,
+                    "method": cfg["routing"]["method"], "seed": str(cfg["seed"]), "setting": cfg["setting"]}
+            run = self._safe("create_run", self.client.create_run, self.experiment_id,
+                             run_name=trial_run_name(cfg, tid), tags=tags)
+            if run is None:
+                return None
+            run_id = run.info.run_id
+            params = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flatten(cfg).items())]
+            for i in range(0, len(params), 100):
+                self._safe("log params", self.client.log_batch, run_id, params=params[i:i + 100])
+        self.runs[tid] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        if run_id:
+            self._safe("set RUNNING", self.client.update_run, run_id, status="RUNNING")
+
+    on_trial_restore = on_trial_start
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_for(trial)
+        if run_id is None:
+            return
+        step = int(result.get("step", result.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
+                   if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        for i in range(0, len(metrics), 1000):
+            self._safe("log_batch", self.client.log_batch, run_id, metrics=metrics[i:i + 1000])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        if run_id:
+            self._safe("end run", self.client.set_terminated, run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        if run_id:
+            err = getattr(trial, "error_file", None)
+            msg = ""
+            if err and Path(err).is_file():
+                msg = Path(err).read_text()[-4000:]
+            self._safe("tag error", self.client.set_tag, run_id, "error", msg or "trial failed")
+            self._safe("end run", self.client.set_terminated, run_id, "FAILED")
+
+    def close_unfinished(self, status: str = "KILLED") -> None:
+        """End every run of this sweep still RUNNING (sweep interrupted or crashed)."""
+        for run_id in self.runs.values():
+            run = self._safe("get run", self.client.get_run, run_id)
+            if run is not None and run.info.status == "RUNNING":
+                self._safe("end run", self.client.set_terminated, run_id, status)
