@@ -68,6 +68,15 @@ def resolve_data(sweep: Sweep, data_root: str | None, *, create: bool) -> None:
         check_root(d["root"], d["domains"])
 
 
+def check_resources(sweep: Sweep) -> None:
+    from smear.configs import build
+    from trainables.config import TrainConfig
+    from trainables.ray_trainable import trial_resources
+
+    for t in sweep.trials:
+        trial_resources(build(TrainConfig, t.config), sweep.resources.get("cpu", 1), sweep.resources.get("gpu", 0))
+
+
 def print_trials(sweep: Sweep) -> None:
     print(f"sweep {sweep.name!r}: {len(sweep.trials)} trials  ({sweep.description})")
     for t in sweep.trials:
@@ -137,6 +146,12 @@ def run_sweep(args, sweep: Sweep) -> int:
     name = args.name or f"{sweep.name}{'-smoke' if args.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
     commit = git_commit(REPO)
 
+    first = build(TrainConfig, sweep.trials[0].config)
+    cpus, gpus = sweep.resources.get("cpu", 1), sweep.resources.get("gpu", 0)
+    res = trial_resources(first, cpus, gpus)
+    trainable = tune.with_resources(tune.with_parameters(
+        trial, train_storage=str(Path(storage) / name / "_train"), cpus_per_worker=cpus, gpus_per_worker=gpus), res)
+
     client = MlflowClient(uri)  # the driver creates the store first: trials never race on its schema
     artifact_root = str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts") if uri.startswith("sqlite:") else None
     exp_id = get_or_create_experiment(client, f"smear-sweep/{sweep.name}", artifact_root)
@@ -144,38 +159,34 @@ def run_sweep(args, sweep: Sweep) -> int:
         "sweep": name, "declaration": sweep.name, "git_commit": commit, "smoke": str(args.smoke),
         "mlflow.note.content": sweep.description})
     pid = parent.info.run_id
-    client.log_text(pid, sweep.text, "declaration.yaml")
-    client.log_dict(pid, [{"index": t.index, **t.overrides} for t in sweep.trials], "trials.json")
     tracker = MLflowTracker(uri, exp_id, pid, name, {"git_commit": commit})
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(dashboard_host="127.0.0.1", log_to_driver=False)
-    first = build(TrainConfig, sweep.trials[0].config)
-    res = trial_resources(first, sweep.resources.get("cpu", 1), sweep.resources.get("gpu", 0))
-    trainable = tune.with_resources(tune.with_parameters(trial, train_storage=str(Path(storage) / name / "_train")), res)
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space(sweep),
-        tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials or None),
-        run_config=tune.RunConfig(
-            name=name, storage_path=storage, callbacks=[tracker], verbose=1,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
-    )
-    t0 = time.time()
     status = "FAILED"
     try:
+        client.log_text(pid, sweep.text, "declaration.yaml")
+        client.log_dict(pid, [{"index": t.index, **t.overrides} for t in sweep.trials], "trials.json")
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init()
+            else:
+                ray.init(dashboard_host="127.0.0.1", log_to_driver=False)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(sweep),
+            tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials or None),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage, callbacks=[tracker], verbose=1,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
+        )
+        t0 = time.time()
         grid = tuner.fit()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        tracker.close_unfinished("KILLED" if status != "FINISHED" else "FAILED")
         if status != "FINISHED":
+            tracker.close_unfinished("KILLED" if status == "KILLED" else "FAILED")
             client.set_terminated(pid, status)
     wall = time.time() - t0
     rows = []
@@ -201,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep = load_sweep(args.sweep, smoke=args.smoke)
         resolve_data(sweep, args.data_root, create=not args.dry_run)
+        check_resources(sweep)
     except (ConfigError, DataError) as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -57,11 +57,13 @@ class LocalSession:
     def __post_init__(self) -> None:
         self.reports: list[dict[str, float]] = []
         self._latest: str | None = None
+        self._saved = 0
 
     def report(self, metrics, checkpoint_dir):
         self.reports.append(dict(metrics))
         if checkpoint_dir is not None:
-            dest = Path(self.root) / f"checkpoint_{len(self.reports):06d}"
+            self._saved += 1
+            dest = Path(self.root) / f"checkpoint_{self._saved:06d}"
             dest.mkdir(parents=True, exist_ok=True)
             for f in Path(checkpoint_dir).iterdir():
                 os.replace(f, dest / f.name)

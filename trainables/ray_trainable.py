@@ -62,8 +62,9 @@ def train_worker(config: dict[str, Any]) -> None:
     train_loop(config, TrainSession(), wrap_model=lambda m: prepare_model(m, move_to_device=False))
 
 
-def trial(config: dict[str, Any], train_storage: str | None = None) -> None:
-    """The Tune function trainable of every sweep trial (bind ``train_storage`` with tune.with_parameters)."""
+def trial(config: dict[str, Any], train_storage: str | None = None, cpus_per_worker: float = 1,
+          gpus_per_worker: float = 0) -> None:
+    """The Tune function trainable of every sweep trial (bind the keywords with tune.with_parameters)."""
     cfg = build(TrainConfig, config)
     if cfg.num_workers <= 1:
         train_loop(cfg, TuneSession())
@@ -77,18 +78,31 @@ def trial(config: dict[str, Any], train_storage: str | None = None) -> None:
         train_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": max(1, cfg.torch_threads)}),
+                                     resources_per_worker=_worker_resources(cpus_per_worker, gpus_per_worker)),
         run_config=RunConfig(name=f"train-{ctx.get_trial_id()}", storage_path=train_storage or os.path.join(ctx.get_trial_dir(), "_train"),
                              callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
 
 
+def _worker_resources(cpus: float, gpus: float) -> dict[str, float]:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+
+DRIVER_CPU = 0.01  # what the trial itself holds while its Ray Train workers run (it only waits)
+
+
 def trial_resources(cfg: TrainConfig, cpus_per_worker: float = 1, gpus_per_worker: float = 0) -> dict[str, float]:
-    """Resources of the Tune trial itself: the worker's for one worker, ~nothing when Ray Train runs workers."""
+    """Resources of the Tune trial itself: the worker's for one worker, ~nothing when Ray Train runs workers.
+
+    Tune refuses an all-zero request, so a multi-worker trial holds DRIVER_CPU; its workers ask for
+    ``cpus_per_worker`` / ``gpus_per_worker`` each (never fractional GPUs for several workers: NCCL).
+    """
     if cfg.num_workers <= 1:
-        res = {"cpu": cpus_per_worker}
-        if gpus_per_worker:
-            res["gpu"] = gpus_per_worker
-        return res
-    return {"cpu": 0}
+        return {"cpu": cpus_per_worker, **({"gpu": gpus_per_worker} if gpus_per_worker else {})}
+    if 0 < gpus_per_worker < 1:
+        from smear.configs import ConfigError
+
+        raise ConfigError(f"resources.gpu={gpus_per_worker} is fractional with num_workers={cfg.num_workers}; "
+                          "multi-worker trials need whole GPUs")
+    return {"cpu": DRIVER_CPU}

@@ -1,0 +1,33 @@
+# smear-sweep: `make run` runs the default sweep, `make test` the whole suite. Both install on their own.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install run smoke test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: install          ## the default sweep (local Ray, MLflow in ./mlflow.db, results in ./results)
+	$(PY) service/launch.py $(ARGS)
+
+smoke: install        ## the default sweep with a tiny budget
+	$(PY) service/launch.py --smoke $(ARGS)
+
+test: install         ## the whole suite: unit tests, then real Ray / MLflow sweeps (marked slow)
+	$(PY) -m pytest $(ARGS)
+
+test-fast: install    ## unit tests only
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+bench: install        ## routing block cost per method (see BENCHMARKS.md)
+	$(PY) benchmarks/routing_cost.py --quick
+
+clean:
+	rm -rf results mlflow.db mlartifacts .pytest_cache
