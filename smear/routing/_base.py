@@ -145,12 +145,15 @@ class RoutingMethod(nn.Module):
       expert_dropout  -- whether training applies expert dropout to the router logits first
       mixes_positions -- True when outputs at one position depend on other positions (Soft MoE):
                          refused in causal decoder blocks
+      two_pass_consistency -- True when training runs the model twice and adds
+                         ``smear.routing.consistency_loss`` between the passes (AdaMix)
     """
 
     name: str = "?"
     uses_router: bool = True
     expert_dropout: bool = False
     mixes_positions: bool = False
+    two_pass_consistency: bool = False
 
     def __init__(self, cfg: RoutingConfig, *, dim: int, num_experts: int, rank: int, num_tasks: int):
         super().__init__()

@@ -27,17 +27,23 @@ class RoutingConfig:
     gumbel_anneal_rate: float = field(1e-4, ge=0.0, doc="1e-6 for T5, 1e-4 for ResNet")
     gumbel_schedule: str = field("compounding", choices=("compounding", "exponential"))
     gumbel_update_every: int = field(1000, ge=1, doc="steps between temperature updates (5000 T5, 1000 ResNet)")
+    # Hash routing (Roller et al. 2021): a fixed random expert per example id
+    hash_num_examples: int = field(100_000, ge=1, doc="size of the hash table; the train loop sets it to the dataset size")
+    hash_seed: int = field(0, ge=0, doc="varies the hash tables independently of the weight init")
     # REINFORCE (Williams 1992) with a learned per-block baseline
     reinforce_w_pg: float = field(0.01, ge=0.0, doc="alpha: policy-gradient weight")
     reinforce_w_ent: float = field(5e-4, ge=0.0, doc="beta: entropy weight")
     reinforce_w_value: float = field(0.01, ge=0.0, doc="gamma: baseline (Huber) weight")
     reinforce_entropy_sign: float = field(1.0, choices=(1.0, -1.0),
                                           doc="+1 adds +beta*H to the loss as the reference does (sharpens)")
+    reinforce_huber_delta: float = field(1.0, gt=0.0, doc="delta of the baseline's Huber loss")
     # DSelect-k (Hazimeh et al. 2021)
     dselect_k: int = field(1, ge=1, doc="number of selectors")
     dselect_gamma: float = field(1.0, gt=0.0, doc="smooth-step width")
     dselect_entropy_weight: float = field(0.1, ge=0.0)
     dselect_reduction: str = field("mean", choices=("mean", "sum"), doc="over the batch: mean (SMEAR code) or sum (DSelect-k code)")
+    dselect_invalid_weight: float = field(1.0, ge=0.0, doc="weight of 1/sum_i r_i when N is not a power of 2 "
+                                                            "(the DSelect-k code adds it unweighted)")
     # Soft MoE (Puigcerver et al. 2023)
     soft_moe_slots_per_expert: int = field(1, ge=1)
     soft_moe_scale: str = field("scalar", choices=("scalar", "per_slot"))

@@ -1,0 +1,40 @@
+"""AdaMix (Wang et al. 2022, "AdaMix: Mixture-of-Adaptations for Parameter-efficient Model Tuning",
+section 3.1-3.3; SMEAR paper baseline).
+
+Training: stochastic routing, section 3.1: each example draws a random down-projection expert d and,
+independently, a random up-projection expert u in every block; out = swish(x W_down[d] + b_down[d]) W_up[u]
+(1 adapter, gathered per example). Two forward passes with independent draws are tied by a symmetric
+KL consistency loss (section 3.2, eq. 4), a model-level term: ``two_pass_consistency = True`` tells the
+train loop to run twice and add ``smear.routing.consistency_loss``.
+Evaluation: adaptation merging, section 3.3: the uniform average of all experts' weights (the SMEAR
+merge with p = 1/N), one adapter.
+``probs`` (logging): in training, half a vote to the down expert and half to the up expert; uniform in eval.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
+from smear.routing._registry import register_method
+
+
+@register_method("adamix")
+class AdaMix(RoutingMethod):
+    uses_router = False
+    two_pass_consistency = True
+
+    def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
+        b, n, x = inp.x.shape[0], self.num_experts, inp.x
+        if inp.training:
+            down = torch.randint(0, n, (b,), device=x.device)                 # (b,) down expert
+            up = torch.randint(0, n, (b,), device=x.device)                   # (b,) up expert
+            y = experts.apply(x, experts.w_down[down], experts.b_down[down], experts.w_up[up])  # (b, s, c)
+            probs = 0.5 * (F.one_hot(down, n) + F.one_hot(up, n)).to(x.dtype)  # (b, n)
+            extras = {"down": down, "up": up}
+        else:
+            probs = x.new_full((b, n), 1.0 / n)                               # (b, n) uniform
+            y = experts.apply(x, *experts.merge(probs))                       # merged adapter, (b, s, c)
+            extras = {}
+        return RoutingOutput(y=y, probs=probs, aux_loss=self.zero(y), extras=extras)

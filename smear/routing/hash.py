@@ -1,0 +1,51 @@
+"""Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models"; SMEAR paper baseline).
+
+Each example gets a fixed random expert per block, drawn once per dataset: ``table[example_id]``.
+No learned router. Cost: 1 adapter (gather + batched matmul).
+
+The table is a persistent buffer, so it is saved with (and restored from) the checkpoint. It holds
+``cfg.hash_num_examples`` entries (the train loop sets this to the dataset size); an example id
+outside the table is an error, not a silent wrap-around.
+
+Different blocks get different tables: each block seeds its own generator with one number drawn
+from torch's global RNG at construction (so it follows the run's seed, like every weight init, and
+advances from block to block) plus ``cfg.hash_seed`` (which redraws the tables without changing the
+weight init, since exactly one number is drawn from the global RNG either way).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
+from smear.routing._registry import register_method
+
+_SEED_STRIDE = 1_000_003  # a prime, so hash_seed s and a global draw d rarely collide with another (s', d')
+
+
+@register_method("hash")
+class Hash(RoutingMethod):
+    uses_router = False
+
+    def __init__(self, cfg, *, dim, num_experts, rank, num_tasks):
+        super().__init__(cfg, dim=dim, num_experts=num_experts, rank=rank, num_tasks=num_tasks)
+        draw = int(torch.randint(0, 2**31 - 1, ()))                      # advances the global RNG per block
+        gen = torch.Generator().manual_seed(draw + _SEED_STRIDE * cfg.hash_seed)
+        table = torch.randint(0, num_experts, (cfg.hash_num_examples,), generator=gen)
+        dtype = torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
+        self.register_buffer("table", table.to(dtype), persistent=True)   # (examples,)
+
+    def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
+        ids = inp.ctx.example_ids
+        if ids is None:
+            raise ValueError("hash routing needs example_ids in the routing context (set_context(model, example_ids=...))")
+        ids = ids.to(self.table.device)
+        bad = (ids < 0) | (ids >= self.table.numel())                       # (b,) one device sync below
+        if bool(bad.any()):
+            raise IndexError(f"hash routing: example id {int(ids[bad][0])} is outside the table of "
+                             f"{self.table.numel()} examples; set routing.hash_num_examples to the dataset size")
+        idx = self.table[ids].long()                                         # (b,)
+        y = experts.apply(inp.x, *experts.gather(idx))                      # (b, s, c)
+        probs = F.one_hot(idx, self.num_experts).to(y.dtype)                # (b, n)
+        return RoutingOutput(y=y, probs=probs, aux_loss=self.zero(y), extras={"experts": idx})

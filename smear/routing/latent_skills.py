@@ -1,0 +1,44 @@
+"""Latent skills (Ponti et al. 2023, "Combining Parameter-efficient Modules for Task-level
+Generalisation", EACL, section 3 "Polytropon"; SMEAR paper baseline).
+
+Per block a task x expert logit matrix Z (init U(-1e-3, 1e-3)). For an example of task t:
+  training    A ~ RelaxedBernoulli(tau, logits = Z[t])   (Maddison et al. 2017; reparameterised sample)
+  evaluation  A = sigmoid(Z[t])
+  weights     a = A / sum_n A_n, then the experts are merged like SMEAR: f(x; sum_n a_n theta_n).
+Z learns at ``cfg.latent_skills_lr_mult`` (10) times the base learning rate: :meth:`param_groups`
+declares it and ``smear.routing.optimizer_param_groups`` builds the optimiser groups.
+Cost: ~1 adapter plus the merge.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import RelaxedBernoulli
+
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
+from smear.routing._registry import register_method
+
+
+@register_method("latent_skills")
+class LatentSkills(RoutingMethod):
+    uses_router = False
+
+    def __init__(self, cfg, *, dim, num_experts, rank, num_tasks):
+        super().__init__(cfg, dim=dim, num_experts=num_experts, rank=rank, num_tasks=num_tasks)
+        self.skill_logits = nn.Parameter(torch.empty(num_tasks, num_experts).uniform_(-1e-3, 1e-3))  # Z (tasks, n)
+
+    def param_groups(self) -> dict[str, float]:
+        return {"skill_logits": self.cfg.latent_skills_lr_mult}
+
+    def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
+        if inp.ctx.task_ids is None:
+            raise ValueError("latent_skills routing needs task_ids in the routing context")
+        z = self.skill_logits[inp.ctx.task_ids]                                      # (b, n)
+        if inp.training:
+            tau = torch.tensor(self.cfg.latent_skills_tau, dtype=z.dtype, device=z.device)
+            a = RelaxedBernoulli(tau, logits=z).rsample()                           # (b, n) in (0, 1)
+        else:
+            a = torch.sigmoid(z)                                                     # (b, n)
+        a = a / a.sum(-1, keepdim=True).clamp_min(1e-6)                              # rows sum to 1
+        y = experts.apply(inp.x, *experts.merge(a))                                  # (b, s, c)
+        return RoutingOutput(y=y, probs=a, aux_loss=self.zero(y))

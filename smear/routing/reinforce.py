@@ -1,0 +1,65 @@
+"""REINFORCE routing (Williams 1992, eq. 9: score-function gradient with a baseline; SMEAR paper baseline).
+
+Training: e ~ Categorical(p), out = f_e(x) (1 adapter). Evaluation: e = argmax p.
+The router learns only through :meth:`Reinforce.task_loss_terms`, which needs the per-example task
+loss L_ex (methods.md section 3):
+
+    loss += w_pg * mean_b[log p_e * sg(L_ex - b(u))]          policy gradient, L_ex as negative reward
+          + sign * w_ent * mean_b[H(p)]                        sign = +1 (reference): sharpens routing
+          + w_v * mean_b[Huber(L_ex - b(u))]                   fits the baseline
+
+b(u) = Linear(C/8 -> 1)(Linear(C -> C/8)(sg(u))), no nonlinearity, per block, on the detached router
+input. L_ex is detached inside (the task loss trains the experts through its own backward; here it is
+only a reward). The terms are zero in evaluation (e is not sampled there).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, entropy
+from smear.routing._registry import register_method
+
+
+def reinforce_terms(log_p_e: Tensor, baseline: Tensor, ent: Tensor, per_example_loss: Tensor, *, w_pg: float,
+                    w_ent: float, w_value: float, entropy_sign: float = 1.0, huber_delta: float = 1.0) -> Tensor:
+    """The REINFORCE loss terms (pure). All inputs (b,); per_example_loss is detached here."""
+    loss = per_example_loss.detach().to(log_p_e.dtype)                        # (b,) L_ex
+    advantage = (loss - baseline).detach()                                     # (b,) sg(L_ex - b)
+    pg = (log_p_e * advantage).mean()                                          # Williams eq. 9
+    value = F.huber_loss(baseline, loss, delta=huber_delta, reduction="mean")  # Huber(L_ex - b)
+    return w_pg * pg + entropy_sign * w_ent * ent.mean() + w_value * value
+
+
+@register_method("reinforce")
+class Reinforce(RoutingMethod):
+    def __init__(self, cfg, *, dim, num_experts, rank, num_tasks):
+        super().__init__(cfg, dim=dim, num_experts=num_experts, rank=rank, num_tasks=num_tasks)
+        hidden = max(1, dim // 8)
+        self.baseline = nn.Sequential(nn.Linear(dim, hidden), nn.Linear(hidden, 1))  # C -> C/8 -> 1, linear
+
+    def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
+        log_p = logits.log_softmax(-1)                                          # (b, n)
+        p = log_p.exp()                                                         # (b, n)
+        if inp.training:
+            idx = torch.multinomial(p.detach().float(), 1).squeeze(1)           # (b,) e ~ Categorical(p)
+        else:
+            idx = p.argmax(-1)                                                  # (b,)
+        y = experts.apply(inp.x, *experts.gather(idx))                          # (b, s, c)
+        extras = {
+            "log_prob": log_p.gather(1, idx[:, None]).squeeze(1),              # (b,) log p_e
+            "baseline": self.baseline(inp.u.detach()).squeeze(-1),             # (b,) b(sg(u))
+            "entropy": entropy(p),                                              # (b,) H(p)
+            "sampled": inp.training,
+            "experts": idx,
+        }
+        return RoutingOutput(y=y, probs=p, aux_loss=self.zero(y), extras=extras)
+
+    def task_loss_terms(self, out: RoutingOutput, per_example_loss: Tensor) -> Tensor:
+        if not out.extras.get("sampled", False):
+            return per_example_loss.new_zeros(())
+        c = self.cfg
+        return reinforce_terms(out.extras["log_prob"], out.extras["baseline"], out.extras["entropy"], per_example_loss,
+                               w_pg=c.reinforce_w_pg, w_ent=c.reinforce_w_ent, w_value=c.reinforce_w_value,
+                               entropy_sign=c.reinforce_entropy_sign, huber_delta=c.reinforce_huber_delta)

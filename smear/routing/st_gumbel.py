@@ -1,0 +1,74 @@
+"""Straight-through Gumbel-softmax routing (Jang et al. 2017, "Categorical Reparameterization with
+Gumbel-Softmax", eq. 2 and section 2.2 "Straight-Through"; SMEAR paper baseline).
+
+Training: y = softmax((logits + g) / tau), g ~ Gumbel(0, 1) (Jang eq. 2); e = argmax y; the block
+output is (1 - sg(y_e) + y_e) * f_e(x): forward value f_e(x), gradient through y_e. Only the chosen
+expert runs (1 adapter). Evaluation: argmax of the noise-free p (no temperature involved).
+
+Temperature tau follows :func:`gumbel_temperature` at the global step ``inp.ctx.step``; it is
+reported in ``extras["temperature"]`` (training and evaluation).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
+from smear.routing._registry import register_method
+
+
+def gumbel_temperature(step: int, *, tau0: float, tau_min: float, rate: float, update_every: int,
+                       schedule: str = "compounding") -> float:
+    """Gumbel temperature at training step ``step`` (pure).
+
+    Both schedules change tau only at multiples of ``update_every`` (the reference updates once per
+    eval interval: 5,000 steps T5, 1,000 ResNet); K = floor(step / update_every) updates have happened.
+
+    compounding (the SMEAR code): at each update step t_k = k * update_every,
+        tau <- max(tau * exp(-rate * t_k), tau_min),
+      so tau = max(tau0 * exp(-rate * update_every * sum_{k=1..K} k), tau_min)
+             = max(tau0 * exp(-rate * update_every * K (K + 1) / 2), tau_min)
+      (once tau hits tau_min it stays there, so clipping at the end equals clipping at each update).
+      T5 (rate 1e-6, every 5,000) reaches 0.5 at K = 35, step 175,000; ResNet (1e-4, every 1,000) at step 8,000.
+    exponential (Jang et al. 2017, section 4: tau = max(tau0 exp(-r t), tau_min)), evaluated at the
+      latest update step t = K * update_every (a deliberate choice: the two schedules then differ only
+      in compounding). Reaches 0.5 at ~3.0M (T5) / 30,000 (ResNet) steps.
+    """
+    if schedule not in ("compounding", "exponential"):
+        raise ValueError(f"unknown gumbel schedule {schedule!r}; valid: compounding, exponential")
+    k = max(int(step), 0) // update_every
+    if schedule == "compounding":
+        exponent = rate * update_every * k * (k + 1) / 2
+    else:
+        exponent = rate * update_every * k
+    return max(tau0 * math.exp(-exponent), tau_min)
+
+
+def gumbel_noise(like: Tensor) -> Tensor:
+    """g = -log(-log U), U ~ Uniform(0, 1) (Gumbel 1954; Jang et al. 2017 section 2); float32 (finite in bf16 runs)."""
+    u = torch.rand(like.shape, device=like.device).clamp_(1e-10, 1.0 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+@register_method("st_gumbel")
+class StGumbel(RoutingMethod):
+    def temperature(self, step: int) -> float:
+        c = self.cfg
+        return gumbel_temperature(step, tau0=c.gumbel_tau0, tau_min=c.gumbel_tau_min, rate=c.gumbel_anneal_rate,
+                                  update_every=c.gumbel_update_every, schedule=c.gumbel_schedule)
+
+    def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
+        p = logits.softmax(-1)                                                 # (b, n), noise-free
+        tau = self.temperature(inp.ctx.step)
+        if inp.training:
+            y_soft = ((logits.float() + gumbel_noise(logits)) / tau).softmax(-1).to(p.dtype)  # (b, n), Jang eq. 2
+            idx = y_soft.argmax(-1)                                            # (b,)
+            y_e = y_soft.gather(1, idx[:, None])                               # (b, 1)
+            gate = 1.0 - y_e.detach() + y_e                                    # (b, 1): value 1, grad of y_e
+        else:
+            idx = p.argmax(-1)                                                 # (b,)
+            gate = p.new_ones(p.shape[0], 1)                                   # (b, 1)
+        y = experts.apply(inp.x, *experts.gather(idx)) * gate[:, :, None]      # (b, s, c)
+        return RoutingOutput(y=y, probs=p, aux_loss=self.zero(y), extras={"temperature": tau, "experts": idx})
