@@ -6,6 +6,7 @@ A declaration states only what differs from the TrainConfig defaults:
     base:   {dotted.key: value, ...}     # fixed overrides for every trial
     grid:   {dotted.key: [v1, v2], ...}  # cartesian product = the trials
     smoke:  {dotted.key: value, ...}     # overrides applied by --smoke (tiny budget)
+    smoke_grid: {dotted.key: [...]}      # the grid used by --smoke instead of ``grid`` (optional)
     resources: {cpu: 1, gpu: 0}          # per trial (per worker when num_workers > 1)
     max_concurrent_trials: 2
     max_failures: 1                      # retries of a failed trial from its last checkpoint
@@ -26,7 +27,7 @@ from smear.configs import ConfigError, build, to_dict, unflatten
 from trainables.config import TrainConfig
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
-TOP_KEYS = ("description", "base", "grid", "smoke", "resources", "max_concurrent_trials", "max_failures")
+TOP_KEYS = ("description", "base", "grid", "smoke", "smoke_grid", "resources", "max_concurrent_trials", "max_failures")
 RESOURCE_KEYS = ("cpu", "gpu")
 
 
@@ -111,9 +112,13 @@ def load_sweep(name_or_path: str, *, smoke: bool = False) -> Sweep:
     if unknown:
         raise ConfigError(f"{path.name}: unknown key {unknown[0]!r}; valid keys: {', '.join(TOP_KEYS)}")
     base, grid, smoke_over = _mapping(decl, "base"), _mapping(decl, "grid"), _mapping(decl, "smoke")
-    for k, vals in grid.items():
-        if not isinstance(vals, list) or not vals:
-            raise ConfigError(f"{path.name}: grid.{k} must be a non-empty list, got {vals!r}")
+    smoke_grid = _mapping(decl, "smoke_grid")
+    for gname, g in (("grid", grid), ("smoke_grid", smoke_grid)):
+        for k, vals in g.items():
+            if not isinstance(vals, list) or not vals:
+                raise ConfigError(f"{path.name}: {gname}.{k} must be a non-empty list, got {vals!r}")
+    if smoke and smoke_grid:
+        grid = smoke_grid
     resources = _mapping(decl, "resources") or {"cpu": 1}
     bad = sorted(set(resources) - set(RESOURCE_KEYS))
     if bad:

@@ -136,12 +136,8 @@ def _partial_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups_fn = getattr(routing, "optimizer_param_groups", None)
-    if groups_fn is not None:
-        groups = groups_fn(model, cfg.lr)
-    else:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
-    return torch.optim.Adam(groups, lr=cfg.lr)
+    """Adam over the trainable parameters, with the learning-rate multipliers methods declare (latent skills)."""
+    return torch.optim.Adam(routing.optimizer_param_groups(model, cfg.lr), lr=cfg.lr)
 
 
 class _EvalAccumulator:
@@ -211,10 +207,14 @@ def evaluate(setting: Setting, model: nn.Module, loader: DataLoader, device, pre
     return acc.metrics(prefix), acc.heatmaps()
 
 
-def _loader(ds: Dataset, cfg: TrainConfig, session: Session, *, train: bool, epoch: int = 0) -> DataLoader:
+def _loader(ds: Dataset, cfg: TrainConfig, session: Session, *, train: bool, epoch: int = 0,
+            curriculum: routing.Top2Curriculum | None = None) -> DataLoader:
     bs = (cfg.batch_size // session.world_size) if train else cfg.eval_batch_size
     sampler = None
-    if session.world_size > 1:
+    if train and curriculum is not None:  # adaptive gating's curriculum orders the epoch (single worker)
+        curriculum.set_epoch(epoch)
+        sampler = curriculum
+    elif session.world_size > 1:
         sampler = DistributedSampler(ds, num_replicas=session.world_size, rank=session.world_rank,
                                      shuffle=train, seed=cfg.seed, drop_last=train)
         sampler.set_epoch(epoch)
@@ -256,11 +256,15 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
             best_state = torch.load(Path(ckpt_dir) / BEST_FILE, map_location="cpu")
 
     val_loader = _loader(val_ds, cfg, session, train=False)
-    two_passes = getattr(routing, "needs_two_passes", lambda m: False)(core)
+    two_passes = routing.needs_two_passes(core)
+    curriculum = None
+    if cfg.routing.adaptive_curriculum and session.world_size == 1:
+        curriculum = routing.Top2Curriculum(len(train_ds), len(routing.routing_blocks(core)), seed=cfg.seed)
     model.train()
     running, n_running = 0.0, 0
     while step < cfg.steps:
-        for i, batch in enumerate(_loader(train_ds, cfg, session, train=True, epoch=epoch)):
+        for i, batch in enumerate(_loader(train_ds, cfg, session, train=True, epoch=epoch,
+                                              curriculum=curriculum)):
             if i < skip:  # resumed mid-epoch: the same order, without the batches already trained on
                 continue
             inputs, targets, (groups, ids) = setting.batch_to_model(batch, device)
@@ -273,6 +277,8 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
                 loss = loss + routing.consistency_loss(core, logits, logits2)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite training loss {loss.item()} at step {step}")
+            if curriculum is not None and (fractions := routing.top2_fractions(core)) is not None:
+                curriculum.update(ids, fractions)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -284,7 +290,7 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 metrics, _ = evaluate(setting, core, val_loader, device, "val")
                 metrics.update({"train/loss": running / max(n_running, 1), "step": step, "epoch": epoch})
-                temp = getattr(routing, "current_temperature", lambda m: None)(core)
+                temp = routing.current_temperature(core)
                 if temp is not None:
                     metrics["routing/temperature"] = temp
                 running, n_running = 0.0, 0
