@@ -1,0 +1,59 @@
+"""`ray job submit -- python service/launch.py --smoke` against a real `ray start --head` cluster (token auth on)."""
+from __future__ import annotations
+
+import secrets
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import REPO, VENV_BIN
+from tests.test_sweep import child_runs
+
+pytestmark = pytest.mark.slow
+DASHBOARD = "http://127.0.0.1:8265"
+
+
+@pytest.fixture
+def ray_head(env_with_venv, tmp_path):
+    # Ray 2.60 token auth, with a token of this test's own (a fresh machine has no ~/.ray/auth_token)
+    token = tmp_path / "ray_token"
+    token.write_text(secrets.token_hex(32))
+    env = dict(env_with_venv, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    ray = str(VENV_BIN / "ray")
+    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    start = subprocess.run([ray, "start", "--head", "--port=6390", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+                            "--dashboard-port=8265", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+    deadline = time.time() + 60
+    while time.time() < deadline:  # the job server answers once the dashboard is up
+        try:
+            urllib.request.urlopen(f"{DASHBOARD}/api/version", timeout=2)
+            break
+        except Exception as e:  # 401 without a token still means it is up
+            if "401" in str(e) or "403" in str(e):
+                break
+            time.sleep(1)
+    yield env
+    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_smoke_sweep(ray_head, tmp_path):
+    env = ray_head
+    no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    refused = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", DASHBOARD],
+                             env=dict(no_token, HOME=str(tmp_path)), capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
+    db = tmp_path / "mlflow.db"
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", DASHBOARD, "--working-dir", ".", "--",
+           "python", "service/launch.py", "--smoke", "--tracking-uri", f"sqlite:///{db}",
+           "--storage", str(tmp_path / "results"), "--name", "job"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "succeeded" in proc.stdout
+    parent, children = child_runs(str(db), experiment="smear-sweep/default")
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 15 and all(r.info.status == "FINISHED" for r in children)
+    assert all("test/accuracy" in r.data.metrics and "val/accuracy" in r.data.metrics for r in children)
