@@ -1,9 +1,12 @@
 """`ray job submit -- python service/launch.py --smoke` against a real `ray start --head` cluster (token auth on)."""
 from __future__ import annotations
 
+import os
 import secrets
+import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -21,23 +24,30 @@ def ray_head(env_with_venv, tmp_path):
     token = tmp_path / "ray_token"
     token.write_text(secrets.token_hex(32))
     env = dict(env_with_venv, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-    ray = str(VENV_BIN / "ray")
-    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
-    start = subprocess.run([ray, "start", "--head", "--port=6390", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-                            "--dashboard-port=8265", "--disable-usage-stats"],
-                           env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stdout + start.stderr
-    deadline = time.time() + 60
-    while time.time() < deadline:  # the job server answers once the dashboard is up
-        try:
-            urllib.request.urlopen(f"{DASHBOARD}/api/version", timeout=2)
-            break
-        except Exception as e:  # 401 without a token still means it is up
-            if "401" in str(e) or "403" in str(e):
+    # --block keeps `ray start` in the foreground: terminating it stops this cluster only (never `ray stop`,
+    # which would stop every Ray on the machine)
+    head = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--head", "--block", "--port=6390", "--num-cpus=2",
+                             "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:  # the job server answers once the dashboard is up (401 without a token still means up)
+            assert head.poll() is None, "ray start --head exited"
+            try:
+                urllib.request.urlopen(f"{DASHBOARD}/api/version", timeout=2)
                 break
-            time.sleep(1)
-    yield env
-    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+            except urllib.error.HTTPError:
+                break
+            except Exception:
+                assert time.time() < deadline, "dashboard did not come up"
+                time.sleep(1)
+        yield env
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 def test_ray_job_submit_smoke_sweep(ray_head, tmp_path):

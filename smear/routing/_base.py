@@ -25,8 +25,9 @@ class RoutingContext:
     task_ids: Tensor | None = None     # (b,) long: task / domain id, for tag and latent skills
     example_ids: Tensor | None = None  # (b,) long: dataset index, for hash routing
     step: int = 0                      # global training step, for temperature schedules
-    mask: Tensor | None = None         # (b, s) bool, True = real token (sequence layout only)
-    route_input: Tensor | None = None  # (b, c): overrides the block's own router input (T5 decoder)
+    mask: Tensor | None = None         # (b, s) bool, True = real token of the encoder input (sequence layout)
+    encoder_summary: Tensor | None = None  # (b, c): masked mean of the encoder output, router input of
+                                           # decoder blocks (computed once per example, reused every step)
 
 
 @dataclass

@@ -4,6 +4,12 @@ methods.md section 1. Two layouts:
   image    -- x (b, c, h, w):  out = x + f(BN(x)), adapters per spatial position (ResNet)
   sequence -- x (b, s, c):     out = x + LN_post(f(x)) (T5), padding masked out of the router input
 The routing method (registry key) decides how the experts are applied; the block owns the experts.
+
+Sequence-layout blocks route either on their own input (``route_from="self"``: T5 encoder blocks,
+padding masked with the context's mask) or on the encoder summary (``route_from="encoder"``: T5
+decoder blocks, so routing is fixed for the whole decode and causal-safe). In decoder blocks a method
+that mixes positions (Soft MoE) would leak future tokens; there it runs with every position as its
+own group (for Soft MoE: a per-token softmax mixture of the experts), which is causal.
 """
 from __future__ import annotations
 
@@ -40,8 +46,11 @@ class ExpertRoutingBlock(nn.Module):
     """Adapter experts + router + residual, routing method chosen by ``cfg.method``."""
 
     def __init__(self, dim: int, cfg: RoutingConfig, *, layout: Literal["image", "sequence"],
-                 num_tasks: int = 1, context: RoutingContext | None = None):
+                 num_tasks: int = 1, context: RoutingContext | None = None,
+                 route_from: Literal["self", "encoder"] = "self"):
         super().__init__()
+        assert route_from == "self" or layout == "sequence", "only sequence blocks can route on the encoder"
+        self.route_from = route_from
         method_cls = get_method_class(cfg.method)
         num_experts, rank = method_cls.expert_shape(cfg)
         self.layout, self.dim = layout, dim
@@ -86,8 +95,21 @@ class ExpertRoutingBlock(nn.Module):
             return x + y.transpose(1, 2).reshape(b, c, h, w)
         # sequence layout
         b, s, c = x.shape
-        if mask is None:
-            mask = self.context.mask if self.context.mask is not None else torch.ones(b, s, dtype=torch.bool, device=x.device)
-        u = self.context.route_input if self.context.route_input is not None else masked_mean(x, mask)
+        full = torch.ones(b, s, dtype=torch.bool, device=x.device)
+        if self.route_from == "encoder":
+            u = self.context.encoder_summary
+            assert u is not None and u.shape == (b, c), "decoder blocks need the encoder summary in the context"
+            if self.method.mixes_positions:  # causal: each position is its own group
+                out = self.route(x.reshape(b * s, 1, c), full.reshape(b * s, 1), u.repeat_interleave(s, 0))
+                y = out.y.reshape(b, s, c)
+                self.last = type(out)(y=y, probs=out.probs.reshape(b, s, -1).mean(1), aux_loss=out.aux_loss,
+                                      extras=out.extras)
+                return x + self.post_norm(y)
+            mask = full
+        else:
+            if mask is None:
+                ctx_mask = self.context.mask
+                mask = ctx_mask.bool() if ctx_mask is not None and ctx_mask.shape == (b, s) else full
+            u = masked_mean(x, mask)
         y = self.route(self.pre_norm(x), mask, u).y
         return x + self.post_norm(y)

@@ -1,0 +1,123 @@
+"""T5 v1.1 surgery: an expert routing block after every sub-layer output, frozen backbone.
+
+methods.md section 2: a block sits on the output of every sub-layer, before its dropout and residual
+add: encoder self-attention and feed-forward, decoder self-attention, cross-attention and feed-forward
+(12 + 12 layers of T5 v1.1 base: 12*2 + 12*3 = 60 blocks). Encoder blocks route on the masked mean of
+their own input; decoder blocks route on the masked mean of the encoder output, computed once per
+example by a hook on the encoder and reused at every decoding step (also in ``generate``).
+Trained: the routing blocks and every T5 LayerNorm weight. The transformers model is wrapped, not
+copied: each sub-layer module (``SelfAttention``, ``EncDecAttention``, ``DenseReluDense``) is
+replaced by a :class:`RoutedSublayer` holding the original.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import T5Config, T5ForConditionalGeneration
+from transformers.models.t5.modeling_t5 import T5LayerCrossAttention, T5LayerFF, T5LayerNorm, T5LayerSelfAttention
+
+from smear.configs import ConfigError
+from smear.routing import ExpertRoutingBlock, RoutingConfig, RoutingContext
+from smear.routing.block import masked_mean
+
+PAPER_MODEL = "google/t5-v1_1-base"
+
+
+class RoutedSublayer(nn.Module):
+    """A T5 sub-layer module followed by a routing block on its output (before dropout and residual)."""
+
+    def __init__(self, inner: nn.Module, routing: ExpertRoutingBlock):
+        super().__init__()
+        self.inner, self.routing = inner, routing
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        if isinstance(out, tuple):  # T5Attention: (attention output, position bias, weights)
+            return (self.routing(out[0]), *out[1:])
+        return self.routing(out)
+
+
+def tiny_t5_config(vocab_size: int = 384, **overrides) -> T5Config:
+    """A small T5 v1.1-shaped config (gated GELU, untied head) for offline CPU runs; 384 = ByT5's vocabulary."""
+    base = dict(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    base.update(overrides)
+    return T5Config(**base)
+
+
+def load_t5(source: str, tiny: dict | None = None) -> T5ForConditionalGeneration:
+    """``tiny`` (random weights from :func:`tiny_t5_config`, offline) or a model name/path (e.g. the paper's)."""
+    if source == "tiny":
+        torch.manual_seed(0)  # the frozen random backbone is the same for every trial
+        return T5ForConditionalGeneration(tiny_t5_config(**(tiny or {})))
+    return T5ForConditionalGeneration.from_pretrained(source)
+
+
+def inject_routing_blocks(model: T5ForConditionalGeneration, cfg: RoutingConfig, *, num_tasks: int,
+                          context: RoutingContext) -> list[str]:
+    """Wrap every sub-layer of ``model`` in place; return the names of the wrapped modules."""
+    d = model.config.d_model
+    wrapped = []
+    for stack_name, stack in (("encoder", model.encoder), ("decoder", model.decoder)):
+        route_from: Literal["self", "encoder"] = "encoder" if stack_name == "decoder" else "self"
+        for i, blk in enumerate(stack.block):
+            for j, layer in enumerate(blk.layer):
+                attr = {T5LayerSelfAttention: "SelfAttention", T5LayerCrossAttention: "EncDecAttention",
+                        T5LayerFF: "DenseReluDense"}[type(layer)]
+                routing = ExpertRoutingBlock(d, cfg, layout="sequence", num_tasks=num_tasks, context=context,
+                                             route_from=route_from)
+                setattr(layer, attr, RoutedSublayer(getattr(layer, attr), routing))
+                wrapped.append(f"{stack_name}.block.{i}.layer.{j}.{attr}")
+    n_enc, n_dec = model.config.num_layers, model.config.num_decoder_layers
+    assert len(wrapped) == 2 * n_enc + 3 * n_dec, (len(wrapped), n_enc, n_dec)
+    return wrapped
+
+
+class RoutedT5(nn.Module):
+    """T5ForConditionalGeneration with routing blocks; the routing context is set from the inputs."""
+
+    def __init__(self, t5: T5ForConditionalGeneration, context: RoutingContext):
+        super().__init__()
+        self.t5, self.context = t5, context
+        t5.encoder.register_forward_hook(self._summarise_encoder)
+
+    def _summarise_encoder(self, module, args, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state  # (b, s, c)
+        mask = self.context.mask
+        mask = mask.bool() if mask is not None else torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        self.context.encoder_summary = masked_mean(hidden, mask)                      # (b, c)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Teacher-forced logits (b, t, vocab) for targets ``labels`` (b, t), -100 = padding."""
+        self.context.mask = attention_mask
+        decoder_input_ids = self.t5._shift_right(labels.masked_fill(labels == -100, self.t5.config.pad_token_id))
+        return self.t5(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> Tensor:
+        """Greedy decoding (the encoder, hence the decoder's routing, is computed once)."""
+        self.context.mask = attention_mask
+        return self.t5.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                num_beams=1, do_sample=False)
+
+
+def build_routed_t5(cfg: RoutingConfig, *, num_tasks: int, source: str = "tiny", tiny: dict | None = None) -> RoutedT5:
+    """Frozen T5 + routing blocks after every sub-layer; blocks and T5 LayerNorm weights trainable."""
+    t5 = load_t5(source, tiny)
+    for p in t5.parameters():
+        p.requires_grad_(False)
+    context = RoutingContext()
+    inject_routing_blocks(t5, cfg, num_tasks=num_tasks, context=context)
+    for m in t5.modules():
+        if isinstance(m, T5LayerNorm):
+            m.weight.requires_grad_(True)
+    return RoutedT5(t5, context)
+
+
+def check_decoder_support(cfg: RoutingConfig) -> None:
+    """Refuse what cannot run in causal decoder blocks (per-token routing would change across decoding steps)."""
+    if cfg.method == "adaptive_gating" and cfg.adaptive_granularity == "token":
+        raise ConfigError("routing.adaptive_granularity='token' is not valid in T5 decoder blocks; valid: example")
