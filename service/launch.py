@@ -16,13 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, e.g. by `ray job submit`
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 from smear.configs import ConfigError  # noqa: E402
-from smear.data.domainnet import DataError, check_root  # noqa: E402
+from smear.data.domainnet import DataError  # noqa: E402
 from service.spaces import Sweep, load_sweep, param_space  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,34 +46,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def default_data_root() -> str:
-    """Where the offline digits DomainNet stand-in lives on each node (generated on first use)."""
-    return os.environ.get("SMEAR_DATA_DIR") or str(Path.home() / ".cache" / "smear-sweep" / "digits-domainnet")
-
-
 def resolve_data(sweep: Sweep, data_root: str | None, *, create: bool) -> None:
-    """Fill in and check every trial's data root; generate the offline dataset if needed (and allowed)."""
+    """Apply ``--data-root`` and check every trial's data before anything starts.
+
+    A root of "" means the setting's offline stand-in: generated here (unless ``create`` is off, as in
+    --dry-run) and again, if missing, on each node that runs a trial.
+    """
+    from smear.data import offline_digits_domainnet, offline_synthetic_glue
+    from smear.data import domainnet, glue
+
+    checked: set[tuple] = set()
     for t in sweep.trials:
         d = t.config["data"]
         if data_root is not None:
             d["root"] = str(Path(data_root).resolve())
-        if d["root"] == "":
-            d["root"] = default_data_root()
-            if create:
-                from smear.data.digits_domainnet import write_digits_domainnet
-
-                write_digits_domainnet(d["root"])
+        setting = t.config["setting"]
+        key = (setting, d["root"], tuple(d["domains"]), tuple(t.config["t5"]["tasks"]))
+        if key in checked:
             continue
-        check_root(d["root"], d["domains"])
+        checked.add(key)
+        if d["root"] == "":
+            if create:
+                (offline_synthetic_glue if setting == "t5_glue" else offline_digits_domainnet)()
+        elif setting == "t5_glue":
+            if d["root"] != "hub":
+                glue.check_root(d["root"], t.config["t5"]["tasks"])
+        else:
+            domainnet.check_root(d["root"], d["domains"])
 
 
 def check_resources(sweep: Sweep) -> None:
-    from smear.configs import build
-    from trainables.config import TrainConfig
+    from trainables.config import make_config
     from trainables.ray_trainable import trial_resources
 
     for t in sweep.trials:
-        trial_resources(build(TrainConfig, t.config), sweep.resources.get("cpu", 1), sweep.resources.get("gpu", 0))
+        trial_resources(make_config(t.config), sweep.resources.get("cpu", 1), sweep.resources.get("gpu", 0))
 
 
 def print_trials(sweep: Sweep) -> None:
@@ -84,12 +90,12 @@ def print_trials(sweep: Sweep) -> None:
         print(f"  [{t.index:3d}] {over}  steps={t.config['steps']} eval_every={t.config['eval_every']}")
 
 
-def summary_table(rows: list[dict]) -> str:
-    """method x seed -> val and test accuracy, then mean +- std per method (markdown)."""
-    lines = ["| method | seed | val acc (best) | test acc | status |", "|---|---|---|---|---|"]
+def summary_table(rows: list[dict], metric: str = "accuracy") -> str:
+    """method x seed -> val and test score, then mean +- std per method (markdown)."""
+    lines = [f"| method | seed | val {metric} (best) | test {metric} | status |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["method"], r["seed"])):
         lines.append(f"| {r['method']} | {r['seed']} | {_fmt(r.get('val'))} | {_fmt(r.get('test'))} | {r['status']} |")
-    lines += ["", "| method | trials | val mean +- std | test mean +- std |", "|---|---|---|---|"]
+    lines += ["", f"| method | trials | val {metric} mean +- std | test {metric} mean +- std |", "|---|---|---|---|"]
     by_method: dict[str, list[dict]] = {}
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
@@ -137,16 +143,15 @@ def run_sweep(args, sweep: Sweep) -> int:
     from mlflow.tracking import MlflowClient
 
     from service.tracking import MLflowTracker, get_or_create_experiment, git_commit
-    from trainables.config import TrainConfig
+    from trainables.config import PRIMARY_METRIC, make_config
     from trainables.ray_trainable import trial, trial_resources
-    from smear.configs import build
 
     uri = _tracking_uri(args)
     storage = str(Path(args.storage or "results").resolve())
     name = args.name or f"{sweep.name}{'-smoke' if args.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
     commit = git_commit(REPO)
 
-    first = build(TrainConfig, sweep.trials[0].config)
+    first = make_config(sweep.trials[0].config)
     cpus, gpus = sweep.resources.get("cpu", 1), sweep.resources.get("gpu", 0)
     res = trial_resources(first, cpus, gpus)
     trainable = tune.with_resources(tune.with_parameters(
@@ -190,12 +195,13 @@ def run_sweep(args, sweep: Sweep) -> int:
             client.set_terminated(pid, status)
     wall = time.time() - t0
     rows = []
+    metric = PRIMARY_METRIC[first.setting]
     for r in grid:
         cfg = r.config
         m = r.metrics or {}
-        rows.append({"method": cfg["routing"]["method"], "seed": cfg["seed"], "val": m.get("val/best_accuracy"),
-                     "test": m.get("test/accuracy"), "status": "ERROR" if r.error else "OK"})
-    table = summary_table(rows)
+        rows.append({"method": cfg["routing"]["method"], "seed": cfg["seed"], "val": m.get(f"val/best_{metric}"),
+                     "test": m.get(f"test/{metric}"), "status": "ERROR" if r.error else "OK"})
+    table = summary_table(rows, metric)
     client.log_text(pid, f"# {name}\n\n{sweep.description}\n\nwall time {wall:.0f} s\n\n{table}\n", "summary.md")
     client.log_metric(pid, "sweep/wall_s", wall)
     n_err = sum(r["status"] != "OK" for r in rows)

@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from smear.configs import ConfigError, build, to_dict, unflatten
-from trainables.config import TrainConfig
+from smear.configs import ConfigError, to_dict, unflatten
+from trainables.config import make_config
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 TOP_KEYS = ("description", "base", "grid", "smoke", "smoke_grid", "resources", "max_concurrent_trials", "max_failures")
@@ -138,7 +138,7 @@ def load_sweep(name_or_path: str, *, smoke: bool = False) -> Sweep:
         overrides = dict(zip(keys, combo))
         flat = {**base, **overrides, **(smoke_over if smoke else {})}
         try:
-            cfg = build(TrainConfig, unflatten(flat))
+            cfg = make_config(unflatten(flat))
         except ConfigError as e:
             raise ConfigError(f"{path.name}: {e}") from None
         trials.append(Trial(i, overrides, to_dict(cfg)))

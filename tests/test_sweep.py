@@ -75,7 +75,7 @@ def test_sweep_single_worker_trials(tmp_path, env_with_venv):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_trial_runs(tmp_path, ["smear", "tag", "adapter"])
     out = proc.stdout
-    assert "| method | seed | val acc (best) | test acc | status |" in out
+    assert "| method | seed | val accuracy (best) | test accuracy | status |" in out
     assert "mean +- std" in out and "mlflow ui --backend-store-uri sqlite:///" in out
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smear.configs import ConfigError, build
-from trainables.config import TrainConfig
+from smear.configs import ConfigError
+from trainables.config import make_config
 from trainables.loop import LocalSession, NonFiniteLoss, train_loop
 
 
@@ -53,11 +53,11 @@ def test_nan_loss_fails_the_trial(digits_root, tmp_path):
 
 @pytest.mark.parametrize("over,msg", [
     ({"steps": 0}, "steps=0 is out of range"),
-    ({"optimizer": "sgd"}, "unknown key 'optimizer'"),
+    ({"optimiser": "sgd"}, "unknown key 'optimiser'"),
     ({"routing": {"method": "moe"}}, "routing.method='moe' is not valid; valid:"),
     ({"data": {"domains": ["photos"]}}, "unknown domain 'photos'"),
     ({"batch_size": "big"}, "batch_size='big' has the wrong type"),
 ])
 def test_config_errors_name_the_bad_value(over, msg):
     with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace("[", r"\[")):
-        build(TrainConfig, over)
+        make_config(over)

@@ -18,16 +18,13 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 import smear.routing as routing
-from smear.backbones.resnet import build_routed_resnet18
-from smear.configs import build, to_dict
-from smear.data.domainnet import DomainNetDataset, num_classes
-from trainables.config import TrainConfig
+from trainables.config import TrainConfig, make_config
+from trainables.setting import Setting
 
 STATE_FILE, BEST_FILE = "state.pt", "best.pt"
 
@@ -85,47 +82,11 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-class Setting(Protocol):
-    """What the loop needs from a setting (ResNet-DomainNet now, T5-GLUE later)."""
+def _settings() -> dict[str, Callable[[TrainConfig], Setting]]:
+    from trainables.resnet_domainnet import ResNetDomainNet
+    from trainables.t5_glue import T5Glue
 
-    group_names: list[str]  # tasks or domains, indexed by task id
-
-    def build_model(self) -> nn.Module: ...
-    def dataset(self, split: str) -> Dataset: ...
-    def batch_to_model(self, batch, device) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]: ...
-    def per_example_loss(self, model: nn.Module, inputs: dict[str, Any], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def predict(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor: ...
-
-
-class ResNetDomainNet:
-    """ResNet-18 on DomainNet (methods.md section 2): images -> class logits, task id = domain id."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        self.group_names = list(cfg.data.domains)
-        self.num_classes = num_classes(cfg.data.root, cfg.data.domains)
-
-    def build_model(self) -> nn.Module:
-        return build_routed_resnet18(self.cfg.routing, num_classes=self.num_classes, num_tasks=len(self.group_names),
-                                     pretrained=self.cfg.pretrained, backbone_bn=self.cfg.backbone_bn)
-
-    def dataset(self, split: str) -> Dataset:
-        d = self.cfg.data
-        return DomainNetDataset(d.root, d.domains, split, resolution=d.resolution, augment=d.augment, cache=d.cache)
-
-    def batch_to_model(self, batch, device):
-        images, labels, domains, ids = batch
-        return {"images": images.to(device, non_blocking=True)}, labels.to(device), (domains.to(device), ids.to(device))
-
-    def per_example_loss(self, model, inputs, targets):
-        logits = model(inputs["images"])                                    # (b, classes)
-        return F.cross_entropy(logits, targets, reduction="none"), logits  # (b,), (b, classes)
-
-    def predict(self, model, inputs):
-        return model(inputs["images"]).argmax(-1)                           # (b,)
-
-
-SETTINGS: dict[str, Callable[[TrainConfig], Setting]] = {"resnet_domainnet": ResNetDomainNet}
+    return {"resnet_domainnet": ResNetDomainNet, "t5_glue": T5Glue}
 
 
 def _partial_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -135,80 +96,104 @@ def _partial_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in trainable or k in buffers}
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam over the trainable parameters, with the learning-rate multipliers methods declare (latent skills)."""
-    return torch.optim.Adam(routing.optimizer_param_groups(model, cfg.lr), lr=cfg.lr)
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Adam / AdamW over the trainable parameters, with the learning-rate multipliers methods declare
+    (latent skills); linear warmup over ``warmup_steps``, then constant (methods.md section 2)."""
+    groups = routing.optimizer_param_groups(model, cfg.lr)
+    opt = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(groups, lr=cfg.lr)
+    warm = max(cfg.warmup_steps, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return opt, sched
 
 
-class _EvalAccumulator:
-    """Accuracy overall and per group, and per-block routing statistics over an evaluation pass."""
+class _RoutingRecorder:
+    """Per-block routing statistics over an evaluation pass: entropy, expert load, group x expert heatmap."""
 
     def __init__(self, groups: list[str]):
         self.groups = groups
-        self.correct = torch.zeros(len(groups), dtype=torch.float64)
-        self.total = torch.zeros(len(groups), dtype=torch.float64)
+        self.count = torch.zeros(len(groups), dtype=torch.float64)
         self.route_sum: dict[str, torch.Tensor] = {}   # block -> (groups, n) sum of routing probs
-        self.entropy_sum: dict[str, float] = {}
+        self.entropy_sum: dict[str, torch.Tensor] = {}
 
-    def add(self, pred, target, group, probs: dict[str, torch.Tensor]) -> None:
+    def add(self, group: torch.Tensor, probs: dict[str, torch.Tensor]) -> None:
         g = group.cpu()
-        hit = (pred == target).cpu().double()
-        self.correct.index_add_(0, g, hit)
-        self.total.index_add_(0, g, torch.ones_like(hit))
+        self.count.index_add_(0, g, torch.ones(len(g), dtype=torch.float64))
         for name, p in probs.items():
-            p = p.float().cpu()                                            # (b, n)
+            p = p.double().cpu()                                           # (b, n)
             acc = self.route_sum.setdefault(name, torch.zeros(len(self.groups), p.shape[1], dtype=torch.float64))
-            acc.index_add_(0, g, p.double())
-            self.entropy_sum[name] = self.entropy_sum.get(name, 0.0) + float(routing.entropy(p).sum())
+            acc.index_add_(0, g, p)
+            self.entropy_sum[name] = self.entropy_sum.get(name, torch.zeros((), dtype=torch.float64)) + routing.entropy(p).sum()
 
     def all_reduce(self) -> None:
+        if not _distributed():
+            return
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        for t in [self.correct, self.total, *[self.route_sum[k] for k in sorted(self.route_sum)]]:
+        for t in [self.count, *[self.route_sum[k] for k in sorted(self.route_sum)],
+                  *[self.entropy_sum[k] for k in sorted(self.entropy_sum)]]:
             dist.all_reduce(t)
-        for k in sorted(self.entropy_sum):
-            e = torch.tensor([self.entropy_sum[k]], dtype=torch.float64)
-            dist.all_reduce(e)
-            self.entropy_sum[k] = float(e)
 
-    def metrics(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}/accuracy": float(self.correct.sum() / self.total.sum().clamp_min(1))}
-        for i, g in enumerate(self.groups):
-            if self.total[i] > 0:
-                out[f"{prefix}/{g}/accuracy"] = float(self.correct[i] / self.total[i])
-        if prefix == "val":
-            n_items = float(self.total.sum().clamp_min(1))
-            for name, s in self.route_sum.items():
-                short = name.replace("backbone.", "").replace(".routing", "")
-                out[f"routing/{short}/entropy"] = self.entropy_sum[name] / n_items
-                load = s.sum(0) / n_items
-                for e, v in enumerate(load.tolist()):
-                    out[f"routing/{short}/load_{e}"] = v
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        n_items = float(self.count.sum().clamp_min(1))
+        for name, s in self.route_sum.items():
+            short = _short_block_name(name)
+            out[f"routing/{short}/entropy"] = float(self.entropy_sum[name]) / n_items
+            for e, v in enumerate((s.sum(0) / n_items).tolist()):
+                out[f"routing/{short}/load_{e}"] = v
         return out
 
     def heatmaps(self) -> dict[str, list[list[float]]]:
         """Per block: group x expert mean routing probability."""
-        return {k: (s / self.total.clamp_min(1)[:, None]).tolist() for k, s in self.route_sum.items()}
+        return {_short_block_name(k): (s / self.count.clamp_min(1)[:, None]).tolist() for k, s in self.route_sum.items()}
+
+
+def _short_block_name(name: str) -> str:
+    for junk in ("backbone.", ".routing", "t5.", ".inner", ".block.", ".layer."):
+        name = name.replace(junk, "." if junk.startswith(".block") or junk.startswith(".layer") else "")
+    return name.strip(".")
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _gather(items: list) -> list:
+    if not _distributed():
+        return items
+    import torch.distributed as dist
+
+    out: list[list] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
 
 
 @torch.no_grad()
 def evaluate(setting: Setting, model: nn.Module, loader: DataLoader, device, prefix: str) -> tuple[dict[str, float], dict]:
+    """Metrics of ``setting`` on one split (``prefix`` = val or test) and routing statistics."""
     model.eval()
-    acc = _EvalAccumulator(setting.group_names)
-    for batch in loader:
-        inputs, targets, (groups, ids) = setting.batch_to_model(batch, device)
-        routing.set_context(model, task_ids=groups, example_ids=ids)
-        pred = setting.predict(model, inputs)
-        acc.add(pred, targets, groups, routing.routing_probs(model))
-    acc.all_reduce()
+    rec = _RoutingRecorder(setting.group_names)
+    preds, targets, groups = [], [], []
+    for raw in loader:
+        batch = setting.batch_to_model(raw, device)
+        routing.set_context(model, task_ids=batch.groups, example_ids=batch.ids)
+        preds += setting.predict(model, batch)
+        targets += batch.labels if batch.labels is not None else batch.targets.tolist()
+        groups += batch.groups.tolist()
+        rec.add(batch.groups, routing.routing_probs(model))
+    rec.all_reduce()
+    preds, targets, groups = _gather(preds), _gather(targets), _gather(groups)
     model.train()
-    return acc.metrics(prefix), acc.heatmaps()
+    metrics = setting.metrics(preds, targets, groups, prefix)
+    if prefix == "val":
+        metrics.update(rec.metrics())
+    return metrics, rec.heatmaps()
 
 
 def _loader(ds: Dataset, cfg: TrainConfig, session: Session, *, train: bool, epoch: int = 0,
-            curriculum: routing.Top2Curriculum | None = None) -> DataLoader:
+            curriculum: routing.Top2Curriculum | None = None, collate: Callable | None = None) -> DataLoader:
     bs = (cfg.batch_size // session.world_size) if train else cfg.eval_batch_size
     sampler = None
     if train and curriculum is not None:  # adaptive gating's curriculum orders the epoch (single worker)
@@ -220,7 +205,7 @@ def _loader(ds: Dataset, cfg: TrainConfig, session: Session, *, train: bool, epo
         sampler.set_epoch(epoch)
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     return DataLoader(ds, batch_size=bs, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
-                      num_workers=cfg.data.loader_workers, generator=gen, persistent_workers=False)
+                      num_workers=cfg.data.loader_workers, generator=gen, persistent_workers=False, collate_fn=collate)
 
 
 def _hash_table_size(cfg: TrainConfig, n_train: int) -> TrainConfig:
@@ -232,17 +217,18 @@ def _hash_table_size(cfg: TrainConfig, n_train: int) -> TrainConfig:
 def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
                wrap_model: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, float]:
     """Run one trial. ``wrap_model`` is Ray Train's ``prepare_model`` (DDP) in data-parallel runs."""
-    cfg = config if isinstance(config, TrainConfig) else build(TrainConfig, config)
+    cfg = make_config(config)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     seed_everything(cfg.seed)
     device = _device(cfg)
-    setting = SETTINGS[cfg.setting](cfg)
+    setting = _settings()[cfg.setting](cfg)
+    primary = f"val/{setting.primary_metric}"
     train_ds, val_ds, test_ds = (setting.dataset(s) for s in ("train", "val", "test"))
     cfg = _hash_table_size(cfg, len(train_ds) + len(val_ds) + len(test_ds))
     core = setting.build_model().to(device)
     model = wrap_model(core) if wrap_model is not None else core
-    opt = _optimizer(core, cfg)
+    opt, sched = _optimizer(core, cfg)
 
     step, best_val, best_state, epoch, skip = 0, -math.inf, None, 0, 0
     ckpt_dir = session.latest_checkpoint_dir()
@@ -250,12 +236,13 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
         state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
         core.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
         step, best_val, epoch, skip = state["step"], state["best_val"], state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(state["torch_rng"])
         if (Path(ckpt_dir) / BEST_FILE).exists():
             best_state = torch.load(Path(ckpt_dir) / BEST_FILE, map_location="cpu")
 
-    val_loader = _loader(val_ds, cfg, session, train=False)
+    val_loader = _loader(val_ds, cfg, session, train=False, collate=setting.collate)
     two_passes = routing.needs_two_passes(core)
     curriculum = None
     if cfg.routing.adaptive_curriculum and session.world_size == 1:
@@ -264,41 +251,43 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     running, n_running = 0.0, 0
     while step < cfg.steps:
         for i, batch in enumerate(_loader(train_ds, cfg, session, train=True, epoch=epoch,
-                                              curriculum=curriculum)):
+                                              curriculum=curriculum, collate=setting.collate)):
             if i < skip:  # resumed mid-epoch: the same order, without the batches already trained on
                 continue
-            inputs, targets, (groups, ids) = setting.batch_to_model(batch, device)
-            routing.set_context(core, task_ids=groups, example_ids=ids, step=step)
-            per_ex, logits = setting.per_example_loss(model, inputs, targets)
+            b = setting.batch_to_model(batch, device)
+            routing.set_context(core, task_ids=b.groups, example_ids=b.ids, step=step)
+            per_ex, logits, mask = setting.per_example_loss(model, b)
             loss = per_ex.mean() + routing.aux_loss(core, per_ex.detach())
             if two_passes:  # AdaMix: a second stochastic pass and a consistency loss between the two
-                per_ex2, logits2 = setting.per_example_loss(model, inputs, targets)
+                per_ex2, logits2, _ = setting.per_example_loss(model, b)
                 loss = 0.5 * (loss + per_ex2.mean() + routing.aux_loss(core, per_ex2.detach()))
-                loss = loss + routing.consistency_loss(core, logits, logits2)
+                loss = loss + routing.consistency_loss(core, logits, logits2, mask)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite training loss {loss.item()} at step {step}")
             if curriculum is not None and (fractions := routing.top2_fractions(core)) is not None:
-                curriculum.update(ids, fractions)
+                curriculum.update(b.ids, fractions)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], cfg.grad_clip)
             opt.step()
+            sched.step()
             step += 1
             running += float(loss.detach())
             n_running += 1
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 metrics, _ = evaluate(setting, core, val_loader, device, "val")
-                metrics.update({"train/loss": running / max(n_running, 1), "step": step, "epoch": epoch})
+                metrics.update({"train/loss": running / max(n_running, 1), "train/lr": sched.get_last_lr()[0],
+                                "step": step, "epoch": epoch})
                 temp = routing.current_temperature(core)
                 if temp is not None:
                     metrics["routing/temperature"] = temp
                 running, n_running = 0.0, 0
-                if metrics["val/accuracy"] > best_val:
-                    best_val, best_state = metrics["val/accuracy"], _partial_state(core)
-                metrics["val/best_accuracy"] = best_val
-                _report_with_checkpoint(session, metrics, core, opt, best_state, step=step, best_val=best_val,
-                                        epoch=epoch, batch_in_epoch=i + 1)
+                if metrics[primary] > best_val:
+                    best_val, best_state = metrics[primary], _partial_state(core)
+                metrics[f"val/best_{setting.primary_metric}"] = best_val
+                _report_with_checkpoint(session, metrics, core, opt, best_state, scheduler=sched.state_dict(),
+                                        step=step, best_val=best_val, epoch=epoch, batch_in_epoch=i + 1)
             if step >= cfg.steps:
                 break
         epoch, skip = epoch + 1, 0
@@ -306,8 +295,8 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     # test accuracy of the best validation weights
     if best_state is not None:
         core.load_state_dict(best_state, strict=False)
-    final, _ = evaluate(setting, core, _loader(test_ds, cfg, session, train=False), device, "test")
-    final.update({"step": step, "val/best_accuracy": best_val, "done": 1.0})
+    final, _ = evaluate(setting, core, _loader(test_ds, cfg, session, train=False, collate=setting.collate), device, "test")
+    final.update({"step": step, f"val/best_{setting.primary_metric}": best_val, "done": 1.0})
     session.report(final, None)
     return final
 

@@ -14,8 +14,8 @@ from typing import Any
 import ray.train
 import ray.tune
 
-from smear.configs import build
-from trainables.config import TrainConfig
+
+from trainables.config import TrainConfig, make_config
 from trainables.loop import train_loop
 
 
@@ -65,7 +65,7 @@ def train_worker(config: dict[str, Any]) -> None:
 def trial(config: dict[str, Any], train_storage: str | None = None, cpus_per_worker: float = 1,
           gpus_per_worker: float = 0) -> None:
     """The Tune function trainable of every sweep trial (bind the keywords with tune.with_parameters)."""
-    cfg = build(TrainConfig, config)
+    cfg = make_config(config)
     if cfg.num_workers <= 1:
         train_loop(cfg, TuneSession())
         return

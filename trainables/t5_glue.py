@@ -1,0 +1,104 @@
+"""The T5-GLUE setting: routed T5 v1.1 on the eight GLUE tasks, text-to-text, task id = GLUE task.
+
+methods.md section 2. Training: token cross-entropy with label smoothing, summed over target tokens
+as in the reference (``t5.loss_reduction="mean"`` averages instead), mean over examples. Evaluation:
+greedy generation, decoded text mapped back to a label (text that maps to no label counts wrong),
+per-task metrics (accuracy, F1, MCC, Pearson/Spearman), each task's score = mean of its metrics,
+``average`` = mean over tasks (the best checkpoint is chosen on ``val/average``).
+Data root: ``""`` = the offline synthetic GLUE stand-in, ``"hub"`` = ``nyu-mll/glue`` (internet), else a
+local copy in the Hub's layout.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from smear.backbones.t5 import build_routed_t5, check_decoder_support
+from smear.data import offline_synthetic_glue
+from smear.data.glue import GlueMixture, make_collate, parse_prediction
+from smear.metrics import glue_score, glue_task_metrics
+from trainables.config import PRIMARY_METRIC, TrainConfig
+from trainables.setting import Batch
+
+
+def load_tokenizer(name: str):
+    if name == "byt5":
+        from transformers import ByT5Tokenizer
+
+        return ByT5Tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def glue_root(root: str) -> str | None:
+    return offline_synthetic_glue() if root == "" else (None if root == "hub" else root)
+
+
+class T5Glue:
+    primary_metric = PRIMARY_METRIC["t5_glue"]
+
+    def __init__(self, cfg: TrainConfig):
+        check_decoder_support(cfg.routing)
+        self.cfg, self.t5cfg = cfg, cfg.t5
+        self.group_names = list(cfg.t5.tasks)
+        self.root = glue_root(cfg.data.root)
+        self.tokenizer = load_tokenizer(cfg.t5.tokenizer)
+        self.collate = make_collate(self.tokenizer, cfg.t5.max_source_len, cfg.t5.max_target_len)
+
+    def build_model(self) -> nn.Module:
+        t = self.t5cfg
+        tiny = {"d_model": t.d_model, "d_ff": t.d_ff, "num_layers": t.num_layers, "num_decoder_layers": t.num_layers,
+                "num_heads": t.num_heads, "d_kv": max(1, t.d_model // t.num_heads), "vocab_size": len(self.tokenizer)}
+        model = build_routed_t5(self.cfg.routing, num_tasks=len(self.group_names), source=t.model, tiny=tiny)
+        if t.rte_to_mnli and self.cfg.routing.method == "tag":  # reference: RTE uses MNLI's expert, encoder only
+            from smear.routing import routing_blocks
+
+            rte, mnli = self.group_names.index("rte"), self.group_names.index("mnli")
+            for _, blk in routing_blocks(model):
+                if blk.route_from == "self":
+                    blk.method.task_to_expert[rte] = mnli
+        return model
+
+    def dataset(self, split: str) -> Dataset:
+        split = {"val": "validation"}.get(split, split)
+        return GlueMixture(self.root, self.group_names, split, heldout=self.t5cfg.val_holdout)
+
+    def batch_to_model(self, batch, device) -> Batch:
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+        labels = batch["labels"].to(device)                                               # (b, t), -100 = pad
+        return Batch(inputs, labels, batch["task_ids"].to(device), batch["example_ids"].to(device), labels=batch["gold"])
+
+    def per_example_loss(self, model, batch: Batch):
+        logits = model(batch.inputs["input_ids"], batch.inputs["attention_mask"], batch.targets)  # (b, t, v)
+        mask = batch.targets != -100                                                               # (b, t)
+        tok = F.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none", ignore_index=-100,
+                              label_smoothing=self.cfg.label_smoothing)                            # (b, t)
+        per_ex = tok.sum(1)
+        if self.t5cfg.loss_reduction == "mean":
+            per_ex = per_ex / mask.sum(1).clamp_min(1)
+        return per_ex, logits, mask
+
+    @torch.no_grad()
+    def predict(self, model, batch: Batch) -> list:
+        core = model.module if hasattr(model, "module") else model
+        out = core.generate(batch.inputs["input_ids"], batch.inputs["attention_mask"], self.t5cfg.max_target_len)
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [parse_prediction(self.group_names[g], t) for g, t in zip(batch.groups.tolist(), texts)]
+
+    def metrics(self, preds: list, targets: list, groups: list[int], prefix: str) -> dict[str, float]:
+        out, scores = {}, []
+        for i, task in enumerate(self.group_names):
+            p = [x for x, g in zip(preds, groups) if g == i]
+            if not p:
+                continue
+            m = glue_task_metrics(task, p, [y for y, g in zip(targets, groups) if g == i])
+            out.update({f"{prefix}/{task}/{k}": v for k, v in m.items()})
+            scores.append(glue_score(m))
+            out[f"{prefix}/{task}/score"] = scores[-1]
+        out[f"{prefix}/average"] = statistics.fmean(scores) if scores else 0.0
+        return out
