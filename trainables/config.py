@@ -58,6 +58,7 @@ class T5Settings:
     loss_reduction: str = field("sum", choices=("sum", "mean"), doc="over target tokens: sum (reference) or mean")
     rte_to_mnli: bool = field(False, doc="tag routing: RTE uses MNLI's expert in encoder blocks (reference)")
     val_holdout: int = field(1000, ge=1, doc="training examples held out as validation for qqp, qnli, sst2")
+    eval_limit: int = field(0, ge=0, doc="evaluate on the first N examples of each task's split; 0 = all")
 
     def validate(self) -> None:
         valid = ("rte", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "cola")

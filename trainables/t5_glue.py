@@ -65,8 +65,9 @@ class T5Glue:
         return model
 
     def dataset(self, split: str) -> Dataset:
+        limit = self.t5cfg.eval_limit if split != "train" and self.t5cfg.eval_limit else None
         split = {"val": "validation"}.get(split, split)
-        return GlueMixture(self.root, self.group_names, split, heldout=self.t5cfg.val_holdout)
+        return GlueMixture(self.root, self.group_names, split, heldout=self.t5cfg.val_holdout, limit=limit)
 
     def batch_to_model(self, batch, device) -> Batch:
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
