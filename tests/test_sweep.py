@@ -86,3 +86,26 @@ def test_sweep_data_parallel_trial_through_ray_train(tmp_path, env_with_venv):
     assert run.data.params["num_workers"] == "2"
     # the trial really ran through a TorchTrainer: Ray Train wrote its run under the sweep's storage
     assert list((tmp_path / "results" / "t" / "_train").glob("train-*"))
+
+
+def test_t5_glue_smoke_sweep_reports_every_task(tmp_path, env_with_venv):
+    """`launch.py --sweep t5-glue-smoke --smoke`: every routing method, all eight tasks' metrics in MLflow."""
+    from smear.data.glue import TASKS
+    from smear.metrics import TASK_METRICS
+    from smear.routing import available_methods
+
+    cmd = [sys.executable, str(REPO / "service" / "launch.py"), "--sweep", "t5-glue-smoke", "--smoke",
+           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "results"), "--name", "t5"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env_with_venv, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parent, children = child_runs(f"{tmp_path}/mlflow.db", experiment="smear-sweep/t5-glue-smoke")
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.data.tags["method"] for r in children) == available_methods()
+    for r in children:
+        assert r.info.status == "FINISHED" and r.data.tags["setting"] == "t5_glue"
+        for prefix in ("val", "test"):
+            for task in TASKS:
+                for m in TASK_METRICS[task]:
+                    assert f"{prefix}/{task}/{m}" in r.data.metrics, (r.info.run_name, prefix, task, m)
+            assert f"{prefix}/average" in r.data.metrics
+    assert "| method | seed | val average (best) | test average | status |" in proc.stdout

@@ -93,6 +93,10 @@ class TrainConfig:
     t5: T5Settings = dc_field(default_factory=lambda: T5Settings())
 
     def validate(self) -> None:
+        if self.setting == "t5_glue":
+            from smear.backbones.t5 import check_decoder_support
+
+            check_decoder_support(self.routing)
         if self.num_workers > 1 and self.batch_size % self.num_workers:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by num_workers={self.num_workers}")
 

@@ -1,0 +1,57 @@
+"""The T5-GLUE setting through the train loop (no Ray): per-task metrics, routing, AdaMix's two passes."""
+from __future__ import annotations
+
+import pytest
+
+from smear.data.glue import TASKS
+from smear.metrics import TASK_METRICS
+from trainables.loop import LocalSession, train_loop
+
+
+def _cfg(method="smear", **over):
+    cfg = {"setting": "t5_glue", "steps": 2, "eval_every": 2, "batch_size": 8, "eval_batch_size": 64,
+           "warmup_steps": 1, "torch_threads": 1, "routing": {"method": method},
+           "t5": {"val_holdout": 20, "eval_limit": 4, "max_target_len": 16}}
+    cfg.update(over)
+    return cfg
+
+
+def test_every_task_metric_and_the_average(offline_data, tmp_path):
+    s = LocalSession(str(tmp_path))
+    final = train_loop(_cfg(), s)
+    val = s.reports[0]
+    for prefix, rep in (("val", val), ("test", final)):
+        for task in TASKS:
+            for m in TASK_METRICS[task]:
+                assert f"{prefix}/{task}/{m}" in rep, (prefix, task, m)
+        assert f"{prefix}/average" in rep
+    assert "val/best_average" in final and final["step"] == 2
+    assert any(k.startswith("routing/decoder.") and k.endswith("/entropy") for k in val)
+    assert any(k.startswith("routing/encoder.") and k.endswith("/load_7") for k in val)  # 8 experts
+
+
+@pytest.mark.parametrize("method", ["adamix", "soft_moe", "reinforce"])
+def test_methods_with_extra_machinery_run_in_t5(offline_data, tmp_path, method):
+    final = train_loop(_cfg(method), LocalSession(str(tmp_path)))
+    assert -1.0 <= final["test/average"] <= 1.0
+
+
+def test_rte_uses_mnli_expert_in_encoder_blocks_only(offline_data):
+    from smear.routing import routing_blocks
+    from trainables.config import make_config
+    from trainables.t5_glue import T5Glue
+
+    setting = T5Glue(make_config(_cfg("tag", t5={"rte_to_mnli": True})))
+    model = setting.build_model()
+    rte, mnli = TASKS.index("rte"), TASKS.index("mnli")
+    for _, blk in routing_blocks(model):
+        expected = mnli if blk.route_from == "self" else rte
+        assert int(blk.method.task_to_expert[rte]) == expected
+
+
+def test_token_granularity_refused_in_decoder(offline_data):
+    from smear.configs import ConfigError
+    from trainables.config import make_config
+
+    with pytest.raises(ConfigError, match="adaptive_granularity='token' is not valid in T5 decoder blocks"):
+        make_config(_cfg(routing={"method": "adaptive_gating", "adaptive_granularity": "token"}))
