@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -173,7 +174,8 @@ def run_sweep(args, sweep: Sweep) -> int:
             if os.environ.get("RAY_ADDRESS"):
                 ray.init()
             else:
-                ray.init(dashboard_host="127.0.0.1", log_to_driver=False)
+                # address="local": always a fresh local instance, never a stale one found in /tmp/ray
+                ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=False)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(sweep),
@@ -213,7 +215,12 @@ def run_sweep(args, sweep: Sweep) -> int:
     return 0 if n_err == 0 else 1
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, kill: end MLflow runs as KILLED, like Ctrl-C
     args = parse_args(argv)
     try:
         sweep = load_sweep(args.sweep, smoke=args.smoke)

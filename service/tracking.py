@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from smear.configs import flatten
+from trainables.loop import ROUTING_HEATMAP
 
 log = logging.getLogger(__name__)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -100,6 +101,7 @@ class MLflowTracker(Callback):
             params = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flatten(cfg).items())]
             for i in range(0, len(params), 100):
                 self._safe("log params", self.client.log_batch, run_id, params=params[i:i + 100])
+            self._safe("log config", self.client.log_dict, run_id, cfg, "config.json")
         self.runs[tid] = run_id
         return run_id
 
@@ -114,6 +116,9 @@ class MLflowTracker(Callback):
         run_id = self._run_for(trial)
         if run_id is None:
             return
+        heat = result.get(ROUTING_HEATMAP)
+        if isinstance(heat, dict) and heat.get("blocks"):
+            self._safe("log heatmap", self._log_heatmap, run_id, heat, trial_run_name(trial.config, trial.trial_id))
         step = int(result.get("step", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()
@@ -121,9 +126,22 @@ class MLflowTracker(Callback):
         for i in range(0, len(metrics), 1000):
             self._safe("log_batch", self.client.log_batch, run_id, metrics=metrics[i:i + 1000])
 
+    def _log_heatmap(self, run_id: str, heat: dict, title: str) -> None:
+        import matplotlib.pyplot as plt
+
+        from service.plots import routing_heatmaps
+
+        self.client.log_dict(run_id, heat, "routing/heatmaps.json")
+        fig = routing_heatmaps(heat, title)
+        self.client.log_figure(run_id, fig, "routing/heatmaps.png")
+        plt.close(fig)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
         if run_id:
+            ckpt = getattr(trial, "checkpoint", None)
+            if ckpt is not None:  # the latest checkpoint holds best.pt, the best-validation weights
+                self._safe("tag checkpoint", self.client.set_tag, run_id, "best_checkpoint", f"{ckpt.path}/best.pt")
             self._safe("end run", self.client.set_terminated, run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -27,6 +27,7 @@ from trainables.config import TrainConfig, make_config
 from trainables.setting import Setting
 
 STATE_FILE, BEST_FILE = "state.pt", "best.pt"
+ROUTING_HEATMAP = "routing_heatmap"  # key of the final report holding the specialisation heatmaps
 
 
 class NonFiniteLoss(RuntimeError):
@@ -295,8 +296,10 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     # test accuracy of the best validation weights
     if best_state is not None:
         core.load_state_dict(best_state, strict=False)
-    final, _ = evaluate(setting, core, _loader(test_ds, cfg, session, train=False, collate=setting.collate), device, "test")
-    final.update({"step": step, f"val/best_{setting.primary_metric}": best_val, "done": 1.0})
+    final, heat = evaluate(setting, core, _loader(test_ds, cfg, session, train=False, collate=setting.collate), device, "test")
+    final.update({"step": step, f"val/best_{setting.primary_metric}": best_val, "done": 1.0,
+                  # specialisation (methods.md section 5): per block, group x expert mean routing weight on test
+                  ROUTING_HEATMAP: {"groups": setting.group_names, "blocks": heat}})
     session.report(final, None)
     return final
 
