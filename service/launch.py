@@ -44,7 +44,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", default=None, help="where Tune keeps results and checkpoints (default: ./results)")
     p.add_argument("--name", default=None, help="run name of the sweep (default: <sweep>-<time>)")
     p.add_argument("--data-root", default=None, help="dataset root for every trial (overrides the declaration)")
-    return p.parse_args(argv)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep --name in --storage (its driver died): finished trials are kept, "
+                        "unfinished ones continue from their checkpoints, each in its own MLflow run")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="override the declaration's resources.cpu")
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="override resources.gpu (e.g. 0.25: 4 trials per GPU)")
+    p.add_argument("--max-concurrent-trials", type=int, default=None, help="override max_concurrent_trials")
+    p.add_argument("--num-samples", type=int, default=None, help="override num_samples (random / optuna search)")
+    args = p.parse_args(argv)
+    for flag, low in (("cpus_per_trial", 0), ("gpus_per_trial", 0), ("max_concurrent_trials", 0), ("num_samples", 1)):
+        v = getattr(args, flag)
+        if v is not None and v < low:
+            p.error(f"--{flag.replace('_', '-')}={v} must be >= {low}")
+    if args.resume and not args.name:
+        p.error("--resume needs --name, the run name of the sweep to continue")
+    return args
+
+
+def apply_overrides(sweep: Sweep, args: argparse.Namespace) -> None:
+    if args.cpus_per_trial is not None:
+        sweep.resources["cpu"] = args.cpus_per_trial
+    if args.gpus_per_trial is not None:
+        sweep.resources["gpu"] = args.gpus_per_trial
+    if args.max_concurrent_trials is not None:
+        sweep.max_concurrent_trials = args.max_concurrent_trials
 
 
 def resolve_data(sweep: Sweep, data_root: str | None, *, create: bool) -> None:
@@ -85,7 +108,12 @@ def check_resources(sweep: Sweep) -> None:
 
 
 def print_trials(sweep: Sweep) -> None:
-    print(f"sweep {sweep.name!r}: {len(sweep.trials)} trials  ({sweep.description})")
+    if sweep.search == "optuna":
+        print(f"sweep {sweep.name!r}: optuna (TPE), {sweep.num_samples} trials over {sweep.space}  ({sweep.description})")
+        print(f"  objective: {sweep.metric} (max); scheduler: {sweep.scheduler}")
+        return
+    print(f"sweep {sweep.name!r}: {len(sweep.trials)} trials ({sweep.search} search, {sweep.scheduler} scheduler)"
+          f"  ({sweep.description})")
     for t in sweep.trials:
         over = " ".join(f"{k}={v}" for k, v in t.overrides.items())
         print(f"  [{t.index:3d}] {over}  steps={t.config['steps']} eval_every={t.config['eval_every']}")
@@ -138,6 +166,36 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
 
 
+def _search_and_scheduler(sweep: Sweep):
+    """Tune's search algorithm and trial scheduler for the declaration."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    search_alg = None
+    if sweep.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=0)
+        if sweep.max_concurrent_trials:
+            search_alg = ConcurrencyLimiter(search_alg, max_concurrent=sweep.max_concurrent_trials)
+    if sweep.scheduler == "asha":
+        first = sweep.trials[0].config
+        max_t = sweep.asha.get("max_t", max(1, first["steps"] // first["eval_every"]) + 1)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                                  grace_period=sweep.asha.get("grace_period", 1),
+                                  reduction_factor=sweep.asha.get("reduction_factor", 2))
+    else:
+        scheduler = FIFOScheduler()
+    return search_alg, scheduler
+
+
+def _find_parent(client, exp_id: str, name: str):
+    runs = client.search_runs([exp_id], filter_string=f"tags.sweep = '{name}' and tags.declaration != ''",
+                              max_results=5)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return parents[0] if parents else None
+
+
 def run_sweep(args, sweep: Sweep) -> int:
     import ray
     from ray import tune
@@ -145,11 +203,17 @@ def run_sweep(args, sweep: Sweep) -> int:
 
     from service.tracking import MLflowTracker, get_or_create_experiment, git_commit
     from trainables.config import PRIMARY_METRIC, make_config
-    from trainables.ray_trainable import trial, trial_resources
+    from trainables.ray_trainable import trial, trial_config, trial_resources
 
     uri = _tracking_uri(args)
     storage = str(Path(args.storage or "results").resolve())
     name = args.name or f"{sweep.name}{'-smoke' if args.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp_path = str(Path(storage) / name)
+    if args.resume and not tune.Tuner.can_restore(exp_path):
+        found = sorted(p.name for p in Path(storage).glob("*") if (p / "tuner.pkl").exists()) if Path(storage).is_dir() else []
+        print(f"launch.py: error: no sweep {name!r} to resume under {storage}; found: {', '.join(found) or 'none'}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     commit = git_commit(REPO)
 
     first = make_config(sweep.trials[0].config)
@@ -161,31 +225,51 @@ def run_sweep(args, sweep: Sweep) -> int:
     client = MlflowClient(uri)  # the driver creates the store first: trials never race on its schema
     artifact_root = str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts") if uri.startswith("sqlite:") else None
     exp_id = get_or_create_experiment(client, f"smear-sweep/{sweep.name}", artifact_root)
-    parent = client.create_run(exp_id, run_name=name, tags={
-        "sweep": name, "declaration": sweep.name, "git_commit": commit, "smoke": str(args.smoke),
-        "mlflow.note.content": sweep.description})
-    pid = parent.info.run_id
+    if args.resume:
+        parent = _find_parent(client, exp_id, name)
+        if parent is None:
+            print(f"launch.py: error: sweep {name!r} has no parent run in experiment 'smear-sweep/{sweep.name}' "
+                  f"of {uri}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        pid = parent.info.run_id
+        client.update_run(pid, status="RUNNING")
+    else:
+        parent = client.create_run(exp_id, run_name=name, tags={
+            "sweep": name, "declaration": sweep.name, "git_commit": commit, "smoke": str(args.smoke),
+            "search": sweep.search, "scheduler": sweep.scheduler, "mlflow.note.content": sweep.description})
+        pid = parent.info.run_id
     tracker = MLflowTracker(uri, exp_id, pid, name, {"git_commit": commit})
-    status = "FAILED"
+    print(f"sweep {name}: {len(sweep.trials) if sweep.search != 'optuna' else sweep.num_samples} trials; if interrupted, "
+          f"continue with: python service/launch.py --sweep {args.sweep} --name {name} --storage {storage} "
+          f"--tracking-uri {uri} --resume", flush=True)
+    status, t0 = "FAILED", time.time()
     try:
-        client.log_text(pid, sweep.text, "declaration.yaml")
-        client.log_dict(pid, [{"index": t.index, **t.overrides} for t in sweep.trials], "trials.json")
+        if not args.resume:
+            client.log_text(pid, sweep.text, "declaration.yaml")
+            client.log_dict(pid, [{"index": t.index, **t.overrides} for t in sweep.trials], "trials.json")
         if not ray.is_initialized():
             if os.environ.get("RAY_ADDRESS"):
                 ray.init()
             else:
                 # address="local": always a fresh local instance, never a stale one found in /tmp/ray
                 ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=False)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(sweep),
-            tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials or None),
-            run_config=tune.RunConfig(
-                name=name, storage_path=storage, callbacks=[tracker], verbose=1,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
-        )
-        t0 = time.time()
+        if args.resume:
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                       param_space=param_space(sweep))
+        else:
+            search_alg, scheduler = _search_and_scheduler(sweep)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(sweep),
+                tune_config=tune.TuneConfig(
+                    metric=sweep.metric, mode="max", search_alg=search_alg, scheduler=scheduler,
+                    num_samples=sweep.num_samples if sweep.search == "optuna" else 1,
+                    max_concurrent_trials=None if search_alg is not None else (sweep.max_concurrent_trials or None)),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=storage, callbacks=[tracker], verbose=1,
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
+            )
         grid = tuner.fit()
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -199,7 +283,7 @@ def run_sweep(args, sweep: Sweep) -> int:
     rows = []
     metric = PRIMARY_METRIC[first.setting]
     for r in grid:
-        cfg = r.config
+        cfg = trial_config(r.config)
         m = r.metrics or {}
         rows.append({"method": cfg["routing"]["method"], "seed": cfg["seed"], "val": m.get(f"val/best_{metric}"),
                      "test": m.get(f"test/{metric}"), "status": "ERROR" if r.error else "OK"})
@@ -223,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, kill: end MLflow runs as KILLED, like Ctrl-C
     args = parse_args(argv)
     try:
-        sweep = load_sweep(args.sweep, smoke=args.smoke)
+        sweep = load_sweep(args.sweep, smoke=args.smoke, num_samples=args.num_samples)
+        apply_overrides(sweep, args)
         resolve_data(sweep, args.data_root, create=not args.dry_run)
         check_resources(sweep)
     except (ConfigError, DataError) as e:

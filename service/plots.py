@@ -30,3 +30,51 @@ def routing_heatmaps(heatmap: dict, title: str = ""):
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def score_per_method(scores: dict[str, list[float]], ylabel: str, title: str = ""):
+    """One column per method (in the given order): a bar at the mean, one point per seed, a std whisker."""
+    import statistics
+
+    methods = list(scores)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(methods) + 1.5), 3.6))
+    for i, m in enumerate(methods):
+        vs = scores[m]
+        mean = statistics.fmean(vs)
+        sd = statistics.stdev(vs) if len(vs) > 1 else 0.0
+        ax.bar(i, mean, width=0.6, color="C0", alpha=0.35, edgecolor="C0")
+        ax.errorbar(i, mean, yerr=sd, color="C0", capsize=4, lw=1)
+        offsets = [0.0] if len(vs) == 1 else [-0.18 + 0.36 * k / (len(vs) - 1) for k in range(len(vs))]
+        ax.scatter([i + o for o in offsets], vs, color="C3", s=18, zorder=3, label="one seed" if i == 0 else None)
+    ax.set_xticks(range(len(methods)), [f"{m}\n(n={len(scores[m])})" for m in methods], fontsize=8,
+                  rotation=30 if len(methods) > 6 else 0)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    if methods:
+        ax.legend(fontsize=7, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def score_vs_cost(points: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str = ""):
+    """Per method: its trials as faint points (cost, score), the mean with std error bars, labelled."""
+    import statistics
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    for i, (m, pts) in enumerate(points.items()):
+        color = f"C{i % 10}"
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.scatter(xs, ys, color=color, alpha=0.35, s=14)
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        ax.errorbar(mx, my, xerr=statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                    yerr=statistics.stdev(ys) if len(ys) > 1 else 0.0, fmt="o", color=color, capsize=3, ms=6)
+        ax.annotate(m, (mx, my), textcoords="offset points", xytext=(5, 4), fontsize=8, color=color)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -22,6 +22,7 @@ from ray.tune import Callback
 
 from smear.configs import flatten
 from trainables.loop import ROUTING_HEATMAP
+from trainables.ray_trainable import trial_config
 
 log = logging.getLogger(__name__)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -57,6 +58,9 @@ class MLflowTracker(Callback):
         self.runs: dict[str, str] = {}   # trial_id -> run_id
         self._client: MlflowClient | None = None
 
+    def __getstate__(self) -> dict:  # Tune pickles callbacks: never the client
+        return {**self.__dict__, "_client": None}
+
     # Tune saves/restores callbacks with the experiment state: keep only plain data.
     def get_state(self) -> dict | None:
         return {"runs": dict(self.runs)}
@@ -90,7 +94,7 @@ class MLflowTracker(Callback):
             return self.runs[tid]
         run_id = self._safe("search", self._find_run, tid)
         if run_id is None:
-            cfg = trial.config
+            cfg = trial_config(trial.config)
             tags = {**self.tags, "mlflow.parentRunId": self.parent_run_id, "sweep": self.sweep, "trial_id": tid,
                     "method": cfg["routing"]["method"], "seed": str(cfg["seed"]), "setting": cfg["setting"]}
             run = self._safe("create_run", self.client.create_run, self.experiment_id,
@@ -118,7 +122,7 @@ class MLflowTracker(Callback):
             return
         heat = result.get(ROUTING_HEATMAP)
         if isinstance(heat, dict) and heat.get("blocks"):
-            self._safe("log heatmap", self._log_heatmap, run_id, heat, trial_run_name(trial.config, trial.trial_id))
+            self._safe("log heatmap", self._log_heatmap, run_id, heat, trial_run_name(trial_config(trial.config), trial.trial_id))
         step = int(result.get("step", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()

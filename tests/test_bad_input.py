@@ -33,24 +33,67 @@ CASES = [
     ("grid: [1, 2]\n", [], "'grid' must be a mapping"),
     ("base: {steps: 1\n", [], "not valid YAML"),
     (GOOD, ["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (GOOD + "search: bayes\n", [], "search='bayes' is not valid; valid: grid, random, optuna"),
+    (GOOD + "scheduler: hyperband\n", [], "scheduler='hyperband' is not valid; valid: fifo, asha"),
+    (GOOD + "search: random\n", [], "search: random needs a 'space' of distributions"),
+    (GOOD + "space: {lr: {loguniform: [0.1, 0.01]}}\nsearch: random\n", [], "space.lr.loguniform must be [low, high] with low < high"),
+    (GOOD + "space: {lr: {normal: [0, 1]}}\nsearch: random\n", [], "space.lr={'normal': [0, 1]} must be one of"),
+    (GOOD + "space: {lr: {uniform: [0.1, 1]}}\n", [], "'space' needs search: random or optuna"),
+    (GOOD + "space: {lr: {uniform: [0.1, 1]}}\nsearch: optuna\n", [], "search: optuna cannot be combined with a grid"),
+    (GOOD + "space: {routing.gumbel_tau0: {choice: [1.0, -2.0]}}\nsearch: random\n", [], "routing.gumbel_tau0=-2.0 is out of range"),
+    (GOOD + "asha: {grace: 2}\n", [], "unknown asha key 'grace'; valid: grace_period"),
+    (GOOD + "num_samples: 0\n", [], "num_samples=0 must be an integer >= 1"),
+    (GOOD + "max_failures: -1\n", [], "max_failures=-1 must be an integer >= 0"),
+    (GOOD, ["--cpus-per-trial", "-1"], "--cpus-per-trial=-1.0 must be >= 0"),
+    (GOOD, ["--num-samples", "0"], "--num-samples=0 must be >= 1"),
+    (GOOD, ["--resume"], "--resume needs --name"),
+    (GOOD.replace("data.resolution: 16", "setting: t5_glue, routing.adaptive_granularity: token, routing.method: adaptive_gating"),
+     [], "routing.adaptive_granularity='token' is not valid in T5 decoder blocks"),
+    (GOOD.replace("data.resolution: 16", "setting: t5_glue, t5.tasks: [rte, wnli]"), [], "t5.tasks has unknown task 'wnli'"),
+    (GOOD.replace("data.resolution: 16", "setting: vit_imagenet"), [], "setting='vit_imagenet' is not valid; valid: resnet_domainnet, t5_glue"),
 ]
 
 
-@pytest.mark.parametrize("decl,args,expected", CASES, ids=[c[2][:40] for c in CASES])
-def test_bad_input_exits_2_with_one_line(tmp_path, env_with_venv, decl, args, expected):
-    cmd = [sys.executable, str(REPO / "service" / "launch.py"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
-           "--storage", str(tmp_path / "results")]
+def _args(tmp_path, decl, args):
+    argv = ["--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--storage", str(tmp_path / "results")]
     if decl is not None:
         (tmp_path / "space.yaml").write_text(textwrap.dedent(decl))
-        cmd += ["--sweep", str(tmp_path / "space.yaml")]
-    proc = subprocess.run(cmd + args, cwd=tmp_path, env=env_with_venv, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert expected in lines[0], lines[0]
-    # nothing written: no MLflow store, no results
+        argv += ["--sweep", str(tmp_path / "space.yaml")]
+    return argv + args
+
+
+def _nothing_written(tmp_path):
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "results").exists()
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("decl,args,expected", CASES, ids=[c[2][:40] for c in CASES])
+def test_bad_input_exits_2_with_one_line(tmp_path, offline_data, monkeypatch, capsys, decl, args, expected):
+    """In-process (fast): the same main() as the command line."""
+    from service.launch import main
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        rc = main(_args(tmp_path, decl, args))
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert expected in lines[0], lines[0]
+    _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("decl,args,expected", [CASES[0], CASES[1], CASES[2]], ids=["sweep", "method", "data-root"])
+def test_bad_input_as_a_process(tmp_path, env_with_venv, decl, args, expected):
+    """The three of issue 2 as real processes: exit code 2, one line on stderr, no traceback."""
+    cmd = [sys.executable, str(REPO / "service" / "launch.py"), *_args(tmp_path, decl, args)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env_with_venv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr and expected in lines[0], proc.stderr
+    _nothing_written(tmp_path)
 
 
 def test_dry_run_prints_trials_and_writes_nothing(tmp_path, env_with_venv):

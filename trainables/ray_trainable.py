@@ -16,7 +16,17 @@ import ray.tune
 
 
 from trainables.config import TrainConfig, make_config
-from trainables.loop import train_loop
+from trainables.loop import NonFiniteLoss, train_loop
+
+NONFINITE_MARKER = "NONFINITE_LOSS"  # left in the trial folder: Tune's retries of that trial fail at once
+
+
+TRIAL_KEY = "trial"  # grid and random sweeps hand each trial its whole config under this key
+
+
+def trial_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig dict of a Tune trial's config (unwraps the grid / random form)."""
+    return config[TRIAL_KEY] if TRIAL_KEY in config and len(config) == 1 else config
 
 
 class TuneSession:
@@ -65,7 +75,23 @@ def train_worker(config: dict[str, Any]) -> None:
 def trial(config: dict[str, Any], train_storage: str | None = None, cpus_per_worker: float = 1,
           gpus_per_worker: float = 0) -> None:
     """The Tune function trainable of every sweep trial (bind the keywords with tune.with_parameters)."""
+    config = trial_config(config)
     cfg = make_config(config)
+    marker = os.path.join(ray.tune.get_context().get_trial_dir(), NONFINITE_MARKER)
+    if os.path.exists(marker):  # a retry after a non-finite loss fails again at once, with the same reason
+        with open(marker) as f:
+            raise NonFiniteLoss(f.read())
+    try:
+        _run(cfg, config, train_storage, cpus_per_worker, gpus_per_worker)
+    except Exception as e:
+        if isinstance(e, NonFiniteLoss) or "NonFiniteLoss" in str(e):
+            with open(marker, "w") as f:
+                f.write(str(e).strip().splitlines()[-1])
+        raise
+
+
+def _run(cfg: TrainConfig, config: dict[str, Any], train_storage: str | None, cpus_per_worker: float,
+         gpus_per_worker: float) -> None:
     if cfg.num_workers <= 1:
         train_loop(cfg, TuneSession())
         return

@@ -1,0 +1,142 @@
+"""Fault injection with real processes: a killed trial worker, a killed driver + --resume, a NaN loss."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+from tests.test_sweep import child_runs
+
+pytestmark = pytest.mark.slow
+
+LONG = """
+description: long enough trials to be killed mid-way
+base: {steps: 60, eval_every: 5, batch_size: 16, torch_threads: 1, data.resolution: 16, data.augment: none,
+       data.domains: [real, sketch]}
+grid: {routing.method: [smear], seed: [0, 1]}
+resources: {cpu: 1}
+max_concurrent_trials: 2
+max_failures: 2
+"""
+
+
+def _launch(tmp_path, env, decl: str, *extra: str) -> subprocess.Popen:
+    (tmp_path / "space.yaml").write_text(textwrap.dedent(decl))
+    cmd = [sys.executable, str(REPO / "service" / "launch.py"), "--sweep", str(tmp_path / "space.yaml"),
+           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "results"),
+           "--name", "ft", *extra]
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=open(tmp_path / f"out{len(extra)}.txt", "a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended (rc={proc.returncode}) before {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _checkpoints(tmp_path) -> list[Path]:
+    return list((tmp_path / "results" / "ft").glob("trial_*/checkpoint_*"))
+
+
+def _assert_one_finished_run_per_trial(tmp_path, n: int):
+    parent, children = child_runs(f"{tmp_path}/mlflow.db", experiment="smear-sweep/space")
+    assert parent.info.status == "FINISHED"
+    assert len(children) == n and len({r.data.tags["trial_id"] for r in children}) == n
+    assert all(r.info.status == "FINISHED" for r in children), [r.info.status for r in children]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for r in children:
+        assert "test/accuracy" in r.data.metrics
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/accuracy")]
+        assert steps[-1] == 60 and set(steps) == set(range(5, 61, 5)), steps
+    return children
+
+
+def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, env_with_venv):
+    proc = _launch(tmp_path, env_with_venv, LONG)
+    try:
+        _wait_for(lambda: len(_checkpoints(tmp_path)) >= 2, 240, "the first checkpoints", proc)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "ImplicitFunc" in " ".join(p.cmdline() or [p.name()])]
+        assert workers, "no trial worker process found"
+        workers[0].send_signal(signal.SIGKILL)                       # a worker dies mid-trial
+        assert proc.wait(timeout=400) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _assert_one_finished_run_per_trial(tmp_path, 2)
+    # the killed trial restarted from a checkpoint, not from step 0: Tune recorded the failure and restore
+    states = json.loads(next((tmp_path / "results" / "ft").glob("experiment_state-*.json")).read_text())
+    assert "num_failures" in json.dumps(states)
+    restored = [p for p in (tmp_path / "results" / "ft").glob("trial_*/error.txt")]
+    assert restored, "no trial recorded the failure"
+
+
+def test_killed_driver_then_resume_completes_with_one_run_per_trial(tmp_path, env_with_venv):
+    proc = _launch(tmp_path, env_with_venv, LONG)
+    try:
+        _wait_for(lambda: len(_checkpoints(tmp_path)) >= 2, 240, "the first checkpoints", proc)
+        time.sleep(11)                                               # Tune snapshots experiment state every ~10 s
+        for p in psutil.Process(proc.pid).children(recursive=True):  # the driver and its local Ray die hard
+            p.kill()
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _, children = child_runs(f"{tmp_path}/mlflow.db", experiment="smear-sweep/space")
+    assert any(r.info.status == "RUNNING" for r in children)           # what a dead driver leaves behind
+    resumed = _launch(tmp_path, env_with_venv, LONG, "--resume")
+    assert resumed.wait(timeout=400) == 0, (tmp_path / "out1.txt").read_text()[-3000:]
+    _assert_one_finished_run_per_trial(tmp_path, 2)
+
+
+def test_resume_of_an_unknown_sweep_exits_2(tmp_path, env_with_venv):
+    (tmp_path / "space.yaml").write_text(textwrap.dedent(LONG))
+    proc = subprocess.run([sys.executable, str(REPO / "service" / "launch.py"), "--sweep", str(tmp_path / "space.yaml"),
+                           "--storage", str(tmp_path / "results"), "--name", "nope", "--resume",
+                           "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+                          cwd=tmp_path, env=env_with_venv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no sweep 'nope' to resume" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+NAN = """
+description: one trial diverges
+base: {steps: 6, eval_every: 3, batch_size: 16, torch_threads: 1, data.resolution: 16, data.augment: none,
+       data.domains: [real, sketch], routing.method: adapter}
+grid: {lr: [0.001, 1.0e+30], seed: [0]}
+resources: {cpu: 1}
+max_concurrent_trials: 2
+max_failures: 2
+"""
+
+
+def test_nan_loss_fails_only_that_trial_with_the_reason(tmp_path, env_with_venv):
+    proc = _launch(tmp_path, env_with_venv, NAN)
+    rc = proc.wait(timeout=400)
+    assert rc == 1                                                  # the sweep reports a failed trial
+    parent, children = child_runs(f"{tmp_path}/mlflow.db", experiment="smear-sweep/space")
+    by_lr = {float(r.data.params["lr"]): r for r in children}
+    assert len(children) == 2
+    assert by_lr[0.001].info.status == "FINISHED"
+    bad = by_lr[1e30]
+    assert bad.info.status == "FAILED" and "non-finite training loss" in bad.data.tags["error"]
+    assert parent.info.status == "FAILED"
+    # retries of the diverged trial fail at once: no second round of training
+    assert not any(r.info.status == "RUNNING" for r in children)
