@@ -163,7 +163,7 @@ def _failure(proc: subprocess.CompletedProcess, logs: list[Path]) -> str:
 def _state(env: dict, dashboard: str, kind: str) -> list[dict]:
     proc = _ray(env, "list", kind, "--address", dashboard, "--detail", "--format", "json", "--limit", "10000")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return json.loads(proc.stdout)
+    return json.loads(proc.stdout) if proc.stdout.lstrip().startswith("[") else []  # "No resource in the cluster"
 
 
 def _alive_nodes(env: dict, dashboard: str) -> list[dict]:
