@@ -201,7 +201,7 @@ def run_sweep(args, sweep: Sweep) -> int:
     from ray import tune
     from mlflow.tracking import MlflowClient
 
-    from service.tracking import MLflowTracker, get_or_create_experiment, git_commit
+    from service.tracking import MLflowTracker, get_or_create_experiment, git_commit, trial_run_name
     from trainables.config import PRIMARY_METRIC, make_config
     from trainables.ray_trainable import trial, trial_config, trial_resources
 
@@ -220,7 +220,8 @@ def run_sweep(args, sweep: Sweep) -> int:
     cpus, gpus = sweep.resources.get("cpu", 1), sweep.resources.get("gpu", 0)
     res = trial_resources(first, cpus, gpus)
     trainable = tune.with_resources(tune.with_parameters(
-        trial, train_storage=str(Path(storage) / name / "_train"), cpus_per_worker=cpus, gpus_per_worker=gpus), res)
+        trial, train_storage=str(Path(storage) / name / "_train"), cpus_per_worker=cpus, gpus_per_worker=gpus,
+        configs=sweep.configs), res)
 
     client = MlflowClient(uri)  # the driver creates the store first: trials never race on its schema
     artifact_root = str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts") if uri.startswith("sqlite:") else None
@@ -238,7 +239,7 @@ def run_sweep(args, sweep: Sweep) -> int:
             "sweep": name, "declaration": sweep.name, "git_commit": commit, "smoke": str(args.smoke),
             "search": sweep.search, "scheduler": sweep.scheduler, "mlflow.note.content": sweep.description})
         pid = parent.info.run_id
-    tracker = MLflowTracker(uri, exp_id, pid, name, {"git_commit": commit})
+    tracker = MLflowTracker(uri, exp_id, pid, name, {"git_commit": commit}, configs=sweep.configs)
     print(f"sweep {name}: {len(sweep.trials) if sweep.search != 'optuna' else sweep.num_samples} trials; if interrupted, "
           f"continue with: python service/launch.py --sweep {args.sweep} --name {name} --storage {storage} "
           f"--tracking-uri {uri} --resume", flush=True)
@@ -264,6 +265,8 @@ def run_sweep(args, sweep: Sweep) -> int:
                 tune_config=tune.TuneConfig(
                     metric=sweep.metric, mode="max", search_alg=search_alg, scheduler=scheduler,
                     num_samples=sweep.num_samples if sweep.search == "optuna" else 1,
+                    trial_name_creator=lambda t: trial_run_name(trial_config(t.config, sweep.configs), t.trial_id),
+                    trial_dirname_creator=lambda t: trial_run_name(trial_config(t.config, sweep.configs), t.trial_id),
                     max_concurrent_trials=None if search_alg is not None else (sweep.max_concurrent_trials or None)),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage, callbacks=[tracker], verbose=1,
@@ -283,7 +286,7 @@ def run_sweep(args, sweep: Sweep) -> int:
     rows = []
     metric = PRIMARY_METRIC[first.setting]
     for r in grid:
-        cfg = trial_config(r.config)
+        cfg = trial_config(r.config, sweep.configs)
         m = r.metrics or {}
         rows.append({"method": cfg["routing"]["method"], "seed": cfg["seed"], "val": m.get(f"val/best_{metric}"),
                      "test": m.get(f"test/{metric}"), "status": "ERROR" if r.error else "OK"})

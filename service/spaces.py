@@ -77,8 +77,13 @@ class Sweep:
         return self.trials[0].config["setting"]
 
     @property
+    def configs(self) -> list[dict[str, Any]] | None:
+        """What a trial index refers to (None for Optuna, whose trials carry their config)."""
+        return None if self.search == "optuna" else [t.config for t in self.trials]
+
+    @property
     def metric(self) -> str:
-        return f"val/{PRIMARY_METRIC[self.setting]}"
+        return f"val/best_{PRIMARY_METRIC[self.setting]}"  # in every report, eval and final
 
 
 def available_sweeps() -> list[str]:
@@ -240,13 +245,13 @@ def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | Non
 def param_space(sweep: Sweep) -> dict[str, Any]:
     """The Tune param space.
 
-    grid / random: ``{"trial": grid_search([config, ...])}``, exactly ``sweep.trials`` in order.
+    grid / random: ``{"trial_index": grid_search([0, 1, ...])}`` into ``sweep.trials``, in order.
     optuna: the base config with Tune distributions at the ``space`` keys.
     """
     from ray import tune
 
     if sweep.search != "optuna":
-        return {TRIAL_KEY: tune.grid_search([t.config for t in sweep.trials])}
+        return {TRIAL_KEY: tune.grid_search([t.index for t in sweep.trials])}
     space = copy.deepcopy(sweep.base_config)
     make = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
     for key, spec in sweep.space.items():

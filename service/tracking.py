@@ -52,8 +52,10 @@ def trial_run_name(config: dict[str, Any], trial_id: str) -> str:
 class MLflowTracker(Callback):
     """Tune callback: one MLflow child run per trial under ``parent_run_id``."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, tags: dict[str, str]):
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, tags: dict[str, str],
+                 configs: list[dict] | None = None):
         self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
+        self.configs = configs  # grid / random sweeps: Tune's config is an index into these
         self.sweep, self.tags = sweep, dict(tags)
         self.runs: dict[str, str] = {}   # trial_id -> run_id
         self._client: MlflowClient | None = None
@@ -94,7 +96,7 @@ class MLflowTracker(Callback):
             return self.runs[tid]
         run_id = self._safe("search", self._find_run, tid)
         if run_id is None:
-            cfg = trial_config(trial.config)
+            cfg = trial_config(trial.config, self.configs)
             tags = {**self.tags, "mlflow.parentRunId": self.parent_run_id, "sweep": self.sweep, "trial_id": tid,
                     "method": cfg["routing"]["method"], "seed": str(cfg["seed"]), "setting": cfg["setting"]}
             run = self._safe("create_run", self.client.create_run, self.experiment_id,
@@ -122,7 +124,7 @@ class MLflowTracker(Callback):
             return
         heat = result.get(ROUTING_HEATMAP)
         if isinstance(heat, dict) and heat.get("blocks"):
-            self._safe("log heatmap", self._log_heatmap, run_id, heat, trial_run_name(trial_config(trial.config), trial.trial_id))
+            self._safe("log heatmap", self._log_heatmap, run_id, heat, trial_run_name(trial_config(trial.config, self.configs), trial.trial_id))
         step = int(result.get("step", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()

@@ -21,12 +21,16 @@ from trainables.loop import NonFiniteLoss, train_loop
 NONFINITE_MARKER = "NONFINITE_LOSS"  # left in the trial folder: Tune's retries of that trial fail at once
 
 
-TRIAL_KEY = "trial"  # grid and random sweeps hand each trial its whole config under this key
+TRIAL_KEY = "trial_index"  # grid / random sweeps: Tune grids over indices into the resolved trial configs
 
 
-def trial_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The TrainConfig dict of a Tune trial's config (unwraps the grid / random form)."""
-    return config[TRIAL_KEY] if TRIAL_KEY in config and len(config) == 1 else config
+def trial_config(config: dict[str, Any], configs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The TrainConfig dict of a Tune trial: ``configs[index]`` for grid / random sweeps (whose Tune config
+    is just the index, so Tune's tables and folder names stay short), the config itself for Optuna."""
+    if TRIAL_KEY in config:
+        assert configs is not None, "a trial index needs the sweep's resolved configs"
+        return configs[config[TRIAL_KEY]]
+    return config
 
 
 class TuneSession:
@@ -73,9 +77,9 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def trial(config: dict[str, Any], train_storage: str | None = None, cpus_per_worker: float = 1,
-          gpus_per_worker: float = 0) -> None:
+          gpus_per_worker: float = 0, configs: list[dict[str, Any]] | None = None) -> None:
     """The Tune function trainable of every sweep trial (bind the keywords with tune.with_parameters)."""
-    config = trial_config(config)
+    config = trial_config(config, configs)
     cfg = make_config(config)
     marker = os.path.join(ray.tune.get_context().get_trial_dir(), NONFINITE_MARKER)
     if os.path.exists(marker):  # a retry after a non-finite loss fails again at once, with the same reason
