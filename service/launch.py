@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus-per-trial", type=float, default=None, help="override resources.gpu (e.g. 0.25: 4 trials per GPU)")
     p.add_argument("--max-concurrent-trials", type=int, default=None, help="override max_concurrent_trials")
     p.add_argument("--num-samples", type=int, default=None, help="override num_samples (random / optuna search)")
+    p.add_argument("--no-system-metrics", action="store_true", help="do not log CPU / memory / GPU metrics of trials")
     args = p.parse_args(argv)
     for flag, low in (("cpus_per_trial", 0), ("gpus_per_trial", 0), ("max_concurrent_trials", 0), ("num_samples", 1)):
         v = getattr(args, flag)
@@ -216,16 +217,16 @@ def run_sweep(args, sweep: Sweep) -> int:
         return EXIT_BAD_INPUT
     commit = git_commit(REPO)
 
+    client = MlflowClient(uri)  # the driver creates the store first: trials never race on its schema
+    artifact_root = str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts") if uri.startswith("sqlite:") else None
+    exp_id = get_or_create_experiment(client, f"smear-sweep/{sweep.name}", artifact_root)
     first = make_config(sweep.trials[0].config)
     cpus, gpus = sweep.resources.get("cpu", 1), sweep.resources.get("gpu", 0)
     res = trial_resources(first, cpus, gpus)
     trainable = tune.with_resources(tune.with_parameters(
         trial, train_storage=str(Path(storage) / name / "_train"), cpus_per_worker=cpus, gpus_per_worker=gpus,
-        configs=sweep.configs), res)
+        configs=sweep.configs, tracking=None if args.no_system_metrics else (uri, exp_id)), res)
 
-    client = MlflowClient(uri)  # the driver creates the store first: trials never race on its schema
-    artifact_root = str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts") if uri.startswith("sqlite:") else None
-    exp_id = get_or_create_experiment(client, f"smear-sweep/{sweep.name}", artifact_root)
     if args.resume:
         parent = _find_parent(client, exp_id, name)
         if parent is None:

@@ -73,7 +73,7 @@ def assert_trial_runs(tmp_path, methods: list[str], domains=("real", "sketch")):
 def test_sweep_single_worker_trials(tmp_path, env_with_venv):
     proc = run_launch(tmp_path, env_with_venv, TINY)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert_trial_runs(tmp_path, ["smear", "tag", "adapter"])
+    _, children = assert_trial_runs(tmp_path, ["smear", "tag", "adapter"])
     out = proc.stdout
     assert "| method | seed | val accuracy (best) | test accuracy | status |" in out
     assert "mean +- std" in out and "mlflow ui --backend-store-uri sqlite:///" in out

@@ -77,10 +77,64 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def trial(config: dict[str, Any], train_storage: str | None = None, cpus_per_worker: float = 1,
-          gpus_per_worker: float = 0, configs: list[dict[str, Any]] | None = None) -> None:
-    """The Tune function trainable of every sweep trial (bind the keywords with tune.with_parameters)."""
+          gpus_per_worker: float = 0, configs: list[dict[str, Any]] | None = None,
+          tracking: tuple[str, str] | None = None) -> None:
+    """The Tune function trainable of every sweep trial (bind the keywords with tune.with_parameters).
+
+    With ``tracking`` = (tracking URI, experiment id), the trial's process logs system metrics (CPU,
+    memory, GPU when present) to the trial's MLflow run, which the driver creates, tagged with the trial id.
+    """
     config = trial_config(config, configs)
     cfg = make_config(config)
+    monitor = SystemMetrics(*tracking, ray.tune.get_context().get_trial_id()) if tracking else None
+    try:
+        _guarded(cfg, config, train_storage, cpus_per_worker, gpus_per_worker)
+    finally:
+        if monitor is not None:
+            monitor.stop()
+
+
+class SystemMetrics:
+    """MLflow's system-metrics monitor on a trial's run, attached from a background thread (no start-up wait)."""
+
+    INTERVAL_S, WAIT_S = 10, 60
+
+    def __init__(self, tracking_uri: str, experiment_id: str, trial_id: str):
+        import threading
+
+        self._monitor, self._stopped = None, threading.Event()
+        self._thread = threading.Thread(target=self._attach, args=(tracking_uri, experiment_id, trial_id), daemon=True)
+        self._thread.start()
+
+    def _attach(self, tracking_uri: str, experiment_id: str, trial_id: str) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        for _ in range(self.WAIT_S):  # the driver creates the run as the trial starts: it may lag a little
+            if self._stopped.is_set():
+                return
+            try:
+                runs = client.search_runs([experiment_id], filter_string=f"tags.trial_id = '{trial_id}'", max_results=1)
+            except Exception:
+                return  # tracking unavailable: training goes on without system metrics
+            if runs:
+                self._monitor = SystemMetricsMonitor(runs[0].info.run_id, sampling_interval=self.INTERVAL_S,
+                                                     tracking_uri=tracking_uri, resume_logging=True)
+                self._monitor.start()
+                return
+            self._stopped.wait(1.0)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
+        if self._monitor is not None:
+            self._monitor.finish()
+
+
+def _guarded(cfg: TrainConfig, config: dict[str, Any], train_storage: str | None, cpus_per_worker: float,
+             gpus_per_worker: float) -> None:
+    """Run the trial; a non-finite loss leaves a marker so that Tune's retries fail at once."""
     marker = os.path.join(ray.tune.get_context().get_trial_dir(), NONFINITE_MARKER)
     if os.path.exists(marker):  # a retry after a non-finite loss fails again at once, with the same reason
         with open(marker) as f:
