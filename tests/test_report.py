@@ -1,0 +1,208 @@
+"""service/report.py: the sweep report (table, plots) read back from MLflow, on hand-made and real records."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from service.report import PRIMARY_METRIC, Trial, method_table, mean_std, write_report
+from tests.conftest import REPO
+
+REPORT = REPO / "service" / "report.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("scores.png", "score_vs_cost.png", "heatmaps_best_smear.png")
+
+
+def assert_png(path: Path, min_bytes: int = 5000) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert len(data) >= min_bytes, f"{path}: only {len(data)} bytes"
+
+
+def run_report(*args: str, env=None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPORT), *args], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=cwd)
+
+
+def _table_rows(md: str) -> list[list[str]]:
+    """Cells of the first markdown table in ``md`` (header, separator, body)."""
+    rows, started = [], False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            started = True
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif started:
+            break
+    return rows
+
+
+# --- the table logic, on hand-made rows --------------------------------------------------------------
+
+def test_method_table_resnet_mean_std_order_and_missing_values():
+    trials = [
+        Trial("smear", "0", test=0.60, groups={"real": 0.70, "sketch": 0.50}, group_order=["real", "sketch"]),
+        Trial("smear", "1", test=0.64, groups={"real": 0.74, "sketch": 0.54}, group_order=["real", "sketch"]),
+        Trial("tag", "0", test=0.70, groups={"real": 0.80, "sketch": 0.60}, group_order=["real", "sketch"]),
+        Trial("tag", "1", status="FAILED"),                       # failed trial: no metrics at all
+        Trial("adapter", "0", test=0.50, groups={"real": 0.55}),  # a group metric missing
+        Trial("hash", "0", status="FAILED"),                      # a method with no value at all
+    ]
+    rows = _table_rows(method_table(trials, "resnet_domainnet"))
+    assert rows[0] == ["method", "seeds", "real", "sketch", "accuracy (overall)"]
+    body = {r[0]: r for r in rows[2:]}
+    # best first by the mean overall test accuracy; a method without any value last
+    assert [r[0] for r in rows[2:]] == ["tag", "smear", "adapter", "hash"]
+    assert body["smear"][1:] == ["2/2", "72.00 +- 2.83", "52.00 +- 2.83", "62.00 +- 2.83"]
+    assert body["tag"][1:] == ["1/2", "**80.00 +- 0.00**", "**60.00 +- 0.00**", "**70.00 +- 0.00**"]
+    assert body["adapter"][1:] == ["1/1", "55.00 +- 0.00", "-", "50.00 +- 0.00"]
+    assert body["hash"][1:] == ["0/1", "-", "-", "-"]
+
+
+def test_method_table_t5_columns_are_tasks_and_average():
+    trials = [Trial(m, s, setting="t5_glue", test=v, groups={"rte": v - 0.1, "cola": v + 0.1},
+                    group_order=["rte", "cola"]) for m, s, v in
+              [("smear", "0", 0.5), ("smear", "1", 0.7), ("adapter", "0", 0.4)]]
+    rows = _table_rows(method_table(trials))
+    assert rows[0] == ["method", "seeds", "rte", "cola", "average (overall)"]
+    assert [r[0] for r in rows[2:]] == ["smear", "adapter"]
+    assert rows[2][-1] == "**60.00 +- 14.14**"
+
+
+def test_mean_std_ignores_missing_and_non_finite():
+    assert mean_std([None, float("nan")]) is None
+    assert mean_std([0.5]) == (0.5, 0.0, 1)
+    m, s, n = mean_std([0.2, None, 0.4, float("inf")])
+    assert (round(m, 6), round(s, 6), n) == (0.3, 0.141421, 2)
+
+
+def test_primary_metric_matches_trainables():
+    from trainables.config import PRIMARY_METRIC as TRAIN_PRIMARY
+
+    assert PRIMARY_METRIC == TRAIN_PRIMARY
+
+
+# --- write_report on a hand-made MLflow record (no Ray) ----------------------------------------------
+
+def _fake_sweep(db: Path, sweep: str = "fake", methods=(("smear", 0, 0.6), ("tag", 0, 0.7), ("adapter", 0, None)),
+                heatmap: bool = True) -> str:
+    """A parent run and one child per (method, seed, test accuracy or None = failed), like launch.py's."""
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("smear-sweep/space")
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        "smear-sweep/space", artifact_location=str(db.parent / "mlartifacts"),
+        tags={"mlflow.experimentKind": "custom_model_development"})
+    parent = client.create_run(exp_id, run_name=sweep, tags={"sweep": sweep, "declaration": "space",
+                                                             "git_commit": "abc", "smoke": "True"})
+    pid = parent.info.run_id
+    for i, (method, seed, acc) in enumerate(methods):
+        run = client.create_run(exp_id, run_name=f"{method}-s{seed}-x_{i:05d}", tags={
+            "mlflow.parentRunId": pid, "sweep": sweep, "trial_id": f"x_{i:05d}", "method": method,
+            "seed": str(seed), "setting": "resnet_domainnet", "git_commit": "abc"})
+        rid = run.info.run_id
+        client.log_param(rid, "data.domains", "['real', 'sketch']")
+        if acc is None:
+            client.set_terminated(rid, "FAILED")
+            continue
+        for k, v in {"test/accuracy": acc, "test/real/accuracy": acc + 0.1, "test/sketch/accuracy": acc - 0.1,
+                     "val/best_accuracy": acc}.items():
+            client.log_metric(rid, k, v, step=4)
+        if method == "smear" and heatmap:
+            client.log_dict(rid, {"groups": ["real", "sketch"],
+                                  "blocks": {f"layer{b}.0": [[0.7, 0.1, 0.2], [0.1, 0.8, 0.1]] for b in (1, 2, 3, 4, 5)}},
+                            "routing/heatmaps.json")
+        client.set_terminated(rid, "FINISHED")
+    client.set_terminated(pid, "FAILED")
+    return pid
+
+
+def test_write_report_on_hand_made_record_with_a_failed_trial(tmp_path):
+    db = tmp_path / "mlflow.db"
+    pid = _fake_sweep(db)
+    summary = write_report(f"sqlite:///{db}", "fake", tmp_path / "results")
+    assert summary == tmp_path / "results" / "fake" / "report" / "summary.md"
+    text = summary.read_text()
+    rows = {r[0]: r for r in _table_rows(text)[2:]}
+    assert rows["tag"][1:] == ["1/1", "**80.00 +- 0.00**", "**60.00 +- 0.00**", "**70.00 +- 0.00**"]
+    assert rows["adapter"][1:] == ["0/1", "-", "-", "-"]
+    assert "1 not finished" in text and "1 without a test metric" in text
+    for png in PLOTS:
+        assert_png(summary.parent / png)
+        assert f"]({png})" in text
+    logged = {a.path for a in MlflowClient(f"sqlite:///{db}").list_artifacts(pid, "report")}
+    assert logged == {f"report/{f}" for f in ("summary.md", *PLOTS)}
+
+
+def test_write_report_without_smear_trial_or_heatmap_says_why(tmp_path):
+    db = tmp_path / "mlflow.db"
+    _fake_sweep(db, "no-smear", methods=(("tag", 0, 0.7), ("tag", 1, 0.6)))
+    _fake_sweep(db, "no-heat", heatmap=False)
+    text = write_report(f"sqlite:///{db}", "no-smear", tmp_path).read_text()
+    assert "No specialisation heatmaps: no smear trial" in text
+    assert not (tmp_path / "no-smear" / "report" / "heatmaps_best_smear.png").exists()
+    text = write_report(f"sqlite:///{db}", "no-heat", tmp_path, experiment="smear-sweep/space").read_text()
+    assert "No specialisation heatmaps: routing/heatmaps.json of smear-s0-x_00000 could not be read" in text
+
+
+def test_cli_sweep_not_found_exits_2_with_one_line(tmp_path):
+    db = tmp_path / "mlflow.db"
+    _fake_sweep(db, "first")
+    _fake_sweep(db, "second")
+    proc = run_report("nope", "--tracking-uri", f"sqlite:///{db}", "--storage", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "'nope' not found" in lines[0] and "first" in lines[0] and "second" in lines[0]
+    assert not (tmp_path / "nope").exists()
+    # a store that does not exist (MLflow would silently create an empty one): exit 2, nothing created
+    proc = run_report("first", "--tracking-uri", f"sqlite:///{tmp_path}/missing.db")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no MLflow store" in proc.stderr and not (tmp_path / "missing.db").exists()
+    proc = run_report("first", "--tracking-uri", "bogus://nowhere")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# --- a real sweep through launch.py, then report.py --------------------------------------------------
+
+@pytest.mark.slow
+def test_report_of_a_real_sweep(tmp_path, env_with_venv):
+    from tests.test_sweep import TINY, run_launch
+
+    proc = run_launch(tmp_path, env_with_venv, TINY)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_report("t", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "results"),
+                      env=env_with_venv, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    report = tmp_path / "results" / "t" / "report"
+    text = (report / "summary.md").read_text()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("smear-sweep/space")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3
+
+    rows = _table_rows(text)
+    assert rows[0] == ["method", "seeds", "real", "sketch", "accuracy (overall)"]
+    table = rows[2:5]
+    # one row per method, best first, each cell = the trial's test metric x100 (one seed: std 0)
+    expect = sorted(children, key=lambda r: (-r.data.metrics["test/accuracy"], r.data.tags["method"]))
+    assert [r[0] for r in table] == [r.data.tags["method"] for r in expect]
+    for row, run in zip(table, expect):
+        m = run.data.metrics
+        assert row[1] == "1/1"
+        cells = [c.strip("*") for c in row[2:]]
+        assert cells == [f"{100 * m[k]:.2f} +- 0.00"
+                         for k in ("test/real/accuracy", "test/sketch/accuracy", "test/accuracy")], (row, m)
+    for run in children:
+        assert run.info.run_name in text  # the per-trial table
+
+    for png in PLOTS:
+        assert_png(report / png)
+    smear = next(r for r in children if r.data.tags["method"] == "smear")
+    assert f"best smear trial, `{smear.info.run_name}`" in text
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert logged == {f"report/{f}" for f in ("summary.md", *PLOTS)}
