@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run smoke test test-fast bench clean
+.PHONY: install run smoke test test-fast bench browser clean
 
 install: $(STAMP)
 
@@ -20,8 +20,13 @@ run: install          ## the default sweep (local Ray, MLflow in ./mlflow.db, re
 smoke: install        ## the default sweep with a tiny budget
 	$(PY) service/launch.py --smoke $(ARGS)
 
-test: install         ## the whole suite: unit tests, then real Ray / MLflow sweeps (marked slow)
+test: install browser ## the whole suite: unit tests, then real Ray / MLflow sweeps and a browser (marked slow)
 	$(PY) -m pytest $(ARGS)
+
+browser:              ## Debian's Chromium for the MLflow UI test (Playwright drives it; it cannot download one)
+	@command -v chromium >/dev/null 2>&1 || [ -x "$${SMEAR_CHROMIUM:-/nonexistent}" ] || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "make: could not install chromium (not root?): apt-get install chromium, or set SMEAR_CHROMIUM"
 
 test-fast: install    ## unit tests only
 	$(PY) -m pytest -m "not slow" $(ARGS)

@@ -258,6 +258,8 @@ def run_sweep(args, sweep: Sweep) -> int:
         if args.resume:
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                        param_space=param_space(sweep))
+            # Tune restores the pickled callbacks (with their saved state): that tracker is the one in use
+            tracker = next(c for c in tuner._local_tuner.get_run_config().callbacks if isinstance(c, MLflowTracker))
         else:
             search_alg, scheduler = _search_and_scheduler(sweep)
             tuner = tune.Tuner(
@@ -294,10 +296,18 @@ def run_sweep(args, sweep: Sweep) -> int:
     table = summary_table(rows, metric)
     client.log_text(pid, f"# {name}\n\n{sweep.description}\n\nwall time {wall:.0f} s\n\n{table}\n", "summary.md")
     client.log_metric(pid, "sweep/wall_s", wall)
+    client.log_metric(pid, "sweep/tracking_s", tracker.seconds)  # driver time in MLflow calls
     n_err = sum(r["status"] != "OK" for r in rows)
     client.set_terminated(pid, "FINISHED" if n_err == 0 else "FAILED")
     print(f"\nsweep {name}: {len(rows)} trials, {n_err} failed, wall {wall:.0f} s\n")
     print(table)
+    try:  # the paper-style report: summary.md + plots under <storage>/<sweep>/report, logged to the parent run
+        from service.report import write_report
+
+        print(f"\nReport: {write_report(uri, name, storage, experiment=f'smear-sweep/{sweep.name}')}")
+    except Exception as e:  # a report failure never fails the sweep
+        print(f"\nReport not written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              f"retry with: python service/report.py {name} --tracking-uri {uri} --storage {storage}")
     print(f"\nMLflow: experiment 'smear-sweep/{sweep.name}', parent run '{name}' in {uri}")
     print(f"Browse: {ui_command(uri)}")
     return 0 if n_err == 0 else 1

@@ -58,6 +58,7 @@ class MLflowTracker(Callback):
         self.configs = configs  # grid / random sweeps: Tune's config is an index into these
         self.sweep, self.tags = sweep, dict(tags)
         self.runs: dict[str, str] = {}   # trial_id -> run_id
+        self.seconds = 0.0               # spent in MLflow calls
         self._client: MlflowClient | None = None
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks: never the client
@@ -77,11 +78,14 @@ class MLflowTracker(Callback):
         return self._client
 
     def _safe(self, what: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # tracking outage: keep the sweep running
             log.warning("MLflow %s failed (%s); continuing without it", what, str(e).splitlines()[0][:200])
             return None
+        finally:
+            self.seconds += time.perf_counter() - t0  # the driver's time spent logging (BENCHMARKS.md)
 
     def _find_run(self, trial_id: str) -> str | None:
         runs = self.client.search_runs(
