@@ -77,9 +77,17 @@ class ExpertBank(nn.Module):
         w_up = (p @ self.w_up.reshape(n, r * c)).view(b, r, c)
         return w_down, b_down, w_up
 
-    def gather(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Each example's chosen expert. idx: (b,) long -> w_down (b, c, r), b_down (b, r), w_up (b, r, c)."""
-        return self.w_down[idx], self.b_down[idx], self.w_up[idx]
+    def gather(self, idx: Tensor, gate: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Each example's chosen expert. idx: (b,) long -> w_down (b, c, r), b_down (b, r), w_up (b, r, c).
+
+        ``gate`` (b,) scales the expert's output, g * f_e(x), folded into the gathered up-projection
+        (cheaper than scaling the (b, s, c) output). index_select, not w[idx]: its backward is a fast
+        index_add instead of an accumulating index_put (benchmarks/routing_cost.py, BENCHMARKS.md).
+        """
+        w_up = self.w_up.index_select(0, idx)                                  # (b, r, c)
+        if gate is not None:
+            w_up = w_up * gate[:, None, None]
+        return self.w_down.index_select(0, idx), self.b_down.index_select(0, idx), w_up
 
     @staticmethod
     def apply(x: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor) -> Tensor:

@@ -24,9 +24,10 @@ def apply_topk(experts: ExpertBank, x: Tensor, idx: Tensor, weight: Tensor) -> T
     """
     b, k = idx.shape
     n, c, r = experts.w_down.shape
-    w_down = experts.w_down[idx].permute(0, 2, 1, 3).reshape(b, c, k * r)  # (b, c, k*r)
-    b_down = experts.b_down[idx].reshape(b, 1, k * r)                       # (b, 1, k*r)
-    w_up = experts.w_up[idx].reshape(b, k * r, c)                           # (b, k*r, c)
+    flat = idx.reshape(-1)                                                  # (b*k,) index_select: fast backward
+    w_down = experts.w_down.index_select(0, flat).view(b, k, c, r).permute(0, 2, 1, 3).reshape(b, c, k * r)
+    b_down = experts.b_down.index_select(0, flat).reshape(b, 1, k * r)      # (b, 1, k*r)
+    w_up = experts.w_up.index_select(0, flat).reshape(b, k * r, c)          # (b, k*r, c)
     h = swish(torch.baddbmm(b_down, x, w_down))                             # (b, s, k*r)
     h = h * weight.repeat_interleave(r, dim=1).unsqueeze(1)                 # (b, s, k*r)
     return h @ w_up                                                         # (b, s, c)

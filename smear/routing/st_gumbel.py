@@ -70,5 +70,5 @@ class StGumbel(RoutingMethod):
         else:
             idx = p.argmax(-1)                                                 # (b,)
             gate = p.new_ones(p.shape[0], 1)                                   # (b, 1)
-        y = experts.apply(inp.x, *experts.gather(idx)) * gate[:, :, None]      # (b, s, c)
+        y = experts.apply(inp.x, *experts.gather(idx, gate[:, 0]))             # gate * f_e(x), (b, s, c)
         return RoutingOutput(y=y, probs=p, aux_loss=self.zero(y), extras={"temperature": tau, "experts": idx})

@@ -22,8 +22,7 @@ class TopK(RoutingMethod):
         k = min(self.cfg.top_k, self.num_experts)
         gate, idx = p.topk(k, dim=-1)                                     # (b, k), (b, k)
         if k == 1:
-            y = experts.apply(inp.x, *experts.gather(idx[:, 0]))          # (b, s, c)
-            y = y * gate[:, :, None]                                      # Switch eq. 2: p_e f_e(x)
+            y = experts.apply(inp.x, *experts.gather(idx[:, 0], gate[:, 0]))  # Switch eq. 2: p_e f_e(x), (b, s, c)
         else:
             y = apply_topk(experts, inp.x, idx, gate)                     # (b, s, c)
         return RoutingOutput(y=y, probs=p, aux_loss=self.zero(y), extras={"experts": idx})
