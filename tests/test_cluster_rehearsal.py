@@ -191,7 +191,10 @@ def test_sweep_job_on_two_node_cluster_logs_every_trial_to_mlflow_server(cluster
     # every trial is in the MLflow server, read back with the job account's credentials
     from mlflow.tracking import MlflowClient
 
-    if BASIC_AUTH:
+    if BASIC_AUTH:  # nothing on the cluster was refused: the driver and the trials (system metrics, on both
+        # nodes) authenticated with the account in their node's environment
+        access = cluster["logs"][0].read_text().splitlines()
+        assert not [ln for ln in access if '" 401' in ln or '" 403' in ln]
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{cluster['uri']}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
         assert refused.value.code == 401
