@@ -207,11 +207,14 @@ def run_sweep(args, sweep: Sweep) -> int:
     from trainables.ray_trainable import trial, trial_config, trial_resources
 
     uri = _tracking_uri(args)
-    storage = str(Path(args.storage or "results").resolve())
+    storage = args.storage or "results"
+    if "://" not in storage:  # s3://, gs://, ... go to Tune unchanged (multi-node sweeps need shared storage)
+        storage = str(Path(storage).resolve())
     name = args.name or f"{sweep.name}{'-smoke' if args.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
-    exp_path = str(Path(storage) / name)
+    exp_path = f"{storage.rstrip('/')}/{name}"
     if args.resume and not tune.Tuner.can_restore(exp_path):
-        found = sorted(p.name for p in Path(storage).glob("*") if (p / "tuner.pkl").exists()) if Path(storage).is_dir() else []
+        found = (sorted(p.name for p in Path(storage).glob("*") if (p / "tuner.pkl").exists())
+                 if "://" not in storage and Path(storage).is_dir() else [])
         print(f"launch.py: error: no sweep {name!r} to resume under {storage}; found: {', '.join(found) or 'none'}",
               file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -224,7 +227,7 @@ def run_sweep(args, sweep: Sweep) -> int:
     cpus, gpus = sweep.resources.get("cpu", 1), sweep.resources.get("gpu", 0)
     res = trial_resources(first, cpus, gpus)
     trainable = tune.with_resources(tune.with_parameters(
-        trial, train_storage=str(Path(storage) / name / "_train"), cpus_per_worker=cpus, gpus_per_worker=gpus,
+        trial, train_storage=f"{exp_path}/_train", cpus_per_worker=cpus, gpus_per_worker=gpus,
         configs=sweep.configs, tracking=None if args.no_system_metrics else (uri, exp_id)), res)
 
     if args.resume:
