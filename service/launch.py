@@ -18,11 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import argparse  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 from smear.configs import ConfigError  # noqa: E402
 from smear.data.domainnet import DataError  # noqa: E402
+from service.report import mean_std, resolve_tracking_uri  # noqa: E402  (light: mlflow + matplotlib)
 from service.spaces import Sweep, load_sweep, param_space  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,7 +129,8 @@ def summary_table(rows: list[dict], metric: str = "accuracy") -> str:
     by_method: dict[str, list[dict]] = {}
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
-    order = sorted(by_method, key=lambda m: -_mean([r.get("test") for r in by_method[m]]))
+    test_means = {m: (mean_std([r.get("test") for r in rs]) or (float("-inf"),))[0] for m, rs in by_method.items()}
+    order = sorted(by_method, key=lambda m: -test_means[m])
     for m in order:
         rs = by_method[m]
         lines.append(f"| {m} | {len(rs)} | {_ms([r.get('val') for r in rs])} | {_ms([r.get('test') for r in rs])} |")
@@ -140,25 +141,9 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def _mean(vs) -> float:
-    vs = [v for v in vs if v is not None]
-    return statistics.fmean(vs) if vs else float("-inf")
-
-
 def _ms(vs) -> str:
-    vs = [v for v in vs if v is not None]
-    if not vs:
-        return "-"
-    sd = statistics.stdev(vs) if len(vs) > 1 else 0.0
-    return f"{statistics.fmean(vs):.4f} +- {sd:.4f}"
-
-
-def _tracking_uri(args) -> str:
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        rel = uri[len("sqlite:///"):]
-        uri = f"sqlite:///{Path(rel).resolve()}"  # trials chdir: relative paths would land in trial folders
-    return uri
+    stats = mean_std(vs)
+    return "-" if stats is None else f"{stats[0]:.4f} +- {stats[1]:.4f}"
 
 
 def ui_command(uri: str) -> str:
@@ -206,7 +191,7 @@ def run_sweep(args, sweep: Sweep) -> int:
     from trainables.config import PRIMARY_METRIC, make_config
     from trainables.ray_trainable import trial, trial_config, trial_resources
 
-    uri = _tracking_uri(args)
+    uri = resolve_tracking_uri(args.tracking_uri)
     storage = args.storage or "results"
     if "://" not in storage:  # s3://, gs://, ... go to Tune unchanged (multi-node sweeps need shared storage)
         storage = str(Path(storage).resolve())

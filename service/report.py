@@ -413,7 +413,9 @@ def write_report(tracking_uri: str, sweep_run_name: str, storage: str | Path, ex
     return summary
 
 
-def _tracking_uri(arg: str | None) -> str:
+def resolve_tracking_uri(arg: str | None) -> str:
+    """``arg``, else $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db; a relative sqlite path made absolute
+    (trials chdir into their folders: a relative path would land there). Shared with launch.py."""
     uri = arg or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
@@ -437,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     try:
-        path = write_report(_tracking_uri(args.tracking_uri), args.sweep, args.storage, args.experiment)
+        path = write_report(resolve_tracking_uri(args.tracking_uri), args.sweep, args.storage, args.experiment)
     except ReportError as e:
         print(f"report.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -209,12 +209,6 @@ def _loader(ds: Dataset, cfg: TrainConfig, session: Session, *, train: bool, epo
                       num_workers=cfg.data.loader_workers, generator=gen, persistent_workers=False, collate_fn=collate)
 
 
-def _hash_table_size(cfg: TrainConfig, n_train: int) -> TrainConfig:
-    if "hash_num_examples" in type(cfg.routing).__dataclass_fields__:
-        cfg.routing.hash_num_examples = max(int(getattr(cfg.routing, "hash_num_examples") or 0), n_train)
-    return cfg
-
-
 def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
                wrap_model: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, float]:
     """Run one trial. ``wrap_model`` is Ray Train's ``prepare_model`` (DDP) in data-parallel runs."""
@@ -226,7 +220,8 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     setting = _settings()[cfg.setting](cfg)
     primary = f"val/{setting.primary_metric}"
     train_ds, val_ds, test_ds = (setting.dataset(s) for s in ("train", "val", "test"))
-    cfg = _hash_table_size(cfg, len(train_ds) + len(val_ds) + len(test_ds))
+    # hash routing: a table entry for every example id of every split (ids index each split from 0)
+    cfg.routing.hash_num_examples = max(cfg.routing.hash_num_examples, len(train_ds), len(val_ds), len(test_ds))
     core = setting.build_model().to(device)
     model = wrap_model(core) if wrap_model is not None else core
     opt, sched = _optimizer(core, cfg)
