@@ -241,8 +241,7 @@ def run_sweep(args, sweep: Sweep) -> int:
             if os.environ.get("RAY_ADDRESS"):
                 ray.init()
             else:
-                # address="local": always a fresh local instance, never a stale one found in /tmp/ray
-                ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=False)
+                start_local_ray()
         if args.resume:
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                        param_space=param_space(sweep))
@@ -255,6 +254,9 @@ def run_sweep(args, sweep: Sweep) -> int:
                 param_space=param_space(sweep),
                 tune_config=tune.TuneConfig(
                     metric=sweep.metric, mode="max", search_alg=search_alg, scheduler=scheduler,
+                    # the next trial runs in the finished one's process: no new Python, no re-import of torch
+                    # and the project (BENCHMARKS.md, "Sweep overhead")
+                    reuse_actors=True,
                     num_samples=sweep.num_samples if sweep.search == "optuna" else 1,
                     trial_name_creator=lambda t: trial_run_name(trial_config(t.config, sweep.configs), t.trial_id),
                     trial_dirname_creator=lambda t: trial_run_name(trial_config(t.config, sweep.configs), t.trial_id),
@@ -304,6 +306,27 @@ def run_sweep(args, sweep: Sweep) -> int:
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """Start a fresh local Ray instance for this sweep, never a stale one found in /tmp/ray.
+
+    Ray's state API (which Ray Train V2 calls from its detached PlacementGroupCleaner) finds "the" cluster
+    through /tmp/ray/ray_current_cluster, which every ``ray start`` writes and ``ray stop`` leaves behind.
+    With a stale file there, each data-parallel trial waited 12 s for that actor to stop, and the next one's
+    workers never started (measured: BENCHMARKS.md, "Ray Train start-up"). So the dashboard (the state
+    API's server) gets a known free port, and every process of the instance is told it through
+    RAY_API_SERVER_ADDRESS, which the raylet and its workers inherit from this process.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False, **init_kwargs)
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, kill: end MLflow runs as KILLED, like Ctrl-C

@@ -1,9 +1,12 @@
 """Real sweeps through launch.py -> Ray Tune -> (Ray Train) -> train loop -> MLflow, on a local Ray."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -22,11 +25,12 @@ max_concurrent_trials: 2
 """
 
 DDP = """
-description: one data-parallel trial through Ray Train, 2 CPU workers
+description: two data-parallel trials through Ray Train, 2 CPU workers each, one after the other
 base: {steps: 4, eval_every: 2, batch_size: 16, num_workers: 2, torch_threads: 1, data.resolution: 16,
        data.augment: none, data.domains: [real, sketch]}
-grid: {routing.method: [smear], seed: [3]}
+grid: {routing.method: [smear], seed: [3, 4]}
 resources: {cpu: 0.5}
+max_concurrent_trials: 1
 """
 
 
@@ -79,13 +83,26 @@ def test_sweep_single_worker_trials(tmp_path, env_with_venv):
     assert "mean +- std" in out and "mlflow ui --backend-store-uri sqlite:///" in out
 
 
-def test_sweep_data_parallel_trial_through_ray_train(tmp_path, env_with_venv):
-    proc = run_launch(tmp_path, env_with_venv, DDP)
+def test_sweep_data_parallel_trials_through_ray_train(tmp_path, env_with_venv):
+    """Sequential TorchTrainer trials, with a stale ray_current_cluster where Ray looks for "the" cluster.
+
+    Every `ray start` writes that file and `ray stop` leaves it. Before launch.py pinned the state API to
+    its own instance, Ray Train's PlacementGroupCleaner then stalled each trial by 12 s and the second
+    trial's workers never started (BENCHMARKS.md, "Ray Train start-up").
+    """
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")  # nothing listens there
+        proc = run_launch(tmp_path, {**env_with_venv, "RAY_TMPDIR": str(ray_tmp)}, DDP)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    _, (run,) = assert_trial_runs(tmp_path, ["smear"])
-    assert run.data.params["num_workers"] == "2"
+    _, runs = assert_trial_runs(tmp_path, ["smear", "smear"])
+    assert sorted(r.data.tags["seed"] for r in runs) == ["3", "4"]
+    assert {r.data.params["num_workers"] for r in runs} == {"2"}
     # the trial really ran through a TorchTrainer: Ray Train wrote its run under the sweep's storage
-    assert list((tmp_path / "results" / "t" / "_train").glob("train-*"))
+    assert len(list((tmp_path / "results" / "t" / "_train").glob("train-*"))) == 2
 
 
 def test_t5_glue_smoke_sweep_reports_every_task(tmp_path, env_with_venv):

@@ -158,6 +158,9 @@ def _run(cfg: TrainConfig, config: dict[str, Any], train_storage: str | None, cp
     from ray.tune.integration.ray_train import TuneReportCallback
 
     ctx = ray.tune.get_context()
+    # Ray Train propagates this to its controller, which polls the workers at that interval: Ray's 2 s default
+    # added ~2-4 s to every trial's end (BENCHMARKS.md, "Ray Train start-up"). A user's own setting wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_S))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
@@ -173,6 +176,7 @@ def _worker_resources(cpus: float, gpus: float) -> dict[str, float]:
     return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
 
 
+TRAIN_POLL_S = 0.25  # Ray Train controller poll interval (s) in data-parallel trials
 DRIVER_CPU = 0.01  # what the trial itself holds while its Ray Train workers run (it only waits)
 
 
