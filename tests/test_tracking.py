@@ -1,0 +1,80 @@
+"""The MLflow tracker on a real sqlite store, driven the way Tune drives it (real Tune Trial objects)."""
+from __future__ import annotations
+
+import pickle
+
+from mlflow.tracking import MlflowClient
+from ray.tune.experiment import Trial
+
+from service.tracking import MLflowTracker
+from smear.configs import to_dict, unflatten
+from trainables.config import make_config
+from trainables.ray_trainable import TRIAL_KEY
+
+
+def _sweep(tmp_path, n: int):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e")
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    configs = [to_dict(make_config(unflatten({"routing.method": m, "seed": s})))
+               for m, s in [("smear", 0), ("tag", 1)][:n]]
+    tracker = MLflowTracker(uri, exp, parent, "sweep", {"git_commit": "abc"}, configs=configs)
+    trials = [Trial("trial", config={TRIAL_KEY: i}, trial_id=f"t_{i:05d}", stub=True) for i in range(n)]
+    return client, exp, parent, tracker, trials
+
+
+def test_tracker_logs_every_call_in_order_from_its_thread(tmp_path):
+    client, exp, parent, tracker, (a, b) = _sweep(tmp_path, 2)
+    for t in (a, b):
+        tracker.on_trial_start(0, [], t)
+    for step in (10, 20, 30):
+        for t in (a, b):
+            tracker.on_trial_result(0, [], t, {"step": step, "val/accuracy": step / 100, "train/loss": 1.0 / step,
+                                               "done": False, "val/nan": float("nan")})
+    tracker.on_trial_complete(0, [], a)
+    tracker.on_trial_error(0, [], b)
+    tracker.on_experiment_end([a, b])  # what Tune calls last: everything queued is in MLflow afterwards
+
+    runs = {r.data.tags["trial_id"]: r for r in client.search_runs([exp])
+            if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert sorted(runs) == ["t_00000", "t_00001"]
+    assert runs["t_00000"].info.status == "FINISHED" and runs["t_00001"].info.status == "FAILED"
+    assert runs["t_00001"].data.tags["error"] == "trial failed"
+    assert (runs["t_00000"].data.tags["method"], runs["t_00001"].data.tags["method"]) == ("smear", "tag")
+    assert runs["t_00001"].data.params["seed"] == "1"
+    for run in runs.values():
+        history = client.get_metric_history(run.info.run_id, "val/accuracy")
+        assert [(m.step, m.value) for m in history] == [(10, 0.1), (20, 0.2), (30, 0.3)]
+        assert "val/nan" not in run.data.metrics and "done" not in run.data.metrics
+    assert tracker.seconds > 0
+    assert tracker.get_state() == {"runs": {tid: r.info.run_id for tid, r in runs.items()}}
+
+
+def test_tracker_pickles_without_its_thread_and_finds_its_runs_again(tmp_path):
+    """Tune pickles callbacks into the experiment state; a restored tracker reuses the trial's run."""
+    client, exp, parent, tracker, (a,) = _sweep(tmp_path, 1)
+    tracker.on_trial_start(0, [], a)
+    tracker.flush()
+    restored = pickle.loads(pickle.dumps(tracker))
+    assert restored._thread is None and restored._client is None
+    restored.runs.clear()  # even without the saved map, the run is found by its trial_id tag
+    restored.on_trial_restore(0, [], a)
+    restored.on_trial_result(0, [], a, {"step": 5, "val/accuracy": 0.5})
+    restored.close_unfinished("KILLED")
+    (run,) = [r for r in client.search_runs([exp]) if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert run.info.status == "KILLED" and run.data.metrics["val/accuracy"] == 0.5
+
+
+def test_a_failing_call_does_not_stop_the_logging_thread(tmp_path):
+    client, exp, parent, tracker, (a,) = _sweep(tmp_path, 1)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    tracker._submit(broken)
+    tracker.on_trial_start(0, [], a)
+    tracker.on_trial_complete(0, [], a)
+    tracker.flush()
+    (run,) = [r for r in client.search_runs([exp]) if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert run.info.status == "FINISHED"
