@@ -165,11 +165,7 @@ def _search_and_scheduler(sweep: Sweep):
         if sweep.max_concurrent_trials:
             search_alg = ConcurrencyLimiter(search_alg, max_concurrent=sweep.max_concurrent_trials)
     if sweep.scheduler == "asha":
-        first = sweep.trials[0].config
-        max_t = sweep.asha.get("max_t", max(1, first["steps"] // first["eval_every"]) + 1)
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                                  grace_period=sweep.asha.get("grace_period", 1),
-                                  reduction_factor=sweep.asha.get("reduction_factor", 2))
+        scheduler = ASHAScheduler(time_attr="training_iteration", **sweep.asha_params())
     else:
         scheduler = FIFOScheduler()
     return search_alg, scheduler

@@ -81,6 +81,13 @@ class Sweep:
         """What a trial index refers to (None for Optuna, whose trials carry their config)."""
         return None if self.search == "optuna" else [t.config for t in self.trials]
 
+    def asha_params(self) -> dict[str, int]:
+        """ASHA's settings: time is in evaluations (``training_iteration``); max_t defaults to all of them."""
+        first = self.trials[0].config
+        max_t = self.asha.get("max_t", max(1, first["steps"] // first["eval_every"]) + 1)
+        return {"max_t": max_t, "grace_period": self.asha.get("grace_period", 1),
+                "reduction_factor": self.asha.get("reduction_factor", 2)}
+
     @property
     def metric(self) -> str:
         return f"val/best_{PRIMARY_METRIC[self.setting]}"  # in every report, eval and final
@@ -236,10 +243,18 @@ def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | Non
             trials.append(Trial(len(trials), overrides, cfg))
     if not trials:
         raise ConfigError(f"{where}: the declaration resolves to no trials")
-    return Sweep(name=path.stem, path=path, description=str(decl.get("description", "")), trials=trials,
-                 resources={k: float(v) for k, v in resources.items()}, max_concurrent_trials=mct, max_failures=mf,
-                 search=search, space={k: {kind: arg} for k, (kind, arg) in space.items()}, num_samples=num_samples,
-                 scheduler=scheduler, asha=asha, base_config=_build(fixed, where), text=text)
+    sweep = Sweep(name=path.stem, path=path, description=str(decl.get("description", "")), trials=trials,
+                  resources={k: float(v) for k, v in resources.items()}, max_concurrent_trials=mct, max_failures=mf,
+                  search=search, space={k: {kind: arg} for k, (kind, arg) in space.items()}, num_samples=num_samples,
+                  scheduler=scheduler, asha=asha, base_config=_build(fixed, where), text=text)
+    if scheduler == "asha":
+        a = sweep.asha_params()
+        if a["grace_period"] > a["max_t"]:
+            if not smoke:
+                raise ConfigError(f"{where}: asha.grace_period={a['grace_period']} exceeds max_t={a['max_t']} "
+                                  f"evaluations; valid: 1 to {a['max_t']}")
+            sweep.asha["grace_period"] = a["max_t"]  # --smoke shrinks the budget: ASHA's first rung shrinks too
+    return sweep
 
 
 def param_space(sweep: Sweep) -> dict[str, Any]:

@@ -42,6 +42,7 @@ CASES = [
     (GOOD + "space: {lr: {uniform: [0.1, 1]}}\nsearch: optuna\n", [], "search: optuna cannot be combined with a grid"),
     (GOOD + "space: {routing.gumbel_tau0: {choice: [1.0, -2.0]}}\nsearch: random\n", [], "routing.gumbel_tau0=-2.0 is out of range"),
     (GOOD + "asha: {grace: 2}\n", [], "unknown asha key 'grace'; valid: grace_period"),
+    (GOOD + "scheduler: asha\nasha: {grace_period: 9}\n", [], "asha.grace_period=9 exceeds max_t=3 evaluations; valid: 1 to 3"),
     (GOOD + "num_samples: 0\n", [], "num_samples=0 must be an integer >= 1"),
     (GOOD + "max_failures: -1\n", [], "max_failures=-1 must be an integer >= 0"),
     (GOOD, ["--cpus-per-trial", "-1"], "--cpus-per-trial=-1.0 must be >= 0"),
