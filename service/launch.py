@@ -110,7 +110,9 @@ def check_resources(sweep: Sweep) -> None:
 
 def print_trials(sweep: Sweep) -> None:
     if sweep.search == "optuna":
-        print(f"sweep {sweep.name!r}: optuna (TPE), {sweep.num_samples} trials over {sweep.space}  ({sweep.description})")
+        seeds = f" ({sweep.num_samples} points x seeds {sweep.seeds})" if sweep.seeds else ""
+        print(f"sweep {sweep.name!r}: optuna (TPE), {sweep.num_trials} trials{seeds} over {sweep.space}"
+              f"  ({sweep.description})")
         print(f"  objective: {sweep.metric} (max); scheduler: {sweep.scheduler}")
         return
     print(f"sweep {sweep.name!r}: {len(sweep.trials)} trials ({sweep.search} search, {sweep.scheduler} scheduler)"
@@ -162,6 +164,10 @@ def _search_and_scheduler(sweep: Sweep):
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=0)
+        if sweep.seeds:
+            from service.repeat import SeedRepeater
+
+            search_alg = SeedRepeater(search_alg, sweep.seeds)
         if sweep.max_concurrent_trials:
             search_alg = ConcurrencyLimiter(search_alg, max_concurrent=sweep.max_concurrent_trials)
     if sweep.scheduler == "asha":
@@ -225,7 +231,7 @@ def run_sweep(args, sweep: Sweep) -> int:
             "search": sweep.search, "scheduler": sweep.scheduler, "mlflow.note.content": sweep.description})
         pid = parent.info.run_id
     tracker = MLflowTracker(uri, exp_id, pid, name, {"git_commit": commit}, configs=sweep.configs)
-    print(f"sweep {name}: {len(sweep.trials) if sweep.search != 'optuna' else sweep.num_samples} trials; if interrupted, "
+    print(f"sweep {name}: {sweep.num_trials} trials; if interrupted, "
           f"continue with: python service/launch.py --sweep {args.sweep} --name {name} --storage {storage} "
           f"--tracking-uri {uri} --resume", flush=True)
     status, t0 = "FAILED", time.time()
@@ -253,7 +259,7 @@ def run_sweep(args, sweep: Sweep) -> int:
                     # the next trial runs in the finished one's process: no new Python, no re-import of torch
                     # and the project (BENCHMARKS.md, "Sweep overhead")
                     reuse_actors=True,
-                    num_samples=sweep.num_samples if sweep.search == "optuna" else 1,
+                    num_samples=sweep.num_trials if sweep.search == "optuna" else 1,
                     trial_name_creator=lambda t: trial_run_name(trial_config(t.config, sweep.configs), t.trial_id),
                     trial_dirname_creator=lambda t: trial_run_name(trial_config(t.config, sweep.configs), t.trial_id),
                     max_concurrent_trials=None if search_alg is not None else (sweep.max_concurrent_trials or None)),

@@ -7,7 +7,7 @@ A declaration states only what differs from the setting's defaults:
     grid:   {dotted.key: [v1, v2], ...}    # cartesian product
     search: grid | random | optuna         # default grid
     space:  {dotted.key: {loguniform: [lo, hi]} | {uniform: [lo, hi]} | {randint: [lo, hi]} | {choice: [...]}}
-    num_samples: 8                         # random: samples of ``space`` (x grid); optuna: trials
+    num_samples: 8                         # random: samples of ``space`` (x grid); optuna: points (x seeds)
     search_seed: 0                         # random: the samples are drawn here, reproducibly
     scheduler: fifo | asha                 # asha: early stopping on val/<primary metric>
     asha: {grace_period: 2, reduction_factor: 2}
@@ -18,8 +18,9 @@ A declaration states only what differs from the setting's defaults:
     max_failures: 1                        # retries of a failed trial from its last checkpoint
 
 Grid and random search resolve to an explicit trial list (what ``--dry-run`` prints and what Tune
-runs). Optuna (TPE) proposes trials adaptively; Tune cannot combine it with a grid, so an optuna
-declaration puts everything it varies, seeds included, in ``space``. Every resolved trial config is
+runs). Optuna (TPE) proposes trials adaptively. Tune cannot combine it with a grid, so an optuna
+declaration puts what it varies in ``space``, except seeds: ``grid: {seed: [0, 1, 2]}`` runs every point
+Optuna suggests once per seed and gives Optuna the mean (service/repeat.py). Every resolved trial config is
 built and validated (TrainConfig) on load: a bad key or value is a :class:`ConfigError` naming it.
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Sweep:
     name: str
     path: Path
     description: str
-    trials: list[Trial]         # grid / random: every trial; optuna: one example trial (the space's midpoints)
+    trials: list[Trial]         # grid / random: every trial; optuna: example trials (the space's midpoints x seeds)
     resources: dict[str, float]
     max_concurrent_trials: int
     max_failures: int
@@ -71,6 +72,13 @@ class Sweep:
     asha: dict[str, int] = field(default_factory=dict)
     base_config: dict[str, Any] = field(default_factory=dict)
     text: str = field(repr=False, default="")
+    seeds: list[int] = field(default_factory=list)  # optuna: every suggested point runs once per seed
+
+    @property
+    def num_trials(self) -> int:
+        if self.search == "optuna":
+            return self.num_samples * max(1, len(self.seeds))
+        return len(self.trials)
 
     @property
     def setting(self) -> str:
@@ -204,9 +212,19 @@ def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | Non
         raise ConfigError(f"{where}: 'space' needs search: random or optuna (search is grid)")
     if search != "grid" and not space:
         raise ConfigError(f"{where}: search: {search} needs a 'space' of distributions")
+    seeds: list[int] = []
     if search == "optuna" and grid:
-        raise ConfigError(f"{where}: search: optuna cannot be combined with a grid (Tune refuses it); "
-                          f"put {next(iter(grid))!r} in 'space' as a choice")
+        extra = [k for k in grid if k != "seed"]
+        if extra:
+            raise ConfigError(f"{where}: search: optuna cannot be combined with a grid over {extra[0]!r} (Tune refuses "
+                              f"it); only grid.seed is allowed, or put {extra[0]!r} in 'space' as a choice")
+        if "seed" in space:
+            raise ConfigError(f"{where}: seed is in both grid and space; keep grid.seed (every Optuna point runs once "
+                              "per seed)")
+        if scheduler == "asha":
+            raise ConfigError(f"{where}: scheduler: asha with grid.seed would stop some seeds of an Optuna point early "
+                              "and average what they reached; valid: scheduler: fifo with grid.seed, or seed in space")
+        seeds = list(grid["seed"])
     asha = _mapping(decl, "asha", where)
     bad = sorted(set(asha) - set(ASHA_KEYS))
     if bad:
@@ -246,7 +264,7 @@ def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | Non
     sweep = Sweep(name=path.stem, path=path, description=str(decl.get("description", "")), trials=trials,
                   resources={k: float(v) for k, v in resources.items()}, max_concurrent_trials=mct, max_failures=mf,
                   search=search, space={k: {kind: arg} for k, (kind, arg) in space.items()}, num_samples=num_samples,
-                  scheduler=scheduler, asha=asha, base_config=_build(fixed, where), text=text)
+                  scheduler=scheduler, asha=asha, base_config=_build(fixed, where), text=text, seeds=seeds)
     if scheduler == "asha":
         a = sweep.asha_params()
         if a["grace_period"] > a["max_t"]:

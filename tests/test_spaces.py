@@ -24,7 +24,7 @@ def test_every_space_resolves_in_a_dry_run(name, smoke, tmp_path, offline_data, 
     out = capsys.readouterr().out
     sweep = load_sweep(name, smoke=smoke)
     if sweep.search == "optuna":
-        assert f"optuna (TPE), {sweep.num_samples} trials over" in out
+        assert f"optuna (TPE), {sweep.num_trials} trials" in out
     else:
         assert f"sweep {name!r}: {len(sweep.trials)} trials" in out
         assert out.count("\n  [") == len(sweep.trials)
@@ -75,11 +75,13 @@ def test_reinforce_weights_varies_alpha_beta_gamma():
     assert len(_seeds(sweep)) >= 3
 
 
-def test_gumbel_optuna_searches_temperature_and_rate_on_log_scales():
+def test_gumbel_optuna_searches_temperature_and_rate_on_log_scales_over_seeds():
     sweep = load_sweep("gumbel-optuna")
     assert sweep.search == "optuna"
     assert sweep.space["routing.gumbel_tau0"].keys() == {"loguniform"}
     assert sweep.space["routing.gumbel_anneal_rate"].keys() == {"loguniform"}
+    assert "seed" not in sweep.space and len(sweep.seeds) >= 3  # every point runs on every seed
+    assert sweep.num_trials == sweep.num_samples * len(sweep.seeds)
 
 
 # The research sweeps' smoke variants, run as a laptop user would: their declared resources are GPU
@@ -97,9 +99,15 @@ def test_smoke_variant_runs_end_to_end(name, tmp_path, env_with_venv):
            "--cpus-per-trial", "1", "--gpus-per-trial", "0", *samples]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env_with_venv, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    expected = 2 if sweep.search == "optuna" else len(load_sweep(name, smoke=True, num_samples=2 if samples else None).trials)
+    expected = load_sweep(name, smoke=True, num_samples=2 if samples else None).num_trials
     parent, children = child_runs(f"{tmp_path}/mlflow.db", experiment=f"smear-sweep/{name}")
     assert parent.info.status == "FINISHED"
     assert len(children) == expected and all(r.info.status == "FINISHED" for r in children), \
         [(r.info.run_name, r.info.status) for r in children]
     assert (tmp_path / "results" / "s" / "report" / "summary.md").is_file()
+    if sweep.seeds:  # Optuna with grid.seed: each suggested point ran once on every seed
+        points: dict[tuple, list[int]] = {}
+        for r in children:
+            point = tuple(r.data.params[k] for k in sorted(sweep.space))
+            points.setdefault(point, []).append(int(r.data.params["seed"]))
+        assert len(points) == 2 and all(sorted(v) == sorted(sweep.seeds) for v in points.values()), points

@@ -83,6 +83,22 @@ def test_sweep_single_worker_trials(tmp_path, env_with_venv):
     assert "mean +- std" in out and "mlflow ui --backend-store-uri sqlite:///" in out
 
 
+def test_sweep_with_asha_early_stopping_closes_every_run(tmp_path, env_with_venv):
+    """ASHA may stop a trial at a rung; the trial still ends FINISHED in MLflow with its metrics so far."""
+    decl = TINY.replace("steps: 4, eval_every: 2", "steps: 6, eval_every: 1") + (
+        "scheduler: asha\nasha: {grace_period: 1, reduction_factor: 2}\n")
+    proc = run_launch(tmp_path, env_with_venv, decl.replace("max_concurrent_trials: 2", "max_concurrent_trials: 1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parent, children = child_runs(f"{tmp_path}/mlflow.db")
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for r in children:
+        assert r.info.status == "FINISHED" and "val/accuracy" in r.data.metrics
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/accuracy")]
+        # a trial ASHA let finish has its test score; one it stopped at a rung has fewer evaluations
+        assert ("test/accuracy" in r.data.metrics) == (max(steps) == 6), (r.info.run_name, steps)
+
+
 def test_sweep_data_parallel_trials_through_ray_train(tmp_path, env_with_venv):
     """Sequential TorchTrainer trials, with a stale ray_current_cluster where Ray looks for "the" cluster.
 
