@@ -251,6 +251,10 @@ def run_sweep(args, sweep: Sweep) -> int:
             tracker = next(c for c in tuner._local_tuner.get_run_config().callbacks if isinstance(c, MLflowTracker))
         else:
             search_alg, scheduler = _search_and_scheduler(sweep)
+
+            def run_name(t) -> str:  # Tune's trial name and folder: the MLflow run's name
+                return trial_run_name(trial_config(t.config, sweep.configs), t.trial_id)
+
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(sweep),
@@ -260,8 +264,7 @@ def run_sweep(args, sweep: Sweep) -> int:
                     # and the project (BENCHMARKS.md, "Sweep overhead")
                     reuse_actors=True,
                     num_samples=sweep.num_trials if sweep.search == "optuna" else 1,
-                    trial_name_creator=lambda t: trial_run_name(trial_config(t.config, sweep.configs), t.trial_id),
-                    trial_dirname_creator=lambda t: trial_run_name(trial_config(t.config, sweep.configs), t.trial_id),
+                    trial_name_creator=run_name, trial_dirname_creator=run_name,
                     max_concurrent_trials=None if search_alg is not None else (sweep.max_concurrent_trials or None)),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage, callbacks=[tracker], verbose=1,
@@ -310,7 +313,6 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-
 def start_local_ray(**init_kwargs) -> None:
     """Start a fresh local Ray instance for this sweep, never a stale one found in /tmp/ray.
 
@@ -330,6 +332,7 @@ def start_local_ray(**init_kwargs) -> None:
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False, **init_kwargs)
+
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, kill: end MLflow runs as KILLED, like Ctrl-C

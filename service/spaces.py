@@ -242,22 +242,23 @@ def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | Non
     mct = _int(decl, "max_concurrent_trials", 0, where)
     mf = _int(decl, "max_failures", 1, where)
 
-    fixed = {**base, **(smoke_over if smoke else {})}
+    smoke_over = smoke_over if smoke else {}
+    fixed = {**base, **smoke_over}
     rng = random.Random(search_seed)
     samples: list[dict[str, Any]] = [{}]
     if search == "random":
         samples = [{k: _sample(kind, arg, rng) for k, (kind, arg) in space.items()} for _ in range(num_samples)]
-    elif search == "optuna":  # one example trial validates the space (its midpoints and every choice)
+    elif search == "optuna":  # example trials validate the space: its midpoints, every choice and both bounds
         samples = [{k: _midpoint(kind, arg) for k, (kind, arg) in space.items()}]
         for k, (kind, arg) in space.items():
-            for v in (arg if kind == "choice" else arg):
-                _build({**base, **samples[0], k: v, **(smoke_over if smoke else {})}, where)
+            for v in arg:
+                _build({**base, **samples[0], k: v, **smoke_over}, where)
     keys = list(grid)
     trials = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         for sample in samples:
             overrides = {**dict(zip(keys, combo)), **sample}
-            cfg = _build({**base, **overrides, **(smoke_over if smoke else {})}, where)
+            cfg = _build({**base, **overrides, **smoke_over}, where)
             trials.append(Trial(len(trials), overrides, cfg))
     if not trials:
         raise ConfigError(f"{where}: the declaration resolves to no trials")
