@@ -200,40 +200,96 @@ def test_dselect_weights_hand_worked():
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_dselect_regularizer_hand_worked(reduction):
     blk = make_block("dselect_k", "sequence", n=3, dselect_reduction=reduction).train()
-    nn.init.zeros_(blk.method.z_proj.weight)
-    nn.init.zeros_(blk.method.z_proj.bias)                                      # z = 0 -> S = 1/2 -> r_i = 1/4
+    nn.init.zeros_(blk.method.z_proj.weight)                                    # z = 0 -> S = 1/2 -> r_i = 1/4
     x, mask, ctx = make_batch("sequence", 2, n=3)
     run(blk, x, mask, ctx)
-    # per example: H(r) = -3 * 0.25 ln 0.25 = 0.75 ln 4 = 1.0397208; 1 / sum r = 1 / 0.75 = 1.3333333
-    # loss = 0.1 * 1.0397208 + 1.0 * 1.3333333 = 1.4373054 (mean); sum over the 2 examples: 2.8746108
-    per_example = 0.1 * 0.75 * math.log(4.0) + 4.0 / 3.0
+    # the SMEAR code's forward_dselectk_routing, per example (r = 1/4 on codes 0..2, k = 1 selector):
+    #   entropy  -sum_i r_i ln(r_i + 1e-6) = -0.75 ln(0.250001) = 1.0397178
+    #   penalty  1 / sum_i (r_i + 1e-6)    = 1 / 0.750003      = 1.3333280
+    #   both weighed by load_loss_weight = 0.1: 0.1 * 2.3730458 = 0.2373046 (mean); x 2 examples (sum)
+    per_example = 0.1 * (-0.75 * math.log(0.250001) + 1.0 / 0.750003)
+    assert per_example == pytest.approx(0.2373046, abs=1e-7)
     expected = per_example * (1 if reduction == "mean" else 2)
     torch.testing.assert_close(blk.last.aux_loss, torch.tensor(expected))
     torch.testing.assert_close(blk.last.probs, torch.full((2, 3), 1.0 / 3.0))  # q renormalised for logging
+    # the switch back to the earlier weighting: penalty weighed 1.0 -> 0.1 * 1.0397178 + 1.3333280 = 1.4373 per example
+    old = make_block("dselect_k", "sequence", n=3, dselect_reduction=reduction, dselect_invalid_weight=1.0).train()
+    nn.init.zeros_(old.method.z_proj.weight)
+    run(old, x, mask, ctx)
+    torch.testing.assert_close(old.last.aux_loss, torch.tensor((0.1 * 1.0397178 + 1.3333280) * (expected / per_example)))
+
+
+def test_dselect_regularizer_entropy_is_averaged_over_selectors():
+    blk = make_block("dselect_k", "sequence", n=4, dselect_k=2).train()        # power of 2: entropy only
+    r = torch.tensor([[[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]]])        # (b=1, k=2, n=4)
+    # H = [-ln(0.250001), -ln(1.000001)] = [1.3862904, -1e-6]; mean over selectors 0.6931447; x 0.1
+    expected = 0.1 * 0.5 * (-math.log(0.250001) - math.log(1.000001))
+    torch.testing.assert_close(blk.method.regularizer(r), torch.tensor(expected))
+
+
+def test_dselect_stuck_selector_gives_a_bounded_penalty():
+    # six experts, three bits: a selector whose bits all say 1 picks code 7, which does not exist: sum r = 0
+    blk = make_block("dselect_k", "sequence", n=6).train()
+    r = torch.zeros(2, 1, 6)
+    # official epsilon form: 1 / (0 + 6e-6) = 166,666.67, weighed 0.1 (1 / clamp_min(0, 1e-12) was 1e12)
+    torch.testing.assert_close(blk.method.regularizer(r), torch.tensor(0.1 / 6e-6))
+    with torch.no_grad():
+        blk.method.z_proj.weight.fill_(1.0)                                     # z >> 1/2 on every bit
+    x, mask, ctx = make_batch("sequence", 2, n=6)
+    run(blk, x, mask, ctx)
+    assert 0 < float(blk.last.aux_loss.detach()) <= 0.1 / 6e-6 + 1e-3
+
+
+def _reference_t5_temperatures(steps: int, *, tau0, tau_min, rate, interval) -> list[float]:
+    """The T5 trainer's loop, literally: before training step g, if (g + 1) % I == 0, compound the update."""
+    temp, used = tau0, []
+    for g in range(steps):
+        if (g + 1) % interval == 0:
+            temp = max(temp * math.exp(-rate * g), tau_min)
+        used.append(temp)
+    return used
+
+
+def _reference_resnet_temperatures(steps: int, *, tau0, tau_min, rate, interval) -> list[float]:
+    """cvl/src/train.py's loop, literally: train step g, then, if (g + 1) % I == 0, compound the update."""
+    temp, used = tau0, []
+    for g in range(steps):
+        used.append(temp)
+        if (g + 1) % interval == 0:
+            temp = max(temp * math.exp(-rate * g), tau_min)
+    return used
+
+
+@pytest.mark.parametrize("layout,offset", [("t5", 1), ("resnet", 0)])
+def test_gumbel_schedule_equals_the_reference_loops(layout, offset):
+    kw = dict(tau0=10.0, tau_min=0.5, rate=0.004, interval=7)                  # small, to cover clipping
+    ref = (_reference_t5_temperatures if layout == "t5" else _reference_resnet_temperatures)(300, **kw)
+    ours = [gumbel_temperature(s, tau0=10.0, tau_min=0.5, rate=0.004, update_every=7, step_offset=offset)
+            for s in range(300)]
+    assert ours == pytest.approx(ref, rel=1e-12)
+    assert min(ref) == 0.5 and ref[0] == 10.0
 
 
 def test_gumbel_compounding_schedule_t5():
-    kw = dict(tau0=10.0, tau_min=0.5, rate=1e-6, update_every=5000, schedule="compounding")
-    # K = step // 5000 updates; tau = 10 exp(-1e-6 * 5000 * K(K+1)/2) = 10 exp(-0.0025 K(K+1))
-    assert gumbel_temperature(4999, **kw) == 10.0                                  # K = 0: no update yet
-    assert gumbel_temperature(5000, **kw) == pytest.approx(10 * math.exp(-0.005))  # K = 1: 9.950125
-    assert gumbel_temperature(5000, **kw) == pytest.approx(9.950125, abs=1e-6)
-    assert gumbel_temperature(30000, **kw) == pytest.approx(9.003245, abs=1e-6)    # K = 6: exp(-0.105)
-    assert gumbel_temperature(60000, **kw) == pytest.approx(6.770569, abs=1e-6)    # K = 12: exp(-0.39)
-    # 10 exp(-0.0025 K(K+1)) <= 0.5 <=> K(K+1) >= 400 ln 20 = 1198.3: K = 34 gives 1190, K = 35 gives 1260
-    assert gumbel_temperature(170000, **kw) == pytest.approx(10 * math.exp(-0.0025 * 34 * 35))  # 0.5105 > 0.5
-    assert gumbel_temperature(170000, **kw) > 0.5
-    assert gumbel_temperature(175000, **kw) == 0.5
-    first = next(s for s in range(0, 400001, 5000) if gumbel_temperature(s, **kw) == 0.5)
-    assert first == 175000
+    kw = dict(tau0=10.0, tau_min=0.5, rate=1e-6, update_every=5000, schedule="compounding", step_offset=1)
+    # K = (step + 1) // 5000 updates; tau = 10 exp(-1e-6 (5000 K(K+1)/2 - K))
+    assert gumbel_temperature(4998, **kw) == 10.0                                  # K = 0: no update yet
+    assert gumbel_temperature(4999, **kw) == pytest.approx(10 * math.exp(-0.004999))  # K = 1: 9.950135
+    assert gumbel_temperature(4999, **kw) == pytest.approx(9.950135, abs=1e-6)
+    assert gumbel_temperature(29999, **kw) == pytest.approx(9.003299, abs=1e-6)    # K = 6: exp(-0.104994)
+    # <= 0.5 <=> 5000 K(K+1)/2 - K >= 1e6 ln 20 = 2,995,732: K = 34 gives 2,974,966, K = 35 gives 3,149,965
+    assert gumbel_temperature(174998, **kw) == pytest.approx(10 * math.exp(-2.974966))  # 0.5105 > 0.5
+    assert gumbel_temperature(174999, **kw) == 0.5
+    first = next(s for s in range(0, 400001) if gumbel_temperature(s, **kw) == 0.5)
+    assert first == 174999
 
 
 def test_gumbel_compounding_schedule_resnet():
-    kw = dict(tau0=10.0, tau_min=0.5, rate=1e-4, update_every=1000, schedule="compounding")
-    # tau = 10 exp(-0.05 K(K+1)); <= 0.5 <=> K(K+1) >= 20 ln 20 = 59.9: K = 7 gives 56, K = 8 gives 72
-    assert gumbel_temperature(7000, **kw) == pytest.approx(10 * math.exp(-2.8))  # 0.608 > 0.5
+    kw = dict(tau0=10.0, tau_min=0.5, rate=1e-4, update_every=1000, schedule="compounding", step_offset=0)
+    # K = step // 1000; tau = 10 exp(-1e-4 (1000 K(K+1)/2 - K)): K = 7 -> exp(-2.7993) = 0.6085 > 0.5, K = 8 -> 0.5
+    assert gumbel_temperature(7999, **kw) == pytest.approx(10 * math.exp(-2.7993))
     assert gumbel_temperature(8000, **kw) == 0.5
-    first = next(s for s in range(0, 100001, 1000) if gumbel_temperature(s, **kw) == 0.5)
+    first = next(s for s in range(0, 100001) if gumbel_temperature(s, **kw) == 0.5)
     assert first == 8000
 
 
@@ -300,6 +356,36 @@ def test_reinforce_block_terms_train_and_eval():
     run(blk, x, mask, ctx)
     assert aux_loss(blk, per_example) == 0                                     # no sample, no policy gradient
     assert (blk.last.extras["experts"] == blk.last.probs.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reinforce_terms_are_averaged_over_blocks(reduction):
+    ctx = RoutingContext()
+    model = nn.Sequential(*[make_block("reinforce", "sequence", seed=i, context=ctx,
+                                       reinforce_block_reduction=reduction) for i in range(3)]).train()
+    x, mask, c = make_batch("sequence", 4)
+    set_context(model, **c, mask=mask)
+    model(x)
+    per_example = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    terms = [reinforce_terms(b.last.extras["log_prob"], b.last.extras["baseline"], b.last.extras["entropy"],
+                             per_example, w_pg=0.01, w_ent=5e-4, w_value=0.01) for b in model]
+    # official trainers: each term's mean over (batch, blocks) = the mean over blocks of per-block means
+    expected = sum(terms) / 3 if reduction == "mean" else sum(terms)
+    torch.testing.assert_close(aux_loss(model, per_example), expected)
+
+
+def test_reinforce_baseline_reads_the_layernormed_router_input_and_starts_small():
+    blk = make_block("reinforce", "sequence").train()
+    first, second = blk.method.baseline
+    assert float(first.weight.detach().std()) == pytest.approx(0.01, rel=0.2) and (first.bias == 0).all()
+    assert float(second.weight.detach().std()) == pytest.approx(0.01, rel=0.6) and (second.bias == 0).all()
+    x, mask, ctx = make_batch("sequence", 3)
+    run(blk, x, mask, ctx)
+    u = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)                     # masked mean (b, c)
+    torch.testing.assert_close(blk.last.extras["baseline"], blk.method.baseline(blk.router.in_norm(u)).squeeze(-1))
+    raw = make_block("reinforce", "sequence", reinforce_baseline_input="raw").train()
+    run(raw, x, mask, ctx)
+    torch.testing.assert_close(raw.last.extras["baseline"], raw.method.baseline(u).squeeze(-1))
 
 
 def test_adaptive_choice_at_the_threshold():
@@ -554,15 +640,16 @@ def test_two_passes_and_consistency_loss():
     model = nn.Sequential(make_block("adamix", adamix_consistency_weight=2.0))
     a = torch.tensor([[0.0, 0.0]])                                                     # P = [0.5, 0.5]
     b = torch.tensor([[math.log(3.0), 0.0]])                                           # Q = [0.75, 0.25]
-    # KL(P||Q) + KL(Q||P) = sum (P - Q)(ln P - ln Q)
-    #   = (-0.25)(ln 0.5 - ln 0.75) + (0.25)(ln 0.5 - ln 0.25) = 0.1013663 + 0.1732868 = 0.2746531; x 2
-    torch.testing.assert_close(consistency_loss(model, a, b), torch.tensor(2 * 0.2746531))
+    # official: 0.5 * (KL(P||Q) + KL(Q||P)) = 0.5 * sum (P - Q)(ln P - ln Q)
+    #   = 0.5 * ((-0.25)(ln 0.5 - ln 0.75) + (0.25)(ln 0.5 - ln 0.25)) = 0.5 * 0.2746531 = 0.1373266; x weight 2
+    torch.testing.assert_close(consistency_loss(model, a, b), torch.tensor(0.2746531))
     assert consistency_loss(model, b, b) == 0
-    # sequence outputs (b, t, vocab): summed over real tokens, a padded token's logits do not count
+    # sequence outputs (b, t, vocab): averaged over every (example, token), padded positions included (T5 trainer)
     seq_a = torch.stack([a[0], torch.tensor([5.0, -5.0])])[None]                      # (1, 2, 2)
     seq_b = torch.stack([b[0], torch.tensor([-5.0, 5.0])])[None]
-    mask = torch.tensor([[True, False]])
-    torch.testing.assert_close(consistency_loss(model, seq_a, seq_b, mask), torch.tensor(2 * 0.2746531))
+    p = torch.sigmoid(torch.tensor(10.0))                                              # P = [p, 1 - p], Q = [1 - p, p]
+    second = 0.5 * 2 * (2 * p - 1) * 10.0                                              # 9.999092
+    torch.testing.assert_close(consistency_loss(model, seq_a, seq_b), 2 * (0.1373266 + second) / 2)
     assert consistency_loss(nn.Sequential(make_block("smear")), a, b) == 0
 
 
@@ -619,6 +706,16 @@ def test_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="gumbel_schedule"):
         build(RoutingConfig, {"gumbel_schedule": "linear"})
     with pytest.raises(ConfigError, match="hash_num_examples"):
-        build(RoutingConfig, {"hash_num_examples": 0})
+        build(RoutingConfig, {"hash_num_examples": -1})
+    with pytest.raises(ConfigError, match="hash_num_examples=0"):                 # "sized to the data", unresolved
+        make_block("hash", hash_num_examples=0)
+    assert build(RoutingConfig, {"hash_num_examples": 0}).sized_for(1234).hash_num_examples == 1234
+    assert build(RoutingConfig, {"hash_num_examples": 99}).sized_for(1234).hash_num_examples == 99
+    for key in ("router_weight_norm", "router_pooling", "image_router_input", "post_norm", "latent_skills_sample",
+                "reinforce_block_reduction", "reinforce_baseline_input", "adamix_task_loss"):
+        with pytest.raises(ConfigError, match=key):
+            build(RoutingConfig, {key: "nope"})
+    with pytest.raises(ConfigError, match="gumbel_step_offset"):
+        build(RoutingConfig, {"gumbel_step_offset": 2})
     with pytest.raises(ConfigError, match="adaptive_gating"):
         make_block("adaptive_gating", n=1)

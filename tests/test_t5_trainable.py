@@ -41,12 +41,17 @@ def test_rte_uses_mnli_expert_in_encoder_blocks_only(offline_data):
     from trainables.config import make_config
     from trainables.t5_glue import T5Glue
 
-    setting = T5Glue(make_config(_cfg("tag", t5={"rte_to_mnli": True})))
-    model = setting.build_model()
+    cfg = make_config(_cfg("tag"))
+    assert cfg.t5.rte_to_mnli                                     # the official default
+    setting = T5Glue(cfg)
+    model = setting.build_model(cfg.routing)
     rte, mnli = TASKS.index("rte"), TASKS.index("mnli")
     for _, blk in routing_blocks(model):
         expected = mnli if blk.route_from == "self" else rte
         assert int(blk.method.task_to_expert[rte]) == expected
+    own = make_config(_cfg("tag", t5={"rte_to_mnli": False}))    # the switch: RTE keeps its own expert
+    for _, blk in routing_blocks(T5Glue(own).build_model(own.routing)):
+        assert int(blk.method.task_to_expert[rte]) == rte
 
 
 def test_token_granularity_refused_in_decoder(offline_data):

@@ -6,7 +6,7 @@ import torch
 
 from smear.configs import ConfigError
 from trainables.config import make_config
-from trainables.loop import LocalSession, NonFiniteLoss, train_loop
+from trainables.loop import CheckpointMismatch, LocalSession, NoGPU, NonFiniteLoss, train_loop
 
 
 def _cfg(root, **over):
@@ -29,15 +29,59 @@ def test_reports_metrics_and_checkpoints(digits_root, tmp_path):
     assert s.latest_checkpoint_dir() is not None
 
 
-def test_resume_from_checkpoint_continues_where_it_stopped(digits_root, tmp_path):
-    s = LocalSession(str(tmp_path))
-    train_loop(_cfg(digits_root, steps=3), s)
+class _Killed(Exception):
+    """Stands for the trial process dying right after a checkpoint was registered."""
+
+
+class _DyingSession(LocalSession):
+    def __init__(self, root, die_after: int):
+        super().__init__(root)
+        self.die_after = die_after
+
+    def report(self, metrics, checkpoint_dir):
+        super().report(metrics, checkpoint_dir)
+        if checkpoint_dir is not None and self._saved == self.die_after:
+            raise _Killed
+
+
+def test_resume_continues_from_the_checkpoint_step_exactly(digits_root, tmp_path):
+    cfg = _cfg(digits_root, steps=9)
+    whole = LocalSession(str(tmp_path / "whole"))
+    train_loop(cfg, whole)
+    s = _DyingSession(str(tmp_path / "resumed"), die_after=1)
+    with pytest.raises(_Killed):
+        train_loop(cfg, s)                                       # dies after the step-3 checkpoint
     first_ckpt = s.latest_checkpoint_dir()
-    s.reports.clear()
-    train_loop(_cfg(digits_root, steps=6), s)                   # restores step 3, trains 3 more
-    assert [r["step"] for r in s.reports] == [6, 6]
-    state = torch.load(f"{first_ckpt}/state.pt", weights_only=False)
-    assert state["step"] == 3
+    assert torch.load(f"{first_ckpt}/state.pt", weights_only=True)["step"] == 3
+    train_loop(cfg, s)                                           # the restarted trial: same session, same config
+    steps = [r["step"] for r in s.reports]
+    assert steps == [3, 6, 9, 9]                                 # no step repeated, none restarted from 0
+    # and the resumed trial is the uninterrupted one, bit for bit (weights, optimiser, RNG, data order)
+    for a, b in zip(whole.reports, s.reports):
+        assert a == b
+
+
+def test_resume_refuses_a_checkpoint_of_another_config_or_model(digits_root, tmp_path):
+    s = _DyingSession(str(tmp_path), die_after=1)
+    with pytest.raises(_Killed):
+        train_loop(_cfg(digits_root, steps=6), s)
+    with pytest.raises(CheckpointMismatch, match="steps: 6 in the checkpoint != 9 now"):
+        train_loop(_cfg(digits_root, steps=9), s)
+    state_file = f"{s.latest_checkpoint_dir()}/state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["model"].pop(next(iter(state["model"])))               # a partial checkpoint is never half-restored
+    torch.save(state, state_file)
+    with pytest.raises(CheckpointMismatch, match="1 missing keys"):
+        train_loop(_cfg(digits_root, steps=6), s)
+
+
+def test_a_gpu_trial_on_a_node_without_cuda_fails_at_once(digits_root, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this node has CUDA: the refusal is for nodes without it")
+    s = LocalSession(str(tmp_path))
+    with pytest.raises(NoGPU, match="use_gpu=True but torch sees no CUDA device"):
+        train_loop(_cfg(digits_root, use_gpu=True), s)
+    assert s.reports == []
 
 
 def test_same_seed_same_result(digits_root, tmp_path):

@@ -15,13 +15,15 @@ PRIMARY_METRIC = {"resnet_domainnet": "accuracy", "t5_glue": "average"}  # val/<
 SETTING_DEFAULTS: dict[str, dict[str, Any]] = {
     "resnet_domainnet": {
         "steps": 100_000, "eval_every": 1_000, "batch_size": 128, "optimizer": "adam", "lr": 1e-3,
-        "warmup_steps": 0, "grad_clip": 1.0, "label_smoothing": 0.0,
-        "routing": {"num_experts": 6, "rank": 32, "gumbel_anneal_rate": 1e-4, "gumbel_update_every": 1_000},
+        "warmup_steps": 0, "grad_clip": 1.0, "label_smoothing": 0.0, "batch_loss": "mean",
+        "routing": {"num_experts": 6, "rank": 32, "gumbel_anneal_rate": 1e-4, "gumbel_update_every": 1_000,
+                    "gumbel_step_offset": 0},
     },
     "t5_glue": {
         "steps": 600_000, "eval_every": 5_000, "batch_size": 128, "optimizer": "adamw", "lr": 3e-4,
-        "warmup_steps": 2_000, "grad_clip": 0.0, "label_smoothing": 0.1,
-        "routing": {"num_experts": 8, "rank": 24, "gumbel_anneal_rate": 1e-6, "gumbel_update_every": 5_000},
+        "warmup_steps": 2_000, "grad_clip": 1.0, "label_smoothing": 0.1, "batch_loss": "sum",
+        "routing": {"num_experts": 8, "rank": 24, "gumbel_anneal_rate": 1e-6, "gumbel_update_every": 5_000,
+                    "gumbel_step_offset": 1},
     },
 }
 
@@ -56,7 +58,8 @@ class T5Settings:
     max_source_len: int = field(128, ge=8)
     max_target_len: int = field(16, ge=2)
     loss_reduction: str = field("sum", choices=("sum", "mean"), doc="over target tokens: sum (reference) or mean")
-    rte_to_mnli: bool = field(False, doc="tag routing: RTE uses MNLI's expert in encoder blocks (reference)")
+    rte_to_mnli: bool = field(True, doc="tag routing: RTE uses MNLI's expert in encoder blocks (official: "
+                                        "task_routing_same_rte_mnli_onlyencoder.json); false = RTE's own expert")
     val_holdout: int = field(1000, ge=1, doc="training examples held out as validation for qqp, qnli, sst2")
     eval_limit: int = field(0, ge=0, doc="evaluate on the first N examples of each task's split; 0 = all")
 
@@ -65,8 +68,9 @@ class T5Settings:
         bad = [t for t in self.tasks if t not in valid]
         if bad or not self.tasks:
             raise ConfigError(f"t5.tasks has unknown task {(bad or [''])[0]!r}; valid: {', '.join(valid)}")
-        if self.rte_to_mnli and not {"rte", "mnli"} <= set(self.tasks):
-            raise ConfigError("t5.rte_to_mnli=True needs both rte and mnli in t5.tasks")
+        if self.rte_to_mnli and "rte" in self.tasks and "mnli" not in self.tasks:
+            raise ConfigError("t5.rte_to_mnli=True routes RTE with MNLI's expert, but mnli is not in t5.tasks; "
+                              "valid: add mnli to t5.tasks, or set t5.rte_to_mnli: false")
 
 
 @dataclass
@@ -82,6 +86,9 @@ class TrainConfig:
     warmup_steps: int = field(0, ge=0, doc="linear warmup, then constant (paper: 2,000 T5)")
     grad_clip: float = field(1.0, ge=0.0, doc="max global grad norm, 0 = off")
     label_smoothing: float = field(0.0, ge=0.0, le=0.5, doc="paper: 0.1 T5")
+    batch_loss: str = field("mean", choices=("mean", "sum"),
+                            doc="task loss over the batch: sum (T5 reference: sets the scale of every auxiliary "
+                                "weight) or mean (ResNet reference)")
     pretrained: str = field("none", choices=("none", "imagenet"), doc="backbone weights; imagenet needs a download or cache")
     backbone_bn: str = field("update", choices=("update", "frozen"),
                              doc="frozen backbone's BN running stats: update in training (reference) or frozen")

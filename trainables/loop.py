@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 import smear.routing as routing
+from smear.configs import flatten, to_dict
 from trainables.config import TrainConfig, make_config
 from trainables.setting import Setting
 
@@ -32,6 +33,14 @@ ROUTING_HEATMAP = "routing_heatmap"  # key of the final report holding the speci
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or inf; the trial fails at once with this reason."""
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint that does not belong to this trial's config or model; never restored in part."""
+
+
+class NoGPU(RuntimeError):
+    """The trial asked for a GPU (use_gpu) on a node where torch sees no CUDA device."""
 
 
 class Session(Protocol):
@@ -78,9 +87,13 @@ def seed_everything(seed: int) -> None:
 
 
 def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.use_gpu and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    if not cfg.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():  # never train silently on the CPU of a GPU trial
+        raise NoGPU(f"use_gpu=True but torch sees no CUDA device on this node "
+                    f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}); "
+                    "give the trial a GPU (resources.gpu / --gpus-per-trial) or set use_gpu: false")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _settings() -> dict[str, Callable[[TrainConfig], Setting]]:
@@ -90,11 +103,41 @@ def _settings() -> dict[str, Callable[[TrainConfig], Setting]]:
     return {"resnet_domainnet": ResNetDomainNet, "t5_glue": T5Glue}
 
 
-def _partial_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def _partial_keys(model: nn.Module) -> set[str]:
     """What training changes: trainable parameters and all buffers (BN statistics, hash tables)."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    buffers = {n for n, _ in model.named_buffers()}
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in trainable or k in buffers}
+    return {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+
+
+def _partial_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    keys = _partial_keys(model)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keys}
+
+
+def _restore(model: nn.Module, saved: dict[str, torch.Tensor], what: str) -> None:
+    """Load a partial state with ``strict=True``: exactly the model's trainable parameters and buffers,
+    no key missing, none unexpected (a partial restore would silently train from a mix)."""
+    expected = _partial_keys(model)
+    missing, unexpected = sorted(expected - saved.keys()), sorted(saved.keys() - expected)
+    if missing or unexpected:
+        raise CheckpointMismatch(f"{what} does not match the model: {len(missing)} missing keys "
+                                 f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
+    full = model.state_dict()
+    full.update(saved)
+    model.load_state_dict(full, strict=True)
+
+
+def _config_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """The first flattened key whose value differs between two resolved configs, as 'key: a != b'."""
+    a, b = flatten(saved), flatten(current)
+    for k in sorted(a.keys() | b.keys()):
+        if a.get(k, "<absent>") != b.get(k, "<absent>"):
+            return f"{k}: {a.get(k, '<absent>')!r} in the checkpoint != {b.get(k, '<absent>')!r} now"
+    return None
+
+
+def _task_loss(per_ex: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The task loss over the batch: sum (T5 reference, ``label_smoothed_nll_loss``) or mean (ResNet reference)."""
+    return per_ex.sum() if cfg.batch_loss == "sum" else per_ex.mean()
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -220,23 +263,26 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     setting = _settings()[cfg.setting](cfg)
     primary = f"val/{setting.primary_metric}"
     train_ds, val_ds, test_ds = (setting.dataset(s) for s in ("train", "val", "test"))
-    # hash routing: a table entry for every example id of every split (ids index each split from 0)
-    cfg.routing.hash_num_examples = max(cfg.routing.hash_num_examples, len(train_ds), len(val_ds), len(test_ds))
-    core = setting.build_model().to(device)
+    # hash routing: a table entry for every example id of every split (ids index each split from 0);
+    # a copy, so that cfg stays what was validated, logged and checkpointed
+    core = setting.build_model(cfg.routing.sized_for(max(len(train_ds), len(val_ds), len(test_ds)))).to(device)
     model = wrap_model(core) if wrap_model is not None else core
     opt, sched = _optimizer(core, cfg)
 
     step, best_val, best_state, epoch, skip = 0, -math.inf, None, 0, 0
     ckpt_dir = session.latest_checkpoint_dir()
     if ckpt_dir:
-        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
-        core.load_state_dict(state["model"], strict=False)
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+        diff = _config_difference(state.get("config", {}), to_dict(cfg))
+        if diff is not None:  # what ran must be what is recorded: no resume under another config
+            raise CheckpointMismatch(f"checkpoint {ckpt_dir} was written under another config ({diff})")
+        _restore(core, state["model"], f"checkpoint {ckpt_dir}")
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, best_val, epoch, skip = state["step"], state["best_val"], state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(state["torch_rng"])
         if (Path(ckpt_dir) / BEST_FILE).exists():
-            best_state = torch.load(Path(ckpt_dir) / BEST_FILE, map_location="cpu")
+            best_state = torch.load(Path(ckpt_dir) / BEST_FILE, map_location="cpu", weights_only=True)
 
     val_loader = _loader(val_ds, cfg, session, train=False, collate=setting.collate)
     two_passes = routing.needs_two_passes(core)
@@ -252,12 +298,13 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
                 continue
             b = setting.batch_to_model(batch, device)
             routing.set_context(core, task_ids=b.groups, example_ids=b.ids, step=step)
-            per_ex, logits, mask = setting.per_example_loss(model, b)
-            loss = per_ex.mean() + routing.aux_loss(core, per_ex.detach())
+            per_ex, logits, _ = setting.per_example_loss(model, b)
+            loss = _task_loss(per_ex, cfg) + routing.aux_loss(core, per_ex.detach())
             if two_passes:  # AdaMix: a second stochastic pass and a consistency loss between the two
                 per_ex2, logits2, _ = setting.per_example_loss(model, b)
-                loss = 0.5 * (loss + per_ex2.mean() + routing.aux_loss(core, per_ex2.detach()))
-                loss = loss + routing.consistency_loss(core, logits, logits2, mask)
+                if cfg.routing.adamix_task_loss == "mean":  # the official trainers keep the first pass's only
+                    loss = 0.5 * (loss + _task_loss(per_ex2, cfg) + routing.aux_loss(core, per_ex2.detach()))
+                loss = loss + routing.consistency_loss(core, logits, logits2)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite training loss {loss.item()} at step {step}")
             if curriculum is not None and (fractions := routing.top2_fractions(core)) is not None:
@@ -282,7 +329,7 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
                 if metrics[primary] > best_val:
                     best_val, best_state = metrics[primary], _partial_state(core)
                 metrics[f"val/best_{setting.primary_metric}"] = best_val
-                _report_with_checkpoint(session, metrics, core, opt, best_state, scheduler=sched.state_dict(),
+                _report_with_checkpoint(session, metrics, cfg, core, opt, best_state, scheduler=sched.state_dict(),
                                         step=step, best_val=best_val, epoch=epoch, batch_in_epoch=i + 1)
             if step >= cfg.steps:
                 break
@@ -290,7 +337,7 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
 
     # test accuracy of the best validation weights
     if best_state is not None:
-        core.load_state_dict(best_state, strict=False)
+        _restore(core, best_state, "the best-validation weights")
     final, heat = evaluate(setting, core, _loader(test_ds, cfg, session, train=False, collate=setting.collate), device, "test")
     final.update({"step": step, f"val/best_{setting.primary_metric}": best_val, "done": 1.0,
                   # specialisation (methods.md section 5): per block, group x expert mean routing weight on test
@@ -299,13 +346,13 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     return final
 
 
-def _report_with_checkpoint(session, metrics, core, opt, best_state, **counters) -> None:
+def _report_with_checkpoint(session, metrics, cfg, core, opt, best_state, **counters) -> None:
     if session.world_rank != 0:
         session.report(metrics, None)
         return
     with tempfile.TemporaryDirectory() as d:
         torch.save({"model": _partial_state(core), "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                    **counters}, Path(d) / STATE_FILE)
+                    "config": to_dict(cfg), **counters}, Path(d) / STATE_FILE)
         if best_state is not None:
             torch.save(best_state, Path(d) / BEST_FILE)
         session.report(metrics, d)

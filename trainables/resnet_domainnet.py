@@ -8,6 +8,7 @@ from torch.utils.data import Dataset
 
 from smear.backbones.resnet import build_routed_resnet18
 from smear.data import offline_digits_domainnet
+from smear.routing import RoutingConfig
 from smear.data.domainnet import DomainNetDataset, num_classes
 from trainables.config import PRIMARY_METRIC, TrainConfig
 from trainables.setting import Batch
@@ -24,8 +25,8 @@ class ResNetDomainNet:
         self.group_names = list(cfg.data.domains)
         self.num_classes = num_classes(self.root, cfg.data.domains)
 
-    def build_model(self) -> nn.Module:
-        return build_routed_resnet18(self.cfg.routing, num_classes=self.num_classes, num_tasks=len(self.group_names),
+    def build_model(self, routing: RoutingConfig) -> nn.Module:
+        return build_routed_resnet18(routing, num_classes=self.num_classes, num_tasks=len(self.group_names),
                                      pretrained=self.cfg.pretrained, backbone_bn=self.cfg.backbone_bn)
 
     def dataset(self, split: str) -> Dataset:

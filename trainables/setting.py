@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from smear.routing import RoutingConfig
+
 
 @dataclass
 class Batch:
@@ -23,7 +25,8 @@ class Setting(Protocol):
     primary_metric: str      # val/<primary_metric> selects the best checkpoint
     collate: Callable | None
 
-    def build_model(self) -> nn.Module: ...
+    def build_model(self, routing: RoutingConfig) -> nn.Module:
+        """The routed model; ``routing`` is the trial's routing config sized to the data (hash tables)."""
     def dataset(self, split: str) -> Dataset: ...
     def batch_to_model(self, batch, device) -> Batch: ...
     def per_example_loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

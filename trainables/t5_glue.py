@@ -21,6 +21,7 @@ from smear.backbones.t5 import build_routed_t5, check_decoder_support
 from smear.data import offline_synthetic_glue
 from smear.data.glue import GlueMixture, make_collate, parse_prediction
 from smear.metrics import glue_score, glue_task_metrics
+from smear.routing import RoutingConfig
 from trainables.config import PRIMARY_METRIC, TrainConfig
 from trainables.setting import Batch
 
@@ -50,12 +51,12 @@ class T5Glue:
         self.tokenizer = load_tokenizer(cfg.t5.tokenizer)
         self.collate = make_collate(self.tokenizer, cfg.t5.max_source_len, cfg.t5.max_target_len)
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, routing: RoutingConfig) -> nn.Module:
         t = self.t5cfg
         tiny = {"d_model": t.d_model, "d_ff": t.d_ff, "num_layers": t.num_layers, "num_decoder_layers": t.num_layers,
                 "num_heads": t.num_heads, "d_kv": max(1, t.d_model // t.num_heads), "vocab_size": len(self.tokenizer)}
-        model = build_routed_t5(self.cfg.routing, num_tasks=len(self.group_names), source=t.model, tiny=tiny)
-        if t.rte_to_mnli and self.cfg.routing.method == "tag":  # reference: RTE uses MNLI's expert, encoder only
+        model = build_routed_t5(routing, num_tasks=len(self.group_names), source=t.model, tiny=tiny)
+        if t.rte_to_mnli and routing.method == "tag" and {"rte", "mnli"} <= set(self.group_names):  # reference: RTE uses MNLI's expert, encoder only
             from smear.routing import routing_blocks
 
             rte, mnli = self.group_names.index("rte"), self.group_names.index("mnli")

@@ -78,12 +78,16 @@ def inject_routing_blocks(backbone: ResNet, cfg: RoutingConfig, *, num_tasks: in
 
 
 def load_resnet18(pretrained: Literal["none", "imagenet"]) -> ResNet:
-    """torchvision ResNet-18: random init (``none``, offline default) or ImageNet weights (``imagenet``)."""
+    """torchvision ResNet-18: fixed random init (``none``, offline default) or ImageNet weights (``imagenet``)."""
     if pretrained == "imagenet":
         from torchvision.models import ResNet18_Weights
 
         return resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
-    return resnet18(weights=None)
+    # random weights: the same frozen backbone for every trial, from its own RNG, so that the caller's
+    # seeded stream (and with it everything trained) depends on the trial's seed alone
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return resnet18(weights=None)
 
 
 def build_routed_resnet18(cfg: RoutingConfig, *, num_classes: int, num_tasks: int,

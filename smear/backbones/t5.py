@@ -51,8 +51,11 @@ def tiny_t5_config(vocab_size: int = 384, **overrides) -> T5Config:
 def load_t5(source: str, tiny: dict | None = None) -> T5ForConditionalGeneration:
     """``tiny`` (random weights from :func:`tiny_t5_config`, offline) or a model name/path (e.g. the paper's)."""
     if source == "tiny":
-        torch.manual_seed(0)  # the frozen random backbone is the same for every trial
-        return T5ForConditionalGeneration(tiny_t5_config(**(tiny or {})))
+        # the frozen random backbone is the same for every trial, drawn from its own RNG: the caller's
+        # (seeded) RNG stream is left untouched, so the trial's seed alone drives what is trained
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return T5ForConditionalGeneration(tiny_t5_config(**(tiny or {})))
     return T5ForConditionalGeneration.from_pretrained(source)
 
 
@@ -79,15 +82,18 @@ def inject_routing_blocks(model: T5ForConditionalGeneration, cfg: RoutingConfig,
 class RoutedT5(nn.Module):
     """T5ForConditionalGeneration with routing blocks; the routing context is set from the inputs."""
 
-    def __init__(self, t5: T5ForConditionalGeneration, context: RoutingContext):
+    def __init__(self, t5: T5ForConditionalGeneration, context: RoutingContext, router_pooling: str = "masked"):
         super().__init__()
         self.t5, self.context = t5, context
+        self.router_pooling = router_pooling  # "all": the official mean over padding too (RoutingConfig)
         t5.encoder.register_forward_hook(self._summarise_encoder)
 
     def _summarise_encoder(self, module, args, output) -> None:
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state  # (b, s, c)
         mask = self.context.mask
-        mask = mask.bool() if mask is not None else torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        if mask is None or self.router_pooling == "all":
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        mask = mask.bool()
         self.context.encoder_summary = masked_mean(hidden, mask)                      # (b, c)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
@@ -114,7 +120,7 @@ def build_routed_t5(cfg: RoutingConfig, *, num_tasks: int, source: str = "tiny",
     for m in t5.modules():
         if isinstance(m, T5LayerNorm):
             m.weight.requires_grad_(True)
-    return RoutedT5(t5, context)
+    return RoutedT5(t5, context, router_pooling=cfg.router_pooling)
 
 
 def check_decoder_support(cfg: RoutingConfig) -> None:

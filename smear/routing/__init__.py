@@ -49,12 +49,22 @@ def set_context(model: nn.Module, **values) -> RoutingContext:
 
 
 def aux_loss(model: nn.Module, per_example_loss: Tensor) -> Tensor:
-    """Sum over blocks of the methods' auxiliary losses and task-loss-dependent terms (REINFORCE)."""
+    """The methods' auxiliary losses (summed over blocks, as the official ``load_loss_accm``) plus the
+    terms that need the task loss (REINFORCE), summed or averaged over blocks as the method says
+    (:meth:`RoutingMethod.block_reduction`)."""
     total = per_example_loss.new_zeros(())
+    mean_terms: list[Tensor] = []
     for _, block in routing_blocks(model):
         if block.last is None:
             continue
-        total = total + block.last.aux_loss + block.method.task_loss_terms(block.last, per_example_loss)
+        terms = block.method.task_loss_terms(block.last, per_example_loss)
+        if block.method.block_reduction() == "mean":
+            mean_terms.append(terms)
+        else:
+            total = total + terms
+        total = total + block.last.aux_loss
+    if mean_terms:
+        total = total + torch.stack(mean_terms).mean()
     return total
 
 
@@ -100,25 +110,22 @@ def needs_two_passes(model: nn.Module) -> bool:
     return any(block.method.two_pass_consistency for _, block in routing_blocks(model))
 
 
-def consistency_loss(model: nn.Module, logits_a: Tensor, logits_b: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Symmetric KL between two forward passes' output distributions, times ``adamix_consistency_weight``.
+def consistency_loss(model: nn.Module, logits_a: Tensor, logits_b: Tensor) -> Tensor:
+    """AdaMix's consistency loss between two forward passes, times ``adamix_consistency_weight``.
 
-    AdaMix (Wang et al. 2022) section 3.2, eq. 4: KL(P_a || P_b) + KL(P_b || P_a), P = softmax over the
-    last dim of the model outputs, (b, classes) or (b, t, vocab). Over positions (with ``mask`` (b, t),
-    True = real token) the KL is summed, matching the reference's task loss summed over tokens; over
-    examples it is averaged. Both passes get gradients (neither is detached). Zero (weight 0) for a
-    model without a two-pass method.
+    As the official trainers (AdaMix, Wang et al. 2022, section 3.2, eq. 4): 0.5 * (KL(P_a || P_b) +
+    KL(P_b || P_a)), P = softmax over the last dim of the model outputs, (b, classes) or (b, t, vocab),
+    summed over that dim and averaged over every other position: over the batch in ResNet
+    (``cvl/src/models/resnet_classifier.py``, ``KLDivLoss(reduction="batchmean")``), over (batch, tokens)
+    in T5 (``t5_trainer.py``, ``torch.mean(torch.sum(consistency_loss, dim=-1))``, padded target positions
+    included). Both passes get gradients (neither is detached). Zero for a model without a two-pass method.
     """
     weights = [b.cfg.adamix_consistency_weight for _, b in routing_blocks(model) if b.method.two_pass_consistency]
     if not weights:
         return logits_a.new_zeros(())
     log_a = F.log_softmax(logits_a.float(), dim=-1)
     log_b = F.log_softmax(logits_b.float(), dim=-1)
-    sym_kl = ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(-1)          # (b,) or (b, t)
-    if sym_kl.dim() == 2:
-        if mask is not None:
-            sym_kl = sym_kl * mask.to(sym_kl.dtype)
-        sym_kl = sym_kl.sum(-1)                                                # (b,)
+    sym_kl = 0.5 * ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(-1)    # (b,) or (b, t)
     return weights[0] * sym_kl.mean()
 
 

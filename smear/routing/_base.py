@@ -37,6 +37,7 @@ class RoutingInputs:
     u: Tensor          # (b, c) router input: masked mean of the block input over positions
     ctx: RoutingContext
     training: bool
+    u_normed: Tensor | None = None  # (b, c) the router's LayerNormed input (None for methods without a router)
 
 
 @dataclass
@@ -107,38 +108,55 @@ class ExpertBank(nn.Module):
 
 
 class Router(nn.Module):
-    """p = softmax(LayerNorm(u) . W_hat), W_hat[:, n] = LayerNorm_n(W[:, n]) (methods.md section 1).
+    """p = softmax(LayerNorm(u) . W_hat) (SMEAR paper section 3; methods.md section 1).
 
-    W is (c, n), init N(0, 0.01^2), no bias. Each expert column is layer-normalised over c with its own
-    gain (init ``gain_init`` = 0.01) and bias (init 0), so logits start small and routing near uniform.
-    Reading of the reference: "each expert column of W goes through its own LayerNorm over C".
+    W is (c, n), init N(0, 0.01^2), no bias. W_hat normalises each expert column of W over c:
+      shared (``weight_norm="shared"``, the official ``Router`` in ``adapter_utils.py`` of both code
+        trees: ``multi_router_weights_layer_norms[i](router_weights[i].T).T``): ONE ``nn.LayerNorm(c)``
+        for every column, gain (c,) init ``gain_init`` = 0.01 and bias (c,) init 0. The bias adds
+        LN(u) . beta to every expert's logit alike, so it cancels in the softmax.
+      per_expert: each column its own gain and bias, (n, c); each expert's bias is then an extra,
+        unnormalised router weight (this project before issue 10).
+    Logits start small, so routing starts near uniform.
     """
 
-    def __init__(self, dim: int, num_experts: int, init_std: float = 0.01, gain_init: float = 0.01):
+    def __init__(self, dim: int, num_experts: int, init_std: float = 0.01, gain_init: float = 0.01,
+                 weight_norm: str = "shared"):
         super().__init__()
         self.in_norm = nn.LayerNorm(dim)
         self.weight = nn.Parameter(torch.randn(dim, num_experts) * init_std)     # (c, n)
-        self.col_gain = nn.Parameter(torch.full((num_experts, dim), gain_init))  # (n, c)
-        self.col_bias = nn.Parameter(torch.zeros(num_experts, dim))              # (n, c)
+        rows = () if weight_norm == "shared" else (num_experts,)
+        self.col_gain = nn.Parameter(torch.full((*rows, dim), gain_init))         # (c,) or (n, c)
+        self.col_bias = nn.Parameter(torch.zeros(*rows, dim))                     # (c,) or (n, c)
+
+    def normalised_weight(self) -> Tensor:
+        """W_hat as (n, c): each expert column layer-normalised over c, then the gain and bias."""
+        w = F.layer_norm(self.weight.t(), (self.weight.shape[0],))                # (n, c)
+        return w * self.col_gain + self.col_bias                                  # (n, c)
+
+    def logits(self, u_normed: Tensor) -> Tensor:
+        """u_normed: (b, c), the output of ``in_norm`` -> logits (b, n)."""
+        return u_normed @ self.normalised_weight().t()
 
     def forward(self, u: Tensor) -> Tensor:
         """u: (b, c) -> logits (b, n)."""
-        w = F.layer_norm(self.weight.t(), (self.weight.shape[0],))  # (n, c), each column normalised
-        w = w * self.col_gain + self.col_bias                        # (n, c)
-        return self.in_norm(u) @ w.t()                               # (b, n)
+        return self.logits(self.in_norm(u))
 
 
 def expert_dropout_logits(logits: Tensor, rate: float) -> Tensor:
-    """Training-only expert dropout: each expert's logit is dropped (set to -1e9) with probability ``rate``.
+    """Training-only expert dropout: each expert is dropped with probability ``rate``.
 
-    Softmax of the result is the renormalised distribution over the kept experts. A row whose experts
-    would all be dropped keeps them all.
+    Softmax of the result is the renormalised distribution over the kept experts, as the official
+    router's ``adapter_probs * mask`` renormalised (``adapter_utils.py``, ``Router.forward``). A row
+    whose experts are all dropped gets the uniform distribution, as there ((0 + 1e-10) / (n * 1e-10)).
+    The fill value is the dtype's most negative finite number (-1e9 overflows float16).
     """
     if rate <= 0:
         return logits
-    drop = torch.rand_like(logits) < rate                 # (b, n)
-    drop &= ~drop.all(dim=-1, keepdim=True)
-    return logits.masked_fill(drop, -1e9)
+    drop = torch.rand_like(logits, dtype=torch.float32) < rate            # (b, n)
+    all_dropped = drop.all(dim=-1, keepdim=True)                          # (b, 1)
+    out = logits.masked_fill(drop, torch.finfo(logits.dtype).min)
+    return torch.where(all_dropped, torch.zeros_like(logits), out)
 
 
 def entropy(p: Tensor, dim: int = -1) -> Tensor:
@@ -179,6 +197,10 @@ class RoutingMethod(nn.Module):
     def task_loss_terms(self, out: RoutingOutput, per_example_loss: Tensor) -> Tensor:
         """Loss terms that need the per-example task loss (REINFORCE); zero for most methods."""
         return per_example_loss.new_zeros(())
+
+    def block_reduction(self) -> str:
+        """How :meth:`task_loss_terms` combine over the model's blocks: "sum" or "mean" (REINFORCE)."""
+        return "sum"
 
     def param_groups(self) -> dict[str, float]:
         """Learning-rate multipliers by parameter name (relative to this module), e.g. latent skills' 10x."""

@@ -72,7 +72,7 @@ class AdaptiveGating(RoutingMethod):
         super().__init__(cfg, dim=dim, num_experts=num_experts, rank=rank, num_tasks=num_tasks)
         if num_experts < 2:
             raise ConfigError(f"adaptive_gating needs num_experts >= 2; got {num_experts}")
-        self.router = Router(dim, num_experts, cfg.init_std, cfg.router_gain_init)
+        self.router = Router(dim, num_experts, cfg.init_std, cfg.router_gain_init, cfg.router_weight_norm)
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
         c = self.cfg

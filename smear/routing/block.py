@@ -1,8 +1,12 @@
 """The expert routing block shared by every method: stacked adapter experts, a router, a residual.
 
 methods.md section 1. Two layouts:
-  image    -- x (b, c, h, w):  out = x + f(BN(x)), adapters per spatial position (ResNet)
-  sequence -- x (b, s, c):     out = x + LN_post(f(x)) (T5), padding masked out of the router input
+  image    -- x (b, c, h, w):  out = x + f(BN(x)), adapters per spatial position (ResNet); the router
+              input is the mean over positions of BN(x), as the official
+              ``cvl/src/adapters/adapter_controller_resnet_fast.py`` (``cfg.image_router_input``)
+  sequence -- x (b, s, c):     out = x + LN_post(f(x)) (T5), LN_post = nn.LayerNorm(c) as the official
+              ``hyperformer/.../adapter_controller_fast.py`` (``cfg.post_norm``); padding masked out of
+              the router input (``cfg.router_pooling``: the official code averages over padding too)
 The routing method (registry key) decides how the experts are applied; the block owns the experts.
 
 Sequence-layout blocks route either on their own input (``route_from="self"``: T5 encoder blocks,
@@ -30,7 +34,7 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 class T5LayerNormLike(nn.Module):
-    """RMS norm without mean subtraction, as T5's LayerNorm (used after the experts in sequence layout)."""
+    """RMS norm without mean subtraction or bias, as T5's LayerNorm (``post_norm="rms"``, before issue 10)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -57,14 +61,15 @@ class ExpertRoutingBlock(nn.Module):
         self.cfg = cfg
         self.context = context if context is not None else RoutingContext()
         self.experts = ExpertBank(num_experts, dim, rank, cfg.init_std)
-        self.router = Router(dim, num_experts, cfg.init_std, cfg.router_gain_init) if method_cls.uses_router else None
+        self.router = (Router(dim, num_experts, cfg.init_std, cfg.router_gain_init, cfg.router_weight_norm)
+                       if method_cls.uses_router else None)
         self.method = method_cls(cfg, dim=dim, num_experts=num_experts, rank=rank, num_tasks=num_tasks)
         if layout == "image":
             self.pre_norm: nn.Module = nn.BatchNorm2d(dim)
             self.post_norm: nn.Module = nn.Identity()
         else:
             self.pre_norm = nn.Identity()
-            self.post_norm = T5LayerNormLike(dim)
+            self.post_norm = nn.LayerNorm(dim, eps=1e-5) if cfg.post_norm == "layernorm" else T5LayerNormLike(dim)
         self.last: RoutingOutput | None = None  # output of the latest forward, read by losses and logging
 
     @property
@@ -73,12 +78,13 @@ class ExpertRoutingBlock(nn.Module):
 
     def route(self, x: Tensor, mask: Tensor, u: Tensor) -> RoutingOutput:
         """x: (b, s, c), mask: (b, s), u: (b, c) -> RoutingOutput with y (b, s, c)."""
-        logits = None
+        logits = u_normed = None
         if self.router is not None:
-            logits = self.router(u)                                               # (b, n)
+            u_normed = self.router.in_norm(u)                                     # (b, c)
+            logits = self.router.logits(u_normed)                                 # (b, n)
             if self.training and self.method.expert_dropout:
                 logits = expert_dropout_logits(logits, self.cfg.expert_dropout)
-        inp = RoutingInputs(x=x, mask=mask, u=u, ctx=self.context, training=self.training)
+        inp = RoutingInputs(x=x, mask=mask, u=u, ctx=self.context, training=self.training, u_normed=u_normed)
         out = self.method(self.experts, inp, logits)
         assert out.y.shape == x.shape, (out.y.shape, x.shape)
         assert out.probs.shape == (x.shape[0], self.num_experts), out.probs.shape
@@ -88,8 +94,9 @@ class ExpertRoutingBlock(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if self.layout == "image":
             b, c, h, w = x.shape
-            u = x.mean(dim=(2, 3))                                                # (b, c)
-            tokens = self.pre_norm(x).flatten(2).transpose(1, 2)                  # (b, h*w, c)
+            normed = self.pre_norm(x)                                             # (b, c, h, w)
+            u = (normed if self.cfg.image_router_input == "normed" else x).mean(dim=(2, 3))  # (b, c)
+            tokens = normed.flatten(2).transpose(1, 2)                            # (b, h*w, c)
             full = torch.ones(b, h * w, dtype=torch.bool, device=x.device)
             y = self.route(tokens, full, u).y                                     # (b, h*w, c)
             return x + y.transpose(1, 2).reshape(b, c, h, w)
@@ -110,6 +117,6 @@ class ExpertRoutingBlock(nn.Module):
             if mask is None:
                 ctx_mask = self.context.mask
                 mask = ctx_mask.bool() if ctx_mask is not None and ctx_mask.shape == (b, s) else full
-            u = masked_mean(x, mask)
+            u = masked_mean(x, mask if self.cfg.router_pooling == "masked" else full)
         y = self.route(self.pre_norm(x), mask, u).y
         return x + self.post_norm(y)

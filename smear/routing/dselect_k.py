@@ -9,17 +9,22 @@ Each of k selectors picks one expert through m = ceil(log2 N) soft binary decisi
 bit_j(i) = (i >> j) & 1 (least significant bit first; any fixed code is equivalent).
 With N not a power of two only the first N codes exist, so sum_i r_i <= 1 and q need not sum to 1.
 
-Parameters (the gate is the method's own, ``uses_router = False``): z = Linear(LayerNorm(u)) -> (k, m)
-and, only when k > 1, w = Linear(LayerNorm(u)) -> (k,) (the official per-example gate makes both
-functions of the input; with k = 1, softmax(w) = 1 and w would get no gradient). The LayerNorm on u
-follows the SMEAR router (raw T5 hidden states would saturate the smooth-step); weights init
-N(0, init_std^2), biases 0, so z ~ 0, S ~ 1/2 and r starts near uniform over the 2^m codes.
+Parameters (the gate is the method's own, ``uses_router = False``): z = LayerNorm(u) . Z -> (k, m)
+and, only when k > 1, w = LayerNorm(u) . W -> (k,) (the official per-example gate makes both functions
+of the input; with k = 1, softmax(w) = 1 and w would get no gradient). As the SMEAR code's DSelect-k
+router (``adapter_utils.py``, ``Router`` with ``routing_estimator="dselectk_routing"``): the input goes
+through the router's LayerNorm, Z and W have no bias, init N(0, init_std^2), so z ~ 0, S ~ 1/2 and r
+starts near uniform over the 2^m codes. The SMEAR code numbers the codes most significant bit first
+(``np.binary_repr``); here bit j of i is (i >> j) & 1: a relabelling of Z's columns, same distribution.
 
-Regulariser (section 4.1 of the paper, official code ``_add_regularization_loss``), in ``aux_loss``:
-  dselect_entropy_weight * red_b[sum_l H(r^(l))]
-  + dselect_invalid_weight * red_b[sum_l 1 / sum_i r^(l)_i]     only when N is not a power of 2
-red = mean over the batch (SMEAR code) or sum (DSelect-k code), ``cfg.dselect_reduction``. The official
-code adds the 1/sum term unweighted (``dselect_invalid_weight`` = 1). Training only.
+Regulariser (DSelect-k paper section 4.1; the SMEAR code's ``forward_dselectk_routing``), in ``aux_loss``:
+  w_ent * red_b[mean_l sum_i -r_i log(r_i + 1e-6)]
+  + w_inv * red_b[mean_l 1 / sum_i (r_i + 1e-6)]               only when N is not a power of 2
+red = mean over the batch (SMEAR code) or sum (DSelect-k code), ``cfg.dselect_reduction``. The SMEAR
+code weighs both terms by one ``load_loss_weight`` = 0.1 (its README's DSelect-k commands), so w_inv =
+``dselect_invalid_weight`` defaults to w_ent = ``dselect_entropy_weight``. The epsilon forms are the
+reference's: with 1 / clamp_min(sum r, 1e-12) one stuck selector of six experts made the loss 2e11.
+Training only.
 ``probs`` (for logging) is q renormalised to sum 1; the output uses q itself.
 """
 from __future__ import annotations
@@ -29,9 +34,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, entropy
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
 from smear.routing._dispatch import apply_dense
 from smear.routing._registry import register_method
+
+
+DSELECT_EPS = 1e-6  # the SMEAR code's epsilon in both regulariser terms
 
 
 def smooth_step(t: Tensor, gamma: float = 1.0) -> Tensor:
@@ -72,21 +80,23 @@ class DSelectK(RoutingMethod):
         self.num_bits = max(1, math.ceil(math.log2(num_experts)))
         self.power_of_2 = 2**self.num_bits == num_experts
         self.in_norm = nn.LayerNorm(dim)
-        self.z_proj = nn.Linear(dim, self.k * self.num_bits)                   # u -> z (k*m)
+        self.z_proj = nn.Linear(dim, self.k * self.num_bits, bias=False)       # LN(u) -> z (k*m)
         nn.init.normal_(self.z_proj.weight, std=cfg.init_std)
-        nn.init.zeros_(self.z_proj.bias)
         self.w_proj = None
         if self.k > 1:
-            self.w_proj = nn.Linear(dim, self.k)                               # u -> w (k)
+            self.w_proj = nn.Linear(dim, self.k, bias=False)                   # LN(u) -> w (k)
             nn.init.normal_(self.w_proj.weight, std=cfg.init_std)
-            nn.init.zeros_(self.w_proj.bias)
 
     def regularizer(self, r: Tensor) -> Tensor:
         """r: (b, k, n) -> scalar (see the module docstring)."""
-        red = torch.mean if self.cfg.dselect_reduction == "mean" else torch.sum
-        loss = self.cfg.dselect_entropy_weight * red(entropy(r).sum(-1))       # H over n, summed over k
+        c = self.cfg
+        red = torch.mean if c.dselect_reduction == "mean" else torch.sum
+        ent = -(r * torch.log(r + DSELECT_EPS)).sum(-1)                        # (b, k) H over n
+        loss = c.dselect_entropy_weight * red(ent.mean(-1))                    # mean over selectors
         if not self.power_of_2:
-            loss = loss + self.cfg.dselect_invalid_weight * red((1.0 / r.sum(-1).clamp_min(1e-12)).sum(-1))
+            w_inv = c.dselect_entropy_weight if c.dselect_invalid_weight is None else c.dselect_invalid_weight
+            inv = 1.0 / (r + DSELECT_EPS).sum(-1)                              # (b, k)
+            loss = loss + w_inv * red(inv.mean(-1))
         return loss
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:

@@ -4,8 +4,9 @@ Each example gets a fixed random expert per block, drawn once per dataset: ``tab
 No learned router. Cost: 1 adapter (gather + batched matmul).
 
 The table is a persistent buffer, so it is saved with (and restored from) the checkpoint. It holds
-``cfg.hash_num_examples`` entries (the train loop sets this to the dataset size); an example id
-outside the table is an error, not a silent wrap-around.
+``cfg.hash_num_examples`` entries (0 in a trial's config means "the dataset size", resolved by the
+train loop with ``RoutingConfig.sized_for`` on a copy); an example id outside the table is an error, not
+a silent wrap-around.
 
 Different blocks get different tables: each block seeds its own generator with one number drawn
 from torch's global RNG at construction (so it follows the run's seed, like every weight init, and
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from smear.configs import ConfigError
 from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
 from smear.routing._registry import register_method
 
@@ -30,6 +32,9 @@ class Hash(RoutingMethod):
 
     def __init__(self, cfg, *, dim, num_experts, rank, num_tasks):
         super().__init__(cfg, dim=dim, num_experts=num_experts, rank=rank, num_tasks=num_tasks)
+        if cfg.hash_num_examples < 1:
+            raise ConfigError("routing.hash_num_examples=0 (sized to the data) must be resolved before the model "
+                              "is built; valid: RoutingConfig.sized_for(dataset size), or a size >= 1")
         draw = int(torch.randint(0, 2**31 - 1, ()))                      # advances the global RNG per block
         gen = torch.Generator().manual_seed(draw + _SEED_STRIDE * cfg.hash_seed)
         table = torch.randint(0, num_experts, (cfg.hash_num_examples,), generator=gen)

@@ -2,9 +2,14 @@
 Generalisation", EACL, section 3 "Polytropon"; SMEAR paper baseline).
 
 Per block a task x expert logit matrix Z (init U(-1e-3, 1e-3)). For an example of task t:
-  training    A ~ RelaxedBernoulli(tau, logits = Z[t])   (Maddison et al. 2017; reparameterised sample)
-  evaluation  A = sigmoid(Z[t])
-  weights     a = A / sum_n A_n, then the experts are merged like SMEAR: f(x; sum_n a_n theta_n).
+  training    A ~ RelaxedBernoulli(tau, logits = Z)      (Maddison et al. 2017; reparameterised sample)
+              ONE sample of the whole task x expert matrix per forward pass, shared by all examples of a
+              task (official ``skill_routing`` in ``adapter_controller_fast.py`` and
+              ``adapter_controller_resnet_fast.py``); ``cfg.latent_skills_sample="per_example"`` draws
+              one row per example instead
+  evaluation  A = sigmoid(Z)
+  weights     a = A[t] / (sum_n A[t, n] + 1e-12) (official), then the experts are merged like SMEAR:
+              f(x; sum_n a_n theta_n).
 Z learns at ``cfg.latent_skills_lr_mult`` (10) times the base learning rate: :meth:`param_groups`
 declares it and ``smear.routing.optimizer_param_groups`` builds the optimiser groups.
 Cost: ~1 adapter plus the merge.
@@ -33,12 +38,17 @@ class LatentSkills(RoutingMethod):
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
         if inp.ctx.task_ids is None:
             raise ValueError("latent_skills routing needs task_ids in the routing context")
-        z = self.skill_logits[inp.ctx.task_ids]                                      # (b, n)
+        tasks = inp.ctx.task_ids                                                     # (b,)
         if inp.training:
+            z = self.skill_logits                                                    # (tasks, n)
+            if self.cfg.latent_skills_sample == "per_example":
+                z = z[tasks]                                                         # (b, n)
             tau = torch.tensor(self.cfg.latent_skills_tau, dtype=z.dtype, device=z.device)
-            a = RelaxedBernoulli(tau, logits=z).rsample()                           # (b, n) in (0, 1)
+            a = RelaxedBernoulli(tau, logits=z).rsample()                           # (tasks or b, n) in (0, 1)
+            if self.cfg.latent_skills_sample == "per_task":
+                a = a[tasks]                                                         # (b, n): one draw per task
         else:
-            a = torch.sigmoid(z)                                                     # (b, n)
-        a = a / a.sum(-1, keepdim=True).clamp_min(1e-6)                              # rows sum to 1
+            a = torch.sigmoid(self.skill_logits[tasks])                              # (b, n)
+        a = a / (a.sum(-1, keepdim=True) + 1e-12)                                    # rows sum to 1
         y = experts.apply(inp.x, *experts.merge(a))                                  # (b, s, c)
         return RoutingOutput(y=y, probs=a, aux_loss=self.zero(y))

@@ -8,9 +8,16 @@ loss L_ex (methods.md section 3):
           + sign * w_ent * mean_b[H(p)]                        sign = +1 (reference): sharpens routing
           + w_v * mean_b[Huber(L_ex - b(u))]                   fits the baseline
 
-b(u) = Linear(C/8 -> 1)(Linear(C -> C/8)(sg(u))), no nonlinearity, per block, on the detached router
-input. L_ex is detached inside (the task loss trains the experts through its own backward; here it is
-only a reward). The terms are zero in evaluation (e is not sampled there).
+b = Linear(C/8 -> 1)(Linear(C -> C/8)(sg(LN(u)))), no nonlinearity, per block, on the detached
+LayerNormed router input (official ``Baseline`` in ``adapter_utils.py``, fed ``new_x.detach()`` by
+``adapter_controller_fast.py`` / ``adapter_controller_resnet_fast.py``), weights N(0, 0.01^2), biases 0
+(official ``linear_layer`` init). ``cfg.reinforce_baseline_input="raw"`` feeds sg(u) instead.
+L_ex is detached inside (the task loss trains the experts through its own backward; here it is only a
+reward). The terms are zero in evaluation (e is not sampled there).
+
+Over blocks the three terms are averaged (the official trainers, ``t5_trainer.py`` ``_compute_loss`` and
+``cvl/src/models/resnet_classifier.py`` ``forward``, take each term's mean over (batch, blocks));
+``cfg.reinforce_block_reduction="sum"`` sums them (60x stronger in T5, 8x in ResNet).
 """
 from __future__ import annotations
 
@@ -38,6 +45,12 @@ class Reinforce(RoutingMethod):
         super().__init__(cfg, dim=dim, num_experts=num_experts, rank=rank, num_tasks=num_tasks)
         hidden = max(1, dim // 8)
         self.baseline = nn.Sequential(nn.Linear(dim, hidden), nn.Linear(hidden, 1))  # C -> C/8 -> 1, linear
+        for lin in self.baseline:                                                   # official linear_layer init
+            nn.init.normal_(lin.weight, std=cfg.init_std)
+            nn.init.zeros_(lin.bias)
+
+    def block_reduction(self) -> str:
+        return self.cfg.reinforce_block_reduction
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
         log_p = logits.log_softmax(-1)                                          # (b, n)
@@ -49,12 +62,18 @@ class Reinforce(RoutingMethod):
         y = experts.apply(inp.x, *experts.gather(idx))                          # (b, s, c)
         extras = {
             "log_prob": log_p.gather(1, idx[:, None]).squeeze(1),              # (b,) log p_e
-            "baseline": self.baseline(inp.u.detach()).squeeze(-1),             # (b,) b(sg(u))
+            "baseline": self.baseline(self._baseline_input(inp).detach()).squeeze(-1),  # (b,) b(sg(LN(u)))
             "entropy": entropy(p),                                              # (b,) H(p)
             "sampled": inp.training,
             "experts": idx,
         }
         return RoutingOutput(y=y, probs=p, aux_loss=self.zero(y), extras=extras)
+
+    def _baseline_input(self, inp: RoutingInputs) -> Tensor:
+        if self.cfg.reinforce_baseline_input == "normed":
+            assert inp.u_normed is not None, "reinforce needs the block's router"
+            return inp.u_normed                                                 # (b, c)
+        return inp.u                                                            # (b, c)
 
     def task_loss_terms(self, out: RoutingOutput, per_example_loss: Tensor) -> Tensor:
         if not out.extras.get("sampled", False):

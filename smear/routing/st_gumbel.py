@@ -20,27 +20,30 @@ from smear.routing._registry import register_method
 
 
 def gumbel_temperature(step: int, *, tau0: float, tau_min: float, rate: float, update_every: int,
-                       schedule: str = "compounding") -> float:
-    """Gumbel temperature at training step ``step`` (pure).
+                       schedule: str = "compounding", step_offset: int = 0) -> float:
+    """Gumbel temperature used at 0-indexed training step ``step`` (pure).
 
-    Both schedules change tau only at multiples of ``update_every`` (the reference updates once per
-    eval interval: 5,000 steps T5, 1,000 ResNet); K = floor(step / update_every) updates have happened.
+    Both schedules change tau only every ``update_every`` steps (the reference updates once per eval
+    interval I: 5,000 steps T5, 1,000 ResNet). K = floor((step + step_offset) / I) updates have happened:
+    the T5 trainer updates before training step g when (g + 1) % I == 0 (``t5_trainer.py``, "update
+    adapter temperature"; ``step_offset=1``), ResNet's ``cvl/src/train.py`` after training step g when
+    (g + 1) % I == 0 (``step_offset=0``).
 
-    compounding (the SMEAR code): at each update step t_k = k * update_every,
-        tau <- max(tau * exp(-rate * t_k), tau_min),
-      so tau = max(tau0 * exp(-rate * update_every * sum_{k=1..K} k), tau_min)
-             = max(tau0 * exp(-rate * update_every * K (K + 1) / 2), tau_min)
+    compounding (the SMEAR code): the k-th update, at step g_k = k * I - 1, does
+        tau <- max(tau * exp(-rate * g_k), tau_min),
+      so tau = max(tau0 * exp(-rate * sum_{k=1..K} (k I - 1)), tau_min)
+             = max(tau0 * exp(-rate * (I K (K + 1) / 2 - K)), tau_min)
       (once tau hits tau_min it stays there, so clipping at the end equals clipping at each update).
-      T5 (rate 1e-6, every 5,000) reaches 0.5 at K = 35, step 175,000; ResNet (1e-4, every 1,000) at step 8,000.
+      T5 (rate 1e-6, every 5,000) reaches 0.5 at K = 35 (step 174,999); ResNet (1e-4, every 1,000) at K = 8.
     exponential (Jang et al. 2017, section 4: tau = max(tau0 exp(-r t), tau_min)), evaluated at the
-      latest update step t = K * update_every (a deliberate choice: the two schedules then differ only
-      in compounding). Reaches 0.5 at ~3.0M (T5) / 30,000 (ResNet) steps.
+      latest update step t = K * I (a deliberate choice: the two schedules then differ only in
+      compounding). Reaches 0.5 at ~3.0M (T5) / 30,000 (ResNet) steps.
     """
     if schedule not in ("compounding", "exponential"):
         raise ValueError(f"unknown gumbel schedule {schedule!r}; valid: compounding, exponential")
-    k = max(int(step), 0) // update_every
+    k = max(int(step) + step_offset, 0) // update_every
     if schedule == "compounding":
-        exponent = rate * update_every * k * (k + 1) / 2
+        exponent = rate * (update_every * k * (k + 1) / 2 - k)
     else:
         exponent = rate * update_every * k
     return max(tau0 * math.exp(-exponent), tau_min)
@@ -57,7 +60,8 @@ class StGumbel(RoutingMethod):
     def temperature(self, step: int) -> float:
         c = self.cfg
         return gumbel_temperature(step, tau0=c.gumbel_tau0, tau_min=c.gumbel_tau_min, rate=c.gumbel_anneal_rate,
-                                  update_every=c.gumbel_update_every, schedule=c.gumbel_schedule)
+                                  update_every=c.gumbel_update_every, schedule=c.gumbel_schedule,
+                                  step_offset=c.gumbel_step_offset)
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
         p = logits.softmax(-1)                                                 # (b, n), noise-free
