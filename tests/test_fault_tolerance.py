@@ -67,6 +67,19 @@ def _assert_one_finished_run_per_trial(tmp_path, n: int):
     return children
 
 
+def _tune_trials(tmp_path) -> dict[str, dict]:
+    """Tune's own record of each trial: its failure count and the rows of its result.json."""
+    root = tmp_path / "results" / "ft"
+    states = json.loads(next(root.glob("experiment_state-*.json")).read_text())
+    trials = {}
+    for trial_json, runtime_json in states["trial_data"]:
+        trial, runtime = json.loads(trial_json), json.loads(runtime_json)
+        rows = [json.loads(line) for line in
+                next(root.glob(f"*{trial['trial_id']}*/result.json")).read_text().splitlines() if line.strip()]
+        trials[trial["trial_id"]] = {"num_failures": runtime["num_failures"], "rows": rows}
+    return trials
+
+
 def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, env_with_venv):
     proc = _launch(tmp_path, env_with_venv, LONG)
     try:
@@ -79,12 +92,27 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, env_with_v
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    _assert_one_finished_run_per_trial(tmp_path, 2)
-    # the killed trial restarted from a checkpoint, not from step 0: Tune recorded the failure and restore
-    states = json.loads(next((tmp_path / "results" / "ft").glob("experiment_state-*.json")).read_text())
-    assert "num_failures" in json.dumps(states)
-    restored = [p for p in (tmp_path / "results" / "ft").glob("*/error.txt")]
-    assert restored, "no trial recorded the failure"
+    children = _assert_one_finished_run_per_trial(tmp_path, 2)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for r in children:                                               # no step logged twice in any run
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/accuracy")]
+        assert len(steps) == len(set(steps)), steps
+    trials = _tune_trials(tmp_path)
+    assert sorted(t["num_failures"] for t in trials.values()) == [0, 1]  # one retry, of the killed trial only
+    killed = next(t for t in trials.values() if t["num_failures"] == 1)
+    rows = killed["rows"]
+    # the retry restored the newest checkpoint: Tune's iteration counter goes on, the restore counter restarts,
+    # and the train loop's steps continue from the checkpoint's step (none repeated, none restarted from 0)
+    trace = [(r["training_iteration"], r["iterations_since_restore"], r["step"]) for r in rows]
+    i = next((k for k in range(1, len(rows))
+              if rows[k]["iterations_since_restore"] != rows[k - 1]["iterations_since_restore"] + 1), None)
+    assert i is not None, trace
+    assert rows[i]["iterations_since_restore"] < rows[i]["training_iteration"] == rows[i - 1]["training_iteration"] + 1
+    assert rows[i]["step"] == rows[i - 1]["step"] + 10
+    steps = [r["step"] for r in rows if "val/accuracy" in r]                  # the evaluations, not the final test
+    assert steps == list(range(10, 301, 10)), steps
+    assert all(r["iterations_since_restore"] == r["training_iteration"]
+               for t in trials.values() if t["num_failures"] == 0 for r in t["rows"])
 
 
 def test_killed_driver_then_resume_completes_with_one_run_per_trial(tmp_path, env_with_venv):

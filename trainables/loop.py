@@ -140,6 +140,23 @@ def _task_loss(per_ex: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     return per_ex.sum() if cfg.batch_loss == "sum" else per_ex.mean()
 
 
+def training_loss(setting: Setting, model: nn.Module, core: nn.Module, batch, cfg: TrainConfig, *,
+                  two_passes: bool) -> torch.Tensor:
+    """The loss one optimiser step minimises: the task loss plus the methods' terms (``smear.routing.aux_loss``).
+
+    With a two-pass method (AdaMix) a second stochastic forward adds the consistency loss; the task loss is
+    the first pass's only, as in the official trainers (``adamix_task_loss="mean"`` averages both passes).
+    """
+    per_ex, logits, _ = setting.per_example_loss(model, batch)
+    loss = _task_loss(per_ex, cfg) + routing.aux_loss(core, per_ex.detach())
+    if two_passes:
+        per_ex2, logits2, _ = setting.per_example_loss(model, batch)
+        if cfg.routing.adamix_task_loss == "mean":
+            loss = 0.5 * (loss + _task_loss(per_ex2, cfg) + routing.aux_loss(core, per_ex2.detach()))
+        loss = loss + routing.consistency_loss(core, logits, logits2)
+    return loss
+
+
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """Adam / AdamW over the trainable parameters, with the learning-rate multipliers methods declare
     (latent skills); linear warmup over ``warmup_steps``, then constant (methods.md section 2)."""
@@ -298,13 +315,7 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
                 continue
             b = setting.batch_to_model(batch, device)
             routing.set_context(core, task_ids=b.groups, example_ids=b.ids, step=step)
-            per_ex, logits, _ = setting.per_example_loss(model, b)
-            loss = _task_loss(per_ex, cfg) + routing.aux_loss(core, per_ex.detach())
-            if two_passes:  # AdaMix: a second stochastic pass and a consistency loss between the two
-                per_ex2, logits2, _ = setting.per_example_loss(model, b)
-                if cfg.routing.adamix_task_loss == "mean":  # the official trainers keep the first pass's only
-                    loss = 0.5 * (loss + _task_loss(per_ex2, cfg) + routing.aux_loss(core, per_ex2.detach()))
-                loss = loss + routing.consistency_loss(core, logits, logits2)
+            loss = training_loss(setting, model, core, b, cfg, two_passes=two_passes)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite training loss {loss.item()} at step {step}")
             if curriculum is not None and (fractions := routing.top2_fractions(core)) is not None:
