@@ -313,8 +313,32 @@ def test_the_trial_config_is_not_changed_by_the_run_and_is_checkpointed(digits_r
 def test_switch_defaults_are_the_official_values():
     c = RoutingConfig()
     assert (c.router_weight_norm, c.image_router_input, c.post_norm, c.reinforce_block_reduction,
-            c.reinforce_baseline_input, c.adamix_task_loss, c.latent_skills_sample) == (
-        "shared", "normed", "layernorm", "mean", "normed", "first", "per_task")
+            c.reinforce_baseline_input, c.adamix_task_loss, c.latent_skills_sample, c.soft_moe_scale) == (
+        "shared", "normed", "layernorm", "mean", "normed", "first", "per_task", "per_slot")
     assert c.router_pooling == "masked"                              # the one documented fix on by default
     assert c.dselect_entropy_weight == 0.1 and c.dselect_invalid_weight is None
     assert RoutingContext().step == 0 and math.isclose(c.expert_dropout, 0.1)
+
+
+# --- Soft MoE: the SMEAR code's soft_input_routing (cvl), per-slot scales ----------------------------------
+
+def test_soft_moe_equals_the_official_soft_input_routing():
+    blk = _block("soft_moe", layout="image", soft_moe_slots_per_expert=2).eval()
+    assert blk.method.scale.shape == (N * 2,) and float(blk.method.phi.detach().std()) < 0.02
+    with torch.no_grad():
+        blk.method.scale.uniform_(0.5, 3.0)
+    x = torch.randn(3, DIM, 2, 3)
+    out = blk(x)
+    # cvl/src/adapters/adapter_utils.py forward_soft_input_routing + adapter_controller_resnet_fast.py, written out
+    z = blk.pre_norm(x).flatten(2).transpose(1, 2)                                  # (b, m tokens, d)
+    xn = z / (z.norm(dim=-1, keepdim=True) + 1e-6)
+    w = blk.method.phi.view(DIM, N, 2)
+    w = w / (w.norm(dim=0, keepdim=True) + 1e-6) * blk.method.scale.view(N, 2)[None]
+    logits = torch.einsum("bmd,dnp->bmnp", xn, w)
+    d = logits.softmax(dim=1)
+    c = logits.reshape(3, 6, -1).softmax(dim=2).view(3, 6, N, 2)
+    xs = torch.einsum("bmd,bmnp->bnpd", z, d)
+    h = F.silu(torch.einsum("bnpd,ndr->bnpr", xs, blk.experts.w_down) + blk.experts.b_down[None, :, None, :])
+    o = torch.einsum("bnpr,nrd->bnpd", h, blk.experts.w_up)
+    y = torch.einsum("bnpd,bmnp->bmd", o, c)                                        # (b, m, d)
+    torch.testing.assert_close(out, x + y.transpose(1, 2).reshape(3, DIM, 2, 3), atol=1e-5, rtol=1e-4)

@@ -65,7 +65,8 @@ class RoutingConfig:
                                                                    "None = dselect_entropy_weight (SMEAR code)")
     # Soft MoE (Puigcerver et al. 2023)
     soft_moe_slots_per_expert: int = field(1, ge=1)
-    soft_moe_scale: str = field("scalar", choices=("scalar", "per_slot"))
+    soft_moe_scale: str = field("per_slot", choices=("per_slot", "scalar"),
+                                doc="one learned scale per slot (SMEAR code, cvl adapter_utils.py) or one scalar (paper)")
     # Adaptive gating (Li et al. 2023)
     adaptive_threshold: float = field(0.1, ge=0.0, le=1.0)
     adaptive_normalization: str = field("softmax", choices=("softmax", "top2"))

@@ -8,8 +8,10 @@ one group per example: slots mix only the tokens (positions) of their own exampl
   C = softmax over j of logits                          combine weights, eq. 3
   y[b, s] = sum_j C[b, s, j] ys[b, j]                   zero at padding positions
 
-m = ``cfg.soft_moe_slots_per_expert``; ``cfg.soft_moe_scale``: one scalar (the paper) or one per slot
-(the SMEAR code), init 1. No router, no auxiliary loss. Cost: N*m slot evaluations per example plus
+m = ``cfg.soft_moe_slots_per_expert``; ``cfg.soft_moe_scale``: one per slot (the SMEAR code's
+``soft_input_routing``, ``cvl/src/adapters/adapter_utils.py``; the default) or one scalar (the paper),
+init 1. phi is initialised N(0, init_std^2) as the SMEAR code's router weights (0.01): only its
+direction enters the logits, but its norm sets how fast Adam turns it. No router, no auxiliary loss. Cost: N*m slot evaluations per example plus
 the dispatch/combine einsums; static shapes. Outputs depend on other positions of the same example
 (``mixes_positions``), so it is only valid in bidirectional (encoder / image) blocks.
 ``probs`` = combine weight per expert, averaged over the example's real positions.
@@ -33,7 +35,7 @@ class SoftMoE(RoutingMethod):
         super().__init__(cfg, dim=dim, num_experts=num_experts, rank=rank, num_tasks=num_tasks)
         self.slots_per_expert = cfg.soft_moe_slots_per_expert
         num_slots = num_experts * self.slots_per_expert
-        self.phi = nn.Parameter(torch.randn(dim, num_slots) * dim**-0.5)                    # (c, n*m)
+        self.phi = nn.Parameter(torch.randn(dim, num_slots) * cfg.init_std)                 # (c, n*m)
         self.scale = nn.Parameter(torch.ones(num_slots if cfg.soft_moe_scale == "per_slot" else ()))
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
