@@ -22,10 +22,10 @@ from smear.routing import (
 )
 from smear.routing._base import ExpertBank, RoutingInputs
 from smear.routing._dispatch import apply_dense, apply_topk
-from smear.routing.adaptive_gating import adaptive_choice, top1_balance_loss
-from smear.routing.dselect_k import dselect_weights, smooth_step
-from smear.routing.reinforce import reinforce_terms
-from smear.routing.st_gumbel import gumbel_temperature
+from smear.routing.methods.adaptive_gating import adaptive_choice, top1_balance_loss
+from smear.routing.methods.dselect_k import dselect_weights, smooth_step
+from smear.routing.methods.reinforce import reinforce_terms
+from smear.routing.methods.st_gumbel import gumbel_temperature
 
 DIM, RANK, N, S = 16, 4, 4, 5
 ALL = available_methods()
@@ -565,7 +565,7 @@ def test_expert_shapes_of_the_sized_variants():
     big = make_block("adapter_large")
     assert big.num_experts == 1 and big.experts.rank == N * RANK
     # methods.md: r = 192 in both settings: 8 x 24 (T5) and 6 x 32 (ResNet)
-    from smear.routing.adapter_large import AdapterLarge
+    from smear.routing.methods.adapter_large import AdapterLarge
     assert AdapterLarge.expert_shape(RoutingConfig(num_experts=8, rank=24)) == (1, 192)
     assert AdapterLarge.expert_shape(RoutingConfig(num_experts=6, rank=32)) == (1, 192)
 

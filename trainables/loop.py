@@ -177,6 +177,7 @@ class _RoutingRecorder:
         self.entropy_sum: dict[str, torch.Tensor] = {}
 
     def add(self, group: torch.Tensor, probs: dict[str, torch.Tensor]) -> None:
+        """probs: block label -> (b, n) routing distribution of the batch."""
         g = group.cpu()
         self.count.index_add_(0, g, torch.ones(len(g), dtype=torch.float64))
         for name, p in probs.items():
@@ -198,21 +199,14 @@ class _RoutingRecorder:
         out = {}
         n_items = float(self.count.sum().clamp_min(1))
         for name, s in self.route_sum.items():
-            short = _short_block_name(name)
-            out[f"routing/{short}/entropy"] = float(self.entropy_sum[name]) / n_items
+            out[f"routing/{name}/entropy"] = float(self.entropy_sum[name]) / n_items
             for e, v in enumerate((s.sum(0) / n_items).tolist()):
-                out[f"routing/{short}/load_{e}"] = v
+                out[f"routing/{name}/load_{e}"] = v
         return out
 
     def heatmaps(self) -> dict[str, list[list[float]]]:
         """Per block: group x expert mean routing probability."""
-        return {_short_block_name(k): (s / self.count.clamp_min(1)[:, None]).tolist() for k, s in self.route_sum.items()}
-
-
-def _short_block_name(name: str) -> str:
-    for junk in ("backbone.", ".routing", "t5.", ".inner", ".block.", ".layer."):
-        name = name.replace(junk, "." if junk.startswith(".block") or junk.startswith(".layer") else "")
-    return name.strip(".")
+        return {k: (s / self.count.clamp_min(1)[:, None]).tolist() for k, s in self.route_sum.items()}
 
 
 def _distributed() -> bool:
@@ -254,12 +248,12 @@ def evaluate(setting: Setting, model: nn.Module, loader: DataLoader, device, pre
 
 
 def _loader(ds: Dataset, cfg: TrainConfig, session: Session, *, train: bool, epoch: int = 0,
-            curriculum: routing.Top2Curriculum | None = None, collate: Callable | None = None) -> DataLoader:
+            order: routing.EpochSampler | None = None, collate: Callable | None = None) -> DataLoader:
     bs = (cfg.batch_size // session.world_size) if train else cfg.eval_batch_size
     sampler = None
-    if train and curriculum is not None:  # adaptive gating's curriculum orders the epoch (single worker)
-        curriculum.set_epoch(epoch)
-        sampler = curriculum
+    if train and order is not None:  # a method orders the epoch (adaptive gating's curriculum; single worker)
+        order.set_epoch(epoch)
+        sampler = order
     elif session.world_size > 1:
         sampler = DistributedSampler(ds, num_replicas=session.world_size, rank=session.world_rank,
                                      shuffle=train, seed=cfg.seed, drop_last=train)
@@ -303,14 +297,12 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
 
     val_loader = _loader(val_ds, cfg, session, train=False, collate=setting.collate)
     two_passes = routing.needs_two_passes(core)
-    curriculum = None
-    if cfg.routing.adaptive_curriculum and session.world_size == 1:
-        curriculum = routing.Top2Curriculum(len(train_ds), len(routing.routing_blocks(core)), seed=cfg.seed)
+    order = routing.epoch_sampler(core, len(train_ds), cfg.seed) if session.world_size == 1 else None
     model.train()
     running, n_running = 0.0, 0
     while step < cfg.steps:
         for i, batch in enumerate(_loader(train_ds, cfg, session, train=True, epoch=epoch,
-                                              curriculum=curriculum, collate=setting.collate)):
+                                              order=order, collate=setting.collate)):
             if i < skip:  # resumed mid-epoch: the same order, without the batches already trained on
                 continue
             b = setting.batch_to_model(batch, device)
@@ -318,8 +310,8 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
             loss = training_loss(setting, model, core, b, cfg, two_passes=two_passes)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite training loss {loss.item()} at step {step}")
-            if curriculum is not None and (fractions := routing.top2_fractions(core)) is not None:
-                curriculum.update(b.ids, fractions)
+            if order is not None:
+                order.observe(routing.routing_blocks(core), b.ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -333,9 +325,7 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
                 metrics, _ = evaluate(setting, core, val_loader, device, "val")
                 metrics.update({"train/loss": running / max(n_running, 1), "train/lr": sched.get_last_lr()[0],
                                 "step": step, "epoch": epoch})
-                temp = routing.current_temperature(core)
-                if temp is not None:
-                    metrics["routing/temperature"] = temp
+                metrics.update({f"routing/{k}": v for k, v in routing.step_scalars(core).items()})
                 running, n_running = 0.0, 0
                 if metrics[primary] > best_val:
                     best_val, best_state = metrics[primary], _partial_state(core)

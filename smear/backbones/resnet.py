@@ -58,7 +58,8 @@ class RoutedResNet(nn.Module):
 
 
 def inject_routing_blocks(backbone: ResNet, cfg: RoutingConfig, *, num_tasks: int) -> list[str]:
-    """Replace each BasicBlock of ``backbone`` in place by a RoutedBasicBlock; return the replaced names.
+    """Replace each BasicBlock of ``backbone`` in place by a RoutedBasicBlock; return the replaced names
+    ("layer1.0" ... "layer4.1"), which are also the routing blocks' labels (their metrics' keys).
 
     Every routing block shares one RoutingContext.
     """
@@ -71,7 +72,8 @@ def inject_routing_blocks(backbone: ResNet, cfg: RoutingConfig, *, num_tasks: in
             width = blk.bn2.num_features
             routing = ExpertRoutingBlock(width, cfg, layout="image", num_tasks=num_tasks, context=context)
             layer[i] = RoutedBasicBlock(blk, routing)
-            replaced.append(f"{layer_name}.{i}")
+            routing.label = f"{layer_name}.{i}"
+            replaced.append(routing.label)
     widths = tuple(blk.routing.dim for l in ("layer1", "layer2", "layer3", "layer4") for blk in getattr(backbone, l))
     assert widths == RESNET18_WIDTHS, widths
     return replaced

@@ -61,7 +61,8 @@ def load_t5(source: str, tiny: dict | None = None) -> T5ForConditionalGeneration
 
 def inject_routing_blocks(model: T5ForConditionalGeneration, cfg: RoutingConfig, *, num_tasks: int,
                           context: RoutingContext) -> list[str]:
-    """Wrap every sub-layer of ``model`` in place; return the names of the wrapped modules."""
+    """Wrap every sub-layer of ``model`` in place; return the routing blocks' labels, e.g.
+    "encoder.0.1.DenseReluDense" (stack, block, layer, sub-layer), the keys of their routing metrics."""
     d = model.config.d_model
     wrapped = []
     for stack_name, stack in (("encoder", model.encoder), ("decoder", model.decoder)):
@@ -73,7 +74,8 @@ def inject_routing_blocks(model: T5ForConditionalGeneration, cfg: RoutingConfig,
                 routing = ExpertRoutingBlock(d, cfg, layout="sequence", num_tasks=num_tasks, context=context,
                                              route_from=route_from)
                 setattr(layer, attr, RoutedSublayer(getattr(layer, attr), routing))
-                wrapped.append(f"{stack_name}.block.{i}.layer.{j}.{attr}")
+                routing.label = f"{stack_name}.{i}.{j}.{attr}"       # stack.block.layer.sub-layer
+                wrapped.append(routing.label)
     n_enc, n_dec = model.config.num_layers, model.config.num_decoder_layers
     assert len(wrapped) == 2 * n_enc + 3 * n_dec, (len(wrapped), n_enc, n_dec)
     return wrapped

@@ -6,7 +6,8 @@ c = model width, r = adapter bottleneck, n = experts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +165,15 @@ def entropy(p: Tensor, dim: int = -1) -> Tensor:
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
 
 
+class EpochSampler(Protocol):
+    """A torch Sampler over training-example indices that reorders each epoch from what it observes."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+    def observe(self, blocks: list[tuple[str, nn.Module]], example_ids: Tensor) -> None: ...
+    def __iter__(self) -> Iterator[int]: ...
+    def __len__(self) -> int: ...
+
+
 class RoutingMethod(nn.Module):
     """Base class of every routing method: ``forward(experts, inputs, logits) -> RoutingOutput``.
 
@@ -173,7 +183,14 @@ class RoutingMethod(nn.Module):
       mixes_positions -- True when outputs at one position depend on other positions (Soft MoE):
                          refused in causal decoder blocks
       two_pass_consistency -- True when training runs the model twice and adds
-                         ``smear.routing.consistency_loss`` between the passes (AdaMix)
+                         :meth:`consistency` between the passes (AdaMix)
+
+    Hooks the train loop reaches through ``smear.routing`` (so that the loop names no method):
+      task_loss_terms / block_reduction -- loss terms that need the per-example task loss (REINFORCE)
+      step_scalars    -- per-step scalars to log as ``routing/<key>`` (ST-Gumbel's temperature)
+      consistency     -- the loss between two stochastic forwards of the model (AdaMix)
+      epoch_sampler   -- an order of the training examples for each epoch (adaptive gating's curriculum)
+      param_groups    -- learning-rate multipliers of the method's parameters (latent skills)
     """
 
     name: str = "?"
@@ -201,6 +218,19 @@ class RoutingMethod(nn.Module):
     def block_reduction(self) -> str:
         """How :meth:`task_loss_terms` combine over the model's blocks: "sum" or "mean" (REINFORCE)."""
         return "sum"
+
+    def step_scalars(self, out: RoutingOutput | None, step: int) -> dict[str, float]:
+        """Scalars of the latest forward (``out``; None before any) at training step ``step``, logged as
+        ``routing/<key>`` at each evaluation; none for most methods."""
+        return {}
+
+    def consistency(self, logits_a: Tensor, logits_b: Tensor) -> Tensor:
+        """The loss between two training forwards' outputs; methods with ``two_pass_consistency`` define it."""
+        raise NotImplementedError(f"{self.name} does not run two passes")
+
+    def epoch_sampler(self, *, num_examples: int, num_blocks: int, seed: int) -> "EpochSampler | None":
+        """An :class:`EpochSampler` that orders each training epoch (single-process training), or None."""
+        return None
 
     def param_groups(self) -> dict[str, float]:
         """Learning-rate multipliers by parameter name (relative to this module), e.g. latent skills' 10x."""

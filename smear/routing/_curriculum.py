@@ -21,6 +21,15 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 
+@torch.no_grad()
+def top2_fractions(blocks) -> Tensor | None:
+    """(b, L): each example's fraction of top-2 routing in each block of ``blocks`` ((name, block) pairs)
+    whose latest forward reported ``extras["top2_fraction"]``; None when none did."""
+    cols = [b.last.extras["top2_fraction"] for _, b in blocks
+            if b.last is not None and "top2_fraction" in b.last.extras]
+    return torch.stack(cols, dim=1) if cols else None
+
+
 class Top2Curriculum(Sampler[int]):
     """Sampler-like ordering of ``num_examples`` dataset indices; call :meth:`update` after each batch."""
 
@@ -38,6 +47,14 @@ class Top2Curriculum(Sampler[int]):
         if fractions.shape != (example_ids.shape[0], self.num_layers):
             raise ValueError(f"fractions must be (batch, {self.num_layers}); got {tuple(fractions.shape)}")
         self.vectors[example_ids.long().cpu()] = fractions.detach().float().cpu()
+
+    @torch.no_grad()
+    def observe(self, blocks, example_ids: Tensor) -> None:
+        """Record the latest forward's top-2 fractions of the adaptive-gating blocks among ``blocks``
+        ((name, ExpertRoutingBlock) pairs); nothing when none of them reported one."""
+        fractions = top2_fractions(blocks)
+        if fractions is not None:
+            self.update(example_ids, fractions)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -71,6 +71,7 @@ class ExpertRoutingBlock(nn.Module):
             self.pre_norm = nn.Identity()
             self.post_norm = nn.LayerNorm(dim, eps=1e-5) if cfg.post_norm == "layernorm" else T5LayerNormLike(dim)
         self.last: RoutingOutput | None = None  # output of the latest forward, read by losses and logging
+        self.label = ""  # the block's name from model surgery (e.g. "layer4.1"), the key of its routing metrics
 
     @property
     def num_experts(self) -> int:

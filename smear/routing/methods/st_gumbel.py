@@ -63,6 +63,12 @@ class StGumbel(RoutingMethod):
                                   update_every=c.gumbel_update_every, schedule=c.gumbel_schedule,
                                   step_offset=c.gumbel_step_offset)
 
+    def step_scalars(self, out: RoutingOutput | None, step: int) -> dict[str, float]:
+        """The temperature of the latest forward (before any forward, the one at ``step``)."""
+        if out is not None and "temperature" in out.extras:
+            return {"temperature": float(out.extras["temperature"])}
+        return {"temperature": float(self.temperature(step))}
+
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
         p = logits.softmax(-1)                                                 # (b, n), noise-free
         tau = self.temperature(inp.ctx.step)

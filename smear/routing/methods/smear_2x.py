@@ -1,12 +1,12 @@
 """SMEAR 2x: SMEAR with twice the experts per block (16 for T5, 12 for ResNet), SMEAR paper section 5.
 
-Same merge as :mod:`smear.routing.smear` (paper eq. 2); only the size of the expert bank changes, so the
+Same merge as :mod:`smear.routing.methods.smear` (paper eq. 2); only the size of the expert bank changes, so the
 compute stays ~1 adapter while the parameters double.
 """
 from __future__ import annotations
 
 from smear.routing._registry import register_method
-from smear.routing.smear import Smear
+from smear.routing.methods.smear import Smear
 
 
 @register_method("smear_2x")

@@ -5,7 +5,7 @@ Training: stochastic routing, section 3.1: each example draws a random down-proj
 independently, a random up-projection expert u in every block; out = swish(x W_down[d] + b_down[d]) W_up[u]
 (1 adapter, gathered per example). Two forward passes with independent draws are tied by a symmetric
 KL consistency loss (section 3.2, eq. 4), a model-level term: ``two_pass_consistency = True`` tells the
-train loop to run twice and add ``smear.routing.consistency_loss``.
+train loop to run twice and add :meth:`AdaMix.consistency` (through ``smear.routing.consistency_loss``).
 Evaluation: adaptation merging, section 3.3: the uniform average of all experts' weights (the SMEAR
 merge with p = 1/N), one adapter.
 ``probs`` (logging): in training, half a vote to the down expert and half to the up expert; uniform in eval.
@@ -24,6 +24,20 @@ from smear.routing._registry import register_method
 class AdaMix(RoutingMethod):
     uses_router = False
     two_pass_consistency = True
+
+    def consistency(self, logits_a: Tensor, logits_b: Tensor) -> Tensor:
+        """``adamix_consistency_weight`` * 0.5 * (KL(P_a || P_b) + KL(P_b || P_a)) (AdaMix eq. 4, official trainers).
+
+        P = softmax over the last dim of the model outputs, (b, classes) or (b, t, vocab), summed over that
+        dim and averaged over every other position: over the batch in ResNet
+        (``cvl/src/models/resnet_classifier.py``, ``KLDivLoss(reduction="batchmean")``), over (batch, tokens)
+        in T5 (``t5_trainer.py``, ``torch.mean(torch.sum(consistency_loss, dim=-1))``, padded target
+        positions included). Both passes get gradients (neither is detached).
+        """
+        log_a = F.log_softmax(logits_a.float(), dim=-1)
+        log_b = F.log_softmax(logits_b.float(), dim=-1)
+        sym_kl = 0.5 * ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(-1)    # (b,) or (b, t)
+        return self.cfg.adamix_consistency_weight * sym_kl.mean()
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
         b, n, x = inp.x.shape[0], self.num_experts, inp.x

@@ -5,7 +5,7 @@ methods.md section 3: r = 192 in both settings (8 x 24 for T5, 6 x 32 for ResNet
 from __future__ import annotations
 
 from smear.routing._registry import register_method
-from smear.routing.adapter import Adapter
+from smear.routing.methods.adapter import Adapter
 
 
 @register_method("adapter_large")

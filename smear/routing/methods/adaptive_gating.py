@@ -29,6 +29,7 @@ from torch import Tensor
 
 from smear.configs import ConfigError
 from smear.routing._base import ExpertBank, Router, RoutingInputs, RoutingMethod, RoutingOutput
+from smear.routing._curriculum import Top2Curriculum
 from smear.routing._dispatch import apply_dense, apply_topk
 from smear.routing._registry import register_method
 
@@ -73,6 +74,12 @@ class AdaptiveGating(RoutingMethod):
         if num_experts < 2:
             raise ConfigError(f"adaptive_gating needs num_experts >= 2; got {num_experts}")
         self.router = Router(dim, num_experts, cfg.init_std, cfg.router_gain_init, cfg.router_weight_norm)
+
+    def epoch_sampler(self, *, num_examples: int, num_blocks: int, seed: int) -> Top2Curriculum | None:
+        """The paper's curriculum (section 3.2) when ``adaptive_curriculum`` is on."""
+        if not self.cfg.adaptive_curriculum:
+            return None
+        return Top2Curriculum(num_examples, num_blocks, seed=seed)
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
         c = self.cfg
