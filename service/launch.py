@@ -72,32 +72,23 @@ def apply_overrides(sweep: Sweep, args: argparse.Namespace) -> None:
 
 
 def resolve_data(sweep: Sweep, data_root: str | None, *, create: bool) -> None:
-    """Apply ``--data-root`` and check every trial's data before anything starts.
+    """Apply ``--data-root`` and check every trial's data before anything starts (each setting's
+    :meth:`~trainables.settings.Setting.prepare_data`, once per distinct data need).
 
     A root of "" means the setting's offline stand-in: generated here (unless ``create`` is off, as in
     --dry-run) and again, if missing, on each node that runs a trial.
     """
-    from smear.data import offline_digits_domainnet, offline_synthetic_glue
-    from smear.data import domainnet, glue
+    from trainables.settings import get_setting
 
     checked: set[tuple] = set()
     for t in sweep.trials:
-        d = t.config["data"]
         if data_root is not None:
-            d["root"] = str(Path(data_root).resolve())
-        setting = t.config["setting"]
-        key = (setting, d["root"], tuple(d["domains"]), tuple(t.config["t5"]["tasks"]))
-        if key in checked:
-            continue
-        checked.add(key)
-        if d["root"] == "":
-            if create:
-                (offline_synthetic_glue if setting == "t5_glue" else offline_digits_domainnet)()
-        elif setting == "t5_glue":
-            if d["root"] != "hub":
-                glue.check_root(d["root"], t.config["t5"]["tasks"])
-        else:
-            domainnet.check_root(d["root"], d["domains"])
+            t.config["data"]["root"] = str(Path(data_root).resolve())
+        setting = get_setting(t.config["setting"])
+        key = setting.data_key(t.config)
+        if key not in checked:
+            checked.add(key)
+            setting.prepare_data(t.config, create=create)
 
 
 def check_resources(sweep: Sweep) -> None:
@@ -190,7 +181,8 @@ def run_sweep(args, sweep: Sweep) -> int:
     from mlflow.tracking import MlflowClient
 
     from service.tracking import MLflowTracker, get_or_create_experiment, git_commit, trial_run_name
-    from trainables.config import PRIMARY_METRIC, make_config
+    from trainables.config import make_config
+    from trainables.settings import get_setting
     from trainables.ray_trainable import trial, trial_config, trial_resources
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -283,7 +275,7 @@ def run_sweep(args, sweep: Sweep) -> int:
             client.set_terminated(pid, status)
     wall = time.time() - t0
     rows = []
-    metric = PRIMARY_METRIC[first.setting]
+    metric = get_setting(first.setting).primary_metric
     for r in grid:
         cfg = trial_config(r.config, sweep.configs)
         m = r.metrics or {}

@@ -28,7 +28,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
 
 import argparse  # noqa: E402
-import ast  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -39,12 +38,6 @@ from dataclasses import dataclass, field  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXPERIMENT_PREFIX = "smear-sweep/"
-# Same as trainables.config.PRIMARY_METRIC (copied to keep this import light; a test checks they agree).
-PRIMARY_METRIC = {"resnet_domainnet": "accuracy", "t5_glue": "average"}
-# The per-group test metric of each setting: test/<domain>/accuracy, test/<task>/score.
-GROUP_METRIC = {"resnet_domainnet": "accuracy", "t5_glue": "score"}
-GROUP_KIND = {"resnet_domainnet": "domain", "t5_glue": "task"}
-GROUP_PARAM = {"resnet_domainnet": "data.domains", "t5_glue": "t5.tasks"}
 SMEAR = "smear"
 HEATMAP_ARTIFACT = "routing/heatmaps.json"
 
@@ -62,6 +55,9 @@ class Trial:
     run_id: str = ""
     status: str = "FINISHED"
     setting: str = "resnet_domainnet"
+    primary: str = "accuracy"            # the setting's metric names travel with each run (its tags)
+    group_metric: str = "accuracy"       # test/<group>/<group_metric>
+    group_kind: str = "group"            # what a group is: domain, task
     test: float | None = None            # overall test metric (test/accuracy or test/average)
     val_best: float | None = None        # val/best_<primary>
     groups: dict[str, float] = field(default_factory=dict)   # group -> test/<group>/<metric>
@@ -120,31 +116,30 @@ def find_sweep(client, sweep: str, experiment: str | None = None):
     return parent, next(e for e in exps if e.experiment_id == parent.info.experiment_id)
 
 
-def _group_order(params: dict[str, str], setting: str) -> list[str]:
-    raw = params.get(GROUP_PARAM.get(setting, ""))
-    try:
-        value = ast.literal_eval(raw) if raw else []
-        return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
-    except (ValueError, SyntaxError):
-        return []
+def _infer_primary(metrics: dict[str, float]) -> str:
+    """A run recorded without the setting's tags: its primary metric is the one with a ``val/best_`` record."""
+    return next((k[len("val/best_"):] for k in sorted(metrics) if k.startswith("val/best_")), "accuracy")
 
 
 def trial_from_run(run) -> Trial:
+    """One child run -> Trial. The setting's metric names come from the run's own tags (``primary_metric``,
+    ``group_metric``, ``group_kind``, ``groups``: ``Setting.record_tags``), so the report keeps no copy."""
     tags, metrics, info = run.data.tags, run.data.metrics, run.info
-    setting = tags.get("setting") or run.data.params.get("setting") or "resnet_domainnet"
-    primary = PRIMARY_METRIC.get(setting, "accuracy")
-    gmetric = GROUP_METRIC.get(setting, "accuracy")
+    setting = tags.get("setting") or run.data.params.get("setting") or "?"
+    primary = tags.get("primary_metric") or _infer_primary(metrics)
+    gmetric = tags.get("group_metric") or primary
     groups = {}
     for key, value in metrics.items():
         parts = key.split("/")
         if len(parts) == 3 and parts[0] == "test" and parts[2] == gmetric and _finite(value):
             groups[parts[1]] = value
-    order = [g for g in _group_order(run.data.params, setting) if g in groups]
+    order = [g for g in tags.get("groups", "").split(",") if g in groups]
     order += sorted(g for g in groups if g not in order)
     wall = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
     return Trial(method=tags.get("method") or run.data.params.get("routing.method") or "?",
                  seed=tags.get("seed") or run.data.params.get("seed") or "?",
                  run_name=info.run_name or "", run_id=info.run_id, status=info.status, setting=setting,
+                 primary=primary, group_metric=gmetric, group_kind=tags.get("group_kind") or "group",
                  test=_num(metrics.get(f"test/{primary}")), val_best=_num(metrics.get(f"val/best_{primary}")),
                  groups=groups, group_order=order, wall_s=wall)
 
@@ -206,14 +201,13 @@ def _cell(ms, scale: float, best: bool = False) -> str:
     return f"**{s}**" if best else s
 
 
-def method_table(trials: list[Trial], setting: str | None = None, scale: float = 100.0) -> str:
+def method_table(trials: list[Trial], scale: float = 100.0) -> str:
     """Markdown: one row per method (best first), one column per domain/task, then the primary metric.
 
     Cells are test metrics x ``scale``, mean +- std over the seeds that have a value; the best mean of each
     column is bold; "seeds" counts trials with an overall value out of all the method's trials.
     """
-    setting = setting or (trials[0].setting if trials else "resnet_domainnet")
-    primary = PRIMARY_METRIC.get(setting, "accuracy")
+    primary = trials[0].primary if trials else "accuracy"
     groups = groups_of(trials)
     methods = method_order(trials)
     cols: list[tuple[str, dict[str, object]]] = []
@@ -235,7 +229,7 @@ def method_table(trials: list[Trial], setting: str | None = None, scale: float =
 
 
 def trial_table(trials: list[Trial], scale: float = 100.0) -> str:
-    primary = PRIMARY_METRIC.get(trials[0].setting, "accuracy") if trials else "accuracy"
+    primary = trials[0].primary if trials else "accuracy"
     order = {m: i for i, m in enumerate(method_order(trials))}
     lines = [f"| method | seed | run | status | val best {primary} | test {primary} | wall s |", "|---|---|---|---|---|---|---|"]
     for t in sorted(trials, key=lambda t: (order[t.method], _seed_key(t.seed))):
@@ -295,7 +289,7 @@ def _settings(trials: list[Trial]) -> list[str]:
     for t in trials:
         if t.setting not in out:
             out.append(t.setting)
-    return out or ["resnet_domainnet"]
+    return out
 
 
 def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path) -> tuple[str, list[Path]]:
@@ -322,14 +316,13 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path)
         ts = [t for t in trials if t.setting == setting]
         if not ts:
             continue
-        primary = PRIMARY_METRIC.get(setting, "accuracy")
-        kind, gm = GROUP_KIND.get(setting, "group"), GROUP_METRIC.get(setting, "accuracy")
+        primary, kind, gm = ts[0].primary, ts[0].group_kind, ts[0].group_metric
         suffix = "" if len(settings) == 1 else f"_{setting}"
         lines += [f"## {setting}: test {gm} per {kind} and overall {primary}", "",
                   f"Test metrics x100 of each trial's best-validation weights, mean +- std over seeds "
                   f"(sample std; 0 for one seed); methods best first by {primary}; best mean in bold. "
                   f"`seeds` = trials with a test {primary} / trials.", "",
-                  method_table(ts, setting), "", "### Trials", "", trial_table(ts), ""]
+                  method_table(ts), "", "### Trials", "", trial_table(ts), ""]
         lines += ["### Plots", ""]
         scored = [t for t in ts if t.test is not None]
         if scored:

@@ -36,7 +36,8 @@ from typing import Any
 import yaml
 
 from smear.configs import ConfigError, to_dict, unflatten
-from trainables.config import PRIMARY_METRIC, make_config
+from trainables.config import make_config
+from trainables.settings import get_setting
 from trainables.ray_trainable import TRIAL_KEY
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -98,7 +99,7 @@ class Sweep:
 
     @property
     def metric(self) -> str:
-        return f"val/best_{PRIMARY_METRIC[self.setting]}"  # in every report, eval and final
+        return f"val/best_{get_setting(self.setting).primary_metric}"  # in every report, eval and final
 
 
 def available_sweeps() -> list[str]:

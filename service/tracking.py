@@ -25,6 +25,7 @@ from ray.tune import Callback
 from smear.configs import flatten
 from trainables.loop import ROUTING_HEATMAP
 from trainables.ray_trainable import trial_config
+from trainables.settings import get_setting
 
 log = logging.getLogger(__name__)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -149,7 +150,8 @@ class MLflowTracker(Callback):
         run_id = self._safe("search", self._find_run, tid)
         if run_id is None:
             tags = {**self.tags, "mlflow.parentRunId": self.parent_run_id, "sweep": self.sweep, "trial_id": tid,
-                    "method": cfg["routing"]["method"], "seed": str(cfg["seed"]), "setting": cfg["setting"]}
+                    "method": cfg["routing"]["method"], "seed": str(cfg["seed"]),
+                    **get_setting(cfg["setting"]).record_tags(cfg)}  # setting, its metric names and groups
             run = self._safe("create_run", self.client.create_run, self.experiment_id,
                              run_name=trial_run_name(cfg, tid), tags=tags)
             if run is None:

@@ -183,7 +183,7 @@ def test_expert_dropout_mask_value_is_dtype_safe(dtype):
 def _resnet_step_parts(digits_root, method, **over):
     from trainables.config import make_config
     from trainables.loop import training_loss
-    from trainables.resnet_domainnet import ResNetDomainNet
+    from trainables.settings.resnet_domainnet import ResNetDomainNet
 
     cfg = make_config({"routing": {"method": method}, "torch_threads": 1, "data": {
         "root": str(digits_root), "resolution": 16, "augment": "none", "domains": ["real", "sketch"]}, **over})
@@ -237,7 +237,7 @@ def _fairseq_label_smoothed_nll_loss(lprobs, target, epsilon, ignore_index=-100)
 def test_t5_task_loss_is_summed_over_batch_and_tokens_with_clipping(offline_data):
     from trainables.config import make_config
     from trainables.loop import training_loss
-    from trainables.t5_glue import T5Glue
+    from trainables.settings.t5_glue import T5Glue
 
     cfg = make_config({"setting": "t5_glue", "routing": {"method": "smear"}, "torch_threads": 1})
     assert cfg.batch_loss == "sum" and cfg.grad_clip == 1.0 and cfg.label_smoothing == 0.1
@@ -266,7 +266,7 @@ def _tiny_t5_cfg(seed, **over):
 def test_seed_drives_the_routing_blocks_not_the_frozen_tiny_backbone(offline_data):
     from trainables.config import make_config
     from trainables.loop import seed_everything
-    from trainables.t5_glue import T5Glue
+    from trainables.settings.t5_glue import T5Glue
 
     states = []
     for seed in (0, 1, 0):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.report import PRIMARY_METRIC, Trial, method_table, mean_std, write_report
+from service.report import Trial, method_table, mean_std, trial_from_run, write_report
 from tests.conftest import REPO
 
 REPORT = REPO / "service" / "report.py"
@@ -50,7 +50,7 @@ def test_method_table_resnet_mean_std_order_and_missing_values():
         Trial("adapter", "0", test=0.50, groups={"real": 0.55}),  # a group metric missing
         Trial("hash", "0", status="FAILED"),                      # a method with no value at all
     ]
-    rows = _table_rows(method_table(trials, "resnet_domainnet"))
+    rows = _table_rows(method_table(trials))
     assert rows[0] == ["method", "seeds", "real", "sketch", "accuracy (overall)"]
     body = {r[0]: r for r in rows[2:]}
     # best first by the mean overall test accuracy; a method without any value last
@@ -62,8 +62,8 @@ def test_method_table_resnet_mean_std_order_and_missing_values():
 
 
 def test_method_table_t5_columns_are_tasks_and_average():
-    trials = [Trial(m, s, setting="t5_glue", test=v, groups={"rte": v - 0.1, "cola": v + 0.1},
-                    group_order=["rte", "cola"]) for m, s, v in
+    trials = [Trial(m, s, setting="t5_glue", primary="average", group_metric="score", group_kind="task", test=v,
+                    groups={"rte": v - 0.1, "cola": v + 0.1}, group_order=["rte", "cola"]) for m, s, v in
               [("smear", "0", 0.5), ("smear", "1", 0.7), ("adapter", "0", 0.4)]]
     rows = _table_rows(method_table(trials))
     assert rows[0] == ["method", "seeds", "rte", "cola", "average (overall)"]
@@ -78,10 +78,27 @@ def test_mean_std_ignores_missing_and_non_finite():
     assert (round(m, 6), round(s, 6), n) == (0.3, 0.141421, 2)
 
 
-def test_primary_metric_matches_trainables():
-    from trainables.config import PRIMARY_METRIC as TRAIN_PRIMARY
+def test_metric_names_travel_with_the_run_tags(tmp_path):
+    """The report keeps no copy of a setting's metric names: each trial run carries them (Setting.record_tags)."""
+    from trainables.config import make_config
+    from trainables.settings import available_settings, get_setting
+    from smear.configs import to_dict
 
-    assert PRIMARY_METRIC == TRAIN_PRIMARY
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    exp = client.create_experiment("smear-sweep/x", artifact_location=str(tmp_path / "a"))
+    for name in available_settings():
+        setting, cfg = get_setting(name), to_dict(make_config({"setting": name}))
+        tags = setting.record_tags(cfg)
+        assert tags["primary_metric"] == setting.primary_metric and tags["groups"].split(",") == setting.groups_of(cfg)
+        run = client.create_run(exp, tags={**tags, "method": "smear", "seed": "0"})
+        first, last = setting.groups_of(cfg)[0], setting.groups_of(cfg)[-1]
+        for k, v in {f"test/{setting.primary_metric}": 0.5, f"test/{last}/{setting.group_metric}": 0.25,
+                     f"test/{first}/{setting.group_metric}": 0.75}.items():
+            client.log_metric(run.info.run_id, k, v)
+        t = trial_from_run(client.get_run(run.info.run_id))
+        assert (t.setting, t.primary, t.group_metric, t.group_kind) == (
+            name, setting.primary_metric, setting.group_metric, setting.group_kind)
+        assert t.test == 0.5 and t.group_order == [first, last]                        # the setting's order
 
 
 # --- write_report on a hand-made MLflow record (no Ray) ----------------------------------------------

@@ -39,7 +39,7 @@ def test_methods_with_extra_machinery_run_in_t5(offline_data, tmp_path, method):
 def test_rte_uses_mnli_expert_in_encoder_blocks_only(offline_data):
     from smear.routing import routing_blocks
     from trainables.config import make_config
-    from trainables.t5_glue import T5Glue
+    from trainables.settings.t5_glue import T5Glue
 
     cfg = make_config(_cfg("tag"))
     assert cfg.t5.rte_to_mnli                                     # the official default

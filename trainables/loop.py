@@ -25,7 +25,7 @@ from torch.utils.data.distributed import DistributedSampler
 import smear.routing as routing
 from smear.configs import flatten, to_dict
 from trainables.config import TrainConfig, make_config
-from trainables.setting import Setting
+from trainables.settings import Setting, get_setting
 
 STATE_FILE, BEST_FILE = "state.pt", "best.pt"
 ROUTING_HEATMAP = "routing_heatmap"  # key of the final report holding the specialisation heatmaps
@@ -94,13 +94,6 @@ def _device(cfg: TrainConfig) -> torch.device:
                     f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}); "
                     "give the trial a GPU (resources.gpu / --gpus-per-trial) or set use_gpu: false")
     return torch.device("cuda", torch.cuda.current_device())
-
-
-def _settings() -> dict[str, Callable[[TrainConfig], Setting]]:
-    from trainables.resnet_domainnet import ResNetDomainNet
-    from trainables.t5_glue import T5Glue
-
-    return {"resnet_domainnet": ResNetDomainNet, "t5_glue": T5Glue}
 
 
 def _partial_keys(model: nn.Module) -> set[str]:
@@ -271,7 +264,7 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
         torch.set_num_threads(cfg.torch_threads)
     seed_everything(cfg.seed)
     device = _device(cfg)
-    setting = _settings()[cfg.setting](cfg)
+    setting = get_setting(cfg.setting)(cfg)
     primary = f"val/{setting.primary_metric}"
     train_ds, val_ds, test_ds = (setting.dataset(s) for s in ("train", "val", "test"))
     # hash routing: a table entry for every example id of every split (ids index each split from 0);

@@ -11,6 +11,8 @@ local copy in the Hub's layout.
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass, field as dc_field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +20,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from smear.backbones.t5 import build_routed_t5, check_decoder_support
-from smear.data import offline_synthetic_glue
+from smear.configs import ConfigError, field
+from smear.data import glue, offline_synthetic_glue
 from smear.data.glue import GlueMixture, make_collate, parse_prediction
 from smear.metrics import glue_score, glue_task_metrics
 from smear.routing import RoutingConfig
-from trainables.config import PRIMARY_METRIC, TrainConfig
-from trainables.setting import Batch
+from trainables.config import TrainConfig
+from trainables.settings import Batch, Setting, register_setting
 
 
 def load_tokenizer(name: str):
@@ -40,12 +43,72 @@ def glue_root(root: str) -> str | None:
     return offline_synthetic_glue() if root == "" else (None if root == "hub" else root)
 
 
-class T5Glue:
-    primary_metric = PRIMARY_METRIC["t5_glue"]
+@dataclass
+class T5Settings:
+    model: str = field("tiny", doc="'tiny' (random T5 v1.1-shaped, offline) or a name/path, e.g. google/t5-v1_1-base")
+    tokenizer: str = field("byt5", doc="'byt5' (ByT5Tokenizer, no files needed) or a name/path")
+    d_model: int = field(64, ge=8, doc="tiny model only")
+    d_ff: int = field(128, ge=8, doc="tiny model only")
+    num_layers: int = field(2, ge=1, doc="tiny model only: encoder and decoder layers each")
+    num_heads: int = field(4, ge=1, doc="tiny model only")
+    tasks: list[str] = field(["rte", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "cola"])
+    max_source_len: int = field(128, ge=8)
+    max_target_len: int = field(16, ge=2)
+    loss_reduction: str = field("sum", choices=("sum", "mean"), doc="over target tokens: sum (reference) or mean")
+    rte_to_mnli: bool = field(True, doc="tag routing: RTE uses MNLI's expert in encoder blocks (official: "
+                                        "task_routing_same_rte_mnli_onlyencoder.json); false = RTE's own expert")
+    val_holdout: int = field(1000, ge=1, doc="training examples held out as validation for qqp, qnli, sst2")
+    eval_limit: int = field(0, ge=0, doc="evaluate on the first N examples of each task's split; 0 = all")
 
-    def __init__(self, cfg: TrainConfig):
-        check_decoder_support(cfg.routing)
-        self.cfg, self.t5cfg = cfg, cfg.t5
+    def validate(self) -> None:
+        valid = ("rte", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "cola")
+        bad = [t for t in self.tasks if t not in valid]
+        if bad or not self.tasks:
+            raise ConfigError(f"t5.tasks has unknown task {(bad or [''])[0]!r}; valid: {', '.join(valid)}")
+        if self.rte_to_mnli and "rte" in self.tasks and "mnli" not in self.tasks:
+            raise ConfigError("t5.rte_to_mnli=True routes RTE with MNLI's expert, but mnli is not in t5.tasks; "
+                              "valid: add mnli to t5.tasks, or set t5.rte_to_mnli: false")
+
+
+@dataclass
+class T5GlueConfig(TrainConfig):
+    t5: T5Settings = dc_field(default_factory=lambda: T5Settings())
+
+    def validate(self) -> None:
+        super().validate()
+        check_decoder_support(self.routing)
+
+
+@register_setting
+class T5Glue(Setting):
+    name = "t5_glue"
+    config_class = T5GlueConfig
+    defaults = {  # the paper's values (methods.md section 2; the official configs/adapter/*.json and trainer)
+        "steps": 600_000, "eval_every": 5_000, "batch_size": 128, "optimizer": "adamw", "lr": 3e-4,
+        "warmup_steps": 2_000, "grad_clip": 1.0, "label_smoothing": 0.1, "batch_loss": "sum",
+        "routing": {"num_experts": 8, "rank": 24, "gumbel_anneal_rate": 1e-6, "gumbel_update_every": 5_000,
+                    "gumbel_step_offset": 1},
+    }
+    primary_metric, group_metric, group_kind = "average", "score", "task"
+
+    @classmethod
+    def groups_of(cls, config: dict[str, Any]) -> list[str]:
+        return list(config["t5"]["tasks"])
+
+    @classmethod
+    def prepare_data(cls, config: dict[str, Any], *, create: bool) -> None:
+        """A local copy in the Hub's layout is checked; "hub" is fetched in the trial; "" = the synthetic
+        stand-in, generated here."""
+        root = config["data"]["root"]
+        if root == "":
+            if create:
+                offline_synthetic_glue()
+        elif root != "hub":
+            glue.check_root(root, config["t5"]["tasks"])
+
+    def __init__(self, cfg: T5GlueConfig):
+        super().__init__(cfg)
+        self.t5cfg = cfg.t5
         self.group_names = list(cfg.t5.tasks)
         self.root = glue_root(cfg.data.root)
         self.tokenizer = load_tokenizer(cfg.t5.tokenizer)

@@ -1,0 +1,113 @@
+"""The ResNet-DomainNet setting: routed ResNet-18 on DomainNet images, task id = domain id (methods.md
+section 2). Its config: the common ``TrainConfig`` plus ``data.domains`` / ``resolution`` / ``augment`` /
+``cache``, ``pretrained`` and ``backbone_bn``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field as dc_field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from smear.backbones.resnet import build_routed_resnet18
+from smear.configs import ConfigError, field
+from smear.data import offline_digits_domainnet
+from smear.data.domainnet import DOMAINS, DomainNetDataset, check_root, num_classes
+from smear.routing import RoutingConfig
+from trainables.config import DataConfig, TrainConfig
+from trainables.settings import Batch, Setting, register_setting
+
+
+@dataclass
+class DomainNetData(DataConfig):
+    root: str = field("", doc="DomainNet root in the official layout; '' = the offline digits stand-in (generated)")
+    domains: list[str] = field(list(DOMAINS), doc="domains to train and evaluate on (DomainNet names)")
+    resolution: int = field(224, ge=8, doc="image side in pixels (paper 224)")
+    augment: str = field("paper", choices=("paper", "none"),
+                         doc="paper: RandomResizedCrop+flip / Resize+CenterCrop; none: resize only")
+    cache: bool = field(False, doc="keep decoded images in memory (small datasets)")
+
+    def validate(self) -> None:
+        bad = [d for d in self.domains if d not in DOMAINS]
+        if bad:
+            raise ConfigError(f"data.domains has unknown domain {bad[0]!r}; valid: {', '.join(DOMAINS)}")
+        if not self.domains:
+            raise ConfigError(f"data.domains is empty; valid: {', '.join(DOMAINS)}")
+
+
+@dataclass
+class ResNetConfig(TrainConfig):
+    pretrained: str = field("none", choices=("none", "imagenet"), doc="backbone weights; imagenet needs a download or cache")
+    backbone_bn: str = field("update", choices=("update", "frozen"),
+                             doc="frozen backbone's BN running stats: update in training (reference) or frozen")
+    data: DomainNetData = dc_field(default_factory=DomainNetData)
+
+
+@register_setting
+class ResNetDomainNet(Setting):
+    """methods.md section 2: images -> class logits; metric: top-1 accuracy overall and per domain."""
+
+    name = "resnet_domainnet"
+    config_class = ResNetConfig
+    defaults = {  # the paper's values (methods.md section 2; the official cvl/src/utils/Config.py)
+        "steps": 100_000, "eval_every": 1_000, "batch_size": 128, "optimizer": "adam", "lr": 1e-3,
+        "warmup_steps": 0, "grad_clip": 1.0, "label_smoothing": 0.0, "batch_loss": "mean",
+        "routing": {"num_experts": 6, "rank": 32, "gumbel_anneal_rate": 1e-4, "gumbel_update_every": 1_000,
+                    "gumbel_step_offset": 0},
+    }
+    primary_metric, group_metric, group_kind = "accuracy", "accuracy", "domain"
+
+    @classmethod
+    def groups_of(cls, config: dict[str, Any]) -> list[str]:
+        return list(config["data"]["domains"])
+
+    @classmethod
+    def prepare_data(cls, config: dict[str, Any], *, create: bool) -> None:
+        """The official layout's split files for every domain; "" = the digits stand-in, generated here."""
+        root = config["data"]["root"]
+        if root == "":
+            if create:
+                offline_digits_domainnet()
+            return
+        check_root(root, config["data"]["domains"])
+
+    def __init__(self, cfg: ResNetConfig):
+        super().__init__(cfg)
+        self.root = cfg.data.root or offline_digits_domainnet()  # "" = the offline stand-in, made on this node
+        self.group_names = list(cfg.data.domains)
+        self.num_classes = num_classes(self.root, cfg.data.domains)
+
+    def build_model(self, routing: RoutingConfig) -> nn.Module:
+        return build_routed_resnet18(routing, num_classes=self.num_classes, num_tasks=len(self.group_names),
+                                     pretrained=self.cfg.pretrained, backbone_bn=self.cfg.backbone_bn)
+
+    def dataset(self, split: str) -> Dataset:
+        d = self.cfg.data
+        return DomainNetDataset(self.root, d.domains, split, resolution=d.resolution, augment=d.augment, cache=d.cache)
+
+    collate = None  # torch's default collate
+
+    def batch_to_model(self, batch, device) -> Batch:
+        images, labels, domains, ids = batch
+        return Batch({"images": images.to(device, non_blocking=True)}, labels.to(device), domains.to(device), ids.to(device))
+
+    def per_example_loss(self, model, batch: Batch):
+        logits = model(batch.inputs["images"])                                            # (b, classes)
+        per_ex = F.cross_entropy(logits, batch.targets, reduction="none", label_smoothing=self.cfg.label_smoothing)
+        return per_ex, logits, None                                                       # (b,), (b, classes)
+
+    @torch.no_grad()
+    def predict(self, model, batch: Batch) -> list:
+        return model(batch.inputs["images"]).argmax(-1).tolist()
+
+    def metrics(self, preds: list, targets: list, groups: list[int], prefix: str) -> dict[str, float]:
+        hits = torch.tensor([p == t for p, t in zip(preds, targets)], dtype=torch.float64)
+        g = torch.tensor(groups)
+        out = {f"{prefix}/accuracy": float(hits.mean()) if len(hits) else 0.0}
+        for i, name in enumerate(self.group_names):
+            sel = g == i
+            if sel.any():
+                out[f"{prefix}/{name}/accuracy"] = float(hits[sel].mean())
+        return out
