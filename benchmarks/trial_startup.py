@@ -9,7 +9,7 @@ time measured is start-up and tear-down, not training:
   train-before  num_workers=2 with Ray's defaults, as session 1 shipped it:
                 a new trial process per trial, the Train controller polling every 2 s
   train         num_workers=2 as launch.py runs it now: trial processes reused (reuse_actors),
-                0.25 s controller polls, and the state API pinned to this instance (service.launch.start_local_ray)
+                0.25 s controller polls, and the state API pinned to this instance (service.runner.start_local_ray)
 Reported per variant: wall time per trial (Tuner.fit wall / N). For Ray Train variants, also where the
 time goes, from Ray Train's controller logs: controller start, worker actors, train context, teardown.
 """
@@ -49,7 +49,7 @@ def run_variant(name: str, trials: int) -> dict:
     import ray
     from ray import tune
 
-    from service.launch import start_local_ray
+    from service.runner import start_local_ray
     from smear.configs import unflatten
     from trainables.config import make_config
     from trainables.ray_trainable import TRIAL_KEY, trial, trial_resources
@@ -62,7 +62,8 @@ def run_variant(name: str, trials: int) -> dict:
         ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
     configs = [unflatten({**CONFIG, "num_workers": workers, "seed": s}) for s in range(trials)]
     cpus = 1 if workers == 1 else 0.5
-    trainable = tune.with_resources(tune.with_parameters(trial, cpus_per_worker=cpus, configs=configs),
+    trainable = tune.with_resources(tune.with_parameters(trial, resources={"resnet_domainnet": {"cpu": cpus, "gpu": 0.0}},
+                                                         configs=configs),
                                     trial_resources(make_config(configs[0]), cpus))
     storage = Path(os.environ["BENCH_TMP"]) / name
     tuner = tune.Tuner(trainable, param_space={TRIAL_KEY: tune.grid_search(list(range(trials)))},

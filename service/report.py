@@ -228,6 +228,34 @@ def method_table(trials: list[Trial], scale: float = 100.0) -> str:
     return "\n".join(lines)
 
 
+def console_table(rows: list[dict], metric: str = "accuracy") -> str:
+    """The sweep's end-of-run table from Tune's results (printed and logged as the parent run's summary.md):
+    method x seed -> val and test score, then mean +- std per method (markdown). ``rows``: dicts with
+    method, seed, val, test, status."""
+    lines = [f"| method | seed | val {metric} (best) | test {metric} | status |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["method"], r["seed"])):
+        lines.append(f"| {r['method']} | {r['seed']} | {_fmt(r.get('val'))} | {_fmt(r.get('test'))} | {r['status']} |")
+    lines += ["", f"| method | trials | val {metric} mean +- std | test {metric} mean +- std |", "|---|---|---|---|"]
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    test_means = {m: (mean_std([r.get("test") for r in rs]) or (float("-inf"),))[0] for m, rs in by_method.items()}
+    order = sorted(by_method, key=lambda m: -test_means[m])
+    for m in order:
+        rs = by_method[m]
+        lines.append(f"| {m} | {len(rs)} | {_ms([r.get('val') for r in rs])} | {_ms([r.get('test') for r in rs])} |")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _ms(vs) -> str:
+    stats = mean_std(vs)
+    return "-" if stats is None else f"{stats[0]:.4f} +- {stats[1]:.4f}"
+
+
 def trial_table(trials: list[Trial], scale: float = 100.0) -> str:
     primary = trials[0].primary if trials else "accuracy"
     order = {m: i for i, m in enumerate(method_order(trials))}

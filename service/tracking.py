@@ -85,6 +85,9 @@ class MLflowTracker(Callback):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._reset_runtime()
+        MLflowTracker.restored = self  # Tuner.restore unpickles the sweep's tracker: the launcher uses this one
+
+    restored: "MLflowTracker | None" = None
 
     # Tune saves/restores callbacks with the experiment state: keep only plain data.
     def get_state(self) -> dict | None:

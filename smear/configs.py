@@ -88,7 +88,7 @@ def build(cls: type[T], values: dict[str, Any] | None = None, *, prefix: str = "
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}; valid keys: {', '.join(sorted(fields))}")
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}; valid keys: {', '.join(fields)}")  # declared order
     kwargs = {}
     for name, f in fields.items():
         if name not in values:

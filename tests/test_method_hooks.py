@@ -100,3 +100,23 @@ def test_model_level_helpers_ask_the_hooks():
     cur = ExpertRoutingBlock(8, RoutingConfig(method="adaptive_gating", num_experts=2, rank=2, adaptive_curriculum=True),
                              layout="sequence")
     assert len(epoch_sampler(torch.nn.Sequential(cur), 10, seed=0)) == 10
+
+
+def test_each_method_declares_its_own_fields_in_its_own_file():
+    import dataclasses
+    import inspect
+
+    from smear.routing import RoutingCommon, RoutingConfig, get_method_class
+
+    common = {f.name for f in dataclasses.fields(RoutingCommon)}
+    owners: dict[str, str] = {}
+    for name in available_methods():
+        cls = get_method_class(name)
+        if cls.Params is None or cls.Params is getattr(cls.__mro__[1], "Params", None):
+            continue  # no fields of its own (smear_2x reuses smear's, adapter_large adapter's)
+        assert inspect.getsourcefile(cls.Params) == inspect.getsourcefile(cls), name
+        for f in dataclasses.fields(cls.Params):
+            assert f.name not in common and f.name not in owners, f.name
+            owners[f.name] = name
+    assert {f.name for f in dataclasses.fields(RoutingConfig)} == common | set(owners)   # one flat config
+    assert owners["gumbel_tau0"] == "st_gumbel" and owners["hash_num_examples"] == "hash"

@@ -709,8 +709,9 @@ def test_config_rejects_bad_values():
         build(RoutingConfig, {"hash_num_examples": -1})
     with pytest.raises(ConfigError, match="hash_num_examples=0"):                 # "sized to the data", unresolved
         make_block("hash", hash_num_examples=0)
-    assert build(RoutingConfig, {"hash_num_examples": 0}).sized_for(1234).hash_num_examples == 1234
-    assert build(RoutingConfig, {"hash_num_examples": 99}).sized_for(1234).hash_num_examples == 99
+    assert build(RoutingConfig, {"method": "hash"}).sized_for(1234).hash_num_examples == 1234   # 0 = the data's size
+    assert build(RoutingConfig, {"method": "hash", "hash_num_examples": 99}).sized_for(1234).hash_num_examples == 99
+    assert build(RoutingConfig, {"method": "smear"}).sized_for(1234).hash_num_examples == 0     # nothing to size
     for key in ("router_weight_norm", "router_pooling", "image_router_input", "post_norm", "latent_skills_sample",
                 "reinforce_block_reduction", "reinforce_baseline_input", "adamix_task_loss"):
         with pytest.raises(ConfigError, match=key):

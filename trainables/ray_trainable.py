@@ -76,16 +76,20 @@ def train_worker(config: dict[str, Any]) -> None:
     train_loop(config, TrainSession(), wrap_model=lambda m: prepare_model(m, move_to_device=False))
 
 
-def trial(config: dict[str, Any], train_storage: str | None = None, cpus_per_worker: float = 1,
-          gpus_per_worker: float = 0, configs: list[dict[str, Any]] | None = None,
+def trial(config: dict[str, Any], train_storage: str | None = None,
+          resources: dict[str, dict[str, float]] | None = None, configs: list[dict[str, Any]] | None = None,
           tracking: tuple[str, str] | None = None) -> None:
     """The Tune function trainable of every sweep trial (bind the keywords with tune.with_parameters).
 
-    With ``tracking`` = (tracking URI, experiment id), the trial's process logs system metrics (CPU,
-    memory, GPU when present) to the trial's MLflow run, which the driver creates, tagged with the trial id.
+    ``resources``: setting -> {cpu, gpu} per worker (the declaration's); a data-parallel trial gives each
+    of its Ray Train workers its setting's share. With ``tracking`` = (tracking URI, experiment id), the
+    trial's process logs system metrics (CPU, memory, GPU when present) to the trial's MLflow run, which
+    the driver creates, tagged with the trial id.
     """
     config = trial_config(config, configs)
     cfg = make_config(config)
+    r = (resources or {}).get(cfg.setting, {})
+    cpus_per_worker, gpus_per_worker = r.get("cpu", 1.0), r.get("gpu", 0.0)
     monitor = SystemMetrics(*tracking, ray.tune.get_context().get_trial_id()) if tracking else None
     try:
         _guarded(cfg, config, train_storage, cpus_per_worker, gpus_per_worker)

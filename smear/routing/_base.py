@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smear.routing.config import RoutingConfig
+from smear.routing.config import RoutingCommon as RoutingConfig  # the composed class subclasses it
 
 
 @dataclass
@@ -191,9 +191,13 @@ class RoutingMethod(nn.Module):
       consistency     -- the loss between two stochastic forwards of the model (AdaMix)
       epoch_sampler   -- an order of the training examples for each epoch (adaptive gating's curriculum)
       param_groups    -- learning-rate multipliers of the method's parameters (latent skills)
+      size_to_data    -- the config sized to the dataset (hash routing's tables)
+    Its hyper-parameters are the fields of its ``Params`` dataclass, in its own file; they join the flat
+    ``RoutingConfig`` (``routing.<field>``).
     """
 
     name: str = "?"
+    Params: type | None = None   # a dataclass of this method's ``routing.*`` fields (smear.configs.field)
     uses_router: bool = True
     expert_dropout: bool = False
     mixes_positions: bool = False
@@ -210,6 +214,11 @@ class RoutingMethod(nn.Module):
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
         raise NotImplementedError
+
+    @classmethod
+    def size_to_data(cls, cfg: RoutingConfig, num_examples: int) -> RoutingConfig:
+        """The config this method needs for a dataset of ``num_examples`` (a copy when it changes anything)."""
+        return cfg
 
     def task_loss_terms(self, out: RoutingOutput, per_example_loss: Tensor) -> Tensor:
         """Loss terms that need the per-example task loss (REINFORCE); zero for most methods."""

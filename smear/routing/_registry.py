@@ -33,3 +33,13 @@ def get_method_class(name: str) -> type:
         raise ValueError(
             f"unknown routing method {name!r}; valid: {', '.join(available_methods())}"
         ) from None
+
+
+def method_params() -> list[type]:
+    """Every registered method's ``Params`` dataclass, once each, in registration order."""
+    out: list[type] = []
+    for cls in _METHODS.values():
+        p = getattr(cls, "Params", None)
+        if p is not None and p not in out:
+            out.append(p)
+    return out

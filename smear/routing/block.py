@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from smear.routing._base import ExpertBank, Router, RoutingContext, RoutingInputs, RoutingOutput, expert_dropout_logits
 from smear.routing._registry import get_method_class
-from smear.routing.config import RoutingConfig
+from smear.routing.config import RoutingCommon as RoutingConfig  # the composed class subclasses it
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ owns everything the rest of the code base asks about the setting:
 
 - class level (the driver, before any trial): its typed config (``config_class``, a ``TrainConfig``
   subclass with the setting's own sections: a ResNet trial carries and logs no T5 field), its paper
-  defaults (``defaults``), its metric names (``primary_metric``, ``group_metric``, ``group_kind``),
+  defaults (``defaults``), its offline smoke profile (``smoke``), its metric names (``primary_metric``, ``group_metric``, ``group_kind``),
   which groups a config trains on (:meth:`groups_of`), and its data check / offline stand-in
   (:meth:`prepare_data`);
 - instance level (inside the trial): building the model and the data, the per-example loss, predictions
@@ -39,6 +39,7 @@ class Setting:
     name: ClassVar[str]                    # registry key, the value of ``setting`` in a config
     config_class: ClassVar[type[TrainConfig]]
     defaults: ClassVar[dict[str, Any]]     # the paper's values, applied under whatever a declaration sets
+    smoke: ClassVar[dict[str, Any]]        # --smoke: dotted overrides that make any trial run offline on a laptop
     primary_metric: ClassVar[str]          # val/<primary_metric> selects the best checkpoint; test/<it> is reported
     group_metric: ClassVar[str]            # test/<group>/<group_metric> per domain / task
     group_kind: ClassVar[str]              # "domain", "task": what a group is, for tables

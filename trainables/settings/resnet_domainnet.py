@@ -57,6 +57,10 @@ class ResNetDomainNet(Setting):
         "routing": {"num_experts": 6, "rank": 32, "gumbel_anneal_rate": 1e-4, "gumbel_update_every": 1_000,
                     "gumbel_step_offset": 0},
     }
+    smoke = {  # random backbone, the digits stand-in, small images, CPU; a declaration's smoke sets the budget
+        "pretrained": "none", "data.root": "", "data.resolution": 16, "data.augment": "none",
+        "data.loader_workers": 0, "use_gpu": False, "torch_threads": 1,
+    }
     primary_metric, group_metric, group_kind = "accuracy", "accuracy", "domain"
 
     @classmethod

@@ -89,6 +89,9 @@ class T5Glue(Setting):
         "routing": {"num_experts": 8, "rank": 24, "gumbel_anneal_rate": 1e-6, "gumbel_update_every": 5_000,
                     "gumbel_step_offset": 1},
     }
+    smoke = {  # the tiny random T5 with ByT5's tokenizer, the synthetic GLUE stand-in, CPU
+        "t5.model": "tiny", "t5.tokenizer": "byt5", "data.root": "", "use_gpu": False, "torch_threads": 1,
+    }
     primary_metric, group_metric, group_kind = "average", "score", "task"
 
     @classmethod

@@ -12,16 +12,29 @@ merge with p = 1/N), one adapter.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from smear.configs import field
 from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
 from smear.routing._registry import register_method
 
 
+@dataclass
+class AdaMixParams:
+    """The ``routing.*`` fields of this method: AdaMix (Wang et al. 2022)."""
+
+    adamix_consistency_weight: float = field(1.0, ge=0.0)
+    adamix_task_loss: str = field("first", choices=("first", "mean"),
+                                  doc="task loss of the first pass (official) or the mean of both passes")
+
+
 @register_method("adamix")
 class AdaMix(RoutingMethod):
+    Params = AdaMixParams
     uses_router = False
     two_pass_consistency = True
 

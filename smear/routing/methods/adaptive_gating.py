@@ -24,10 +24,12 @@ because per-token gating needs router logits per position; ``uses_router = False
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from smear.configs import ConfigError
+from smear.configs import ConfigError, field
 from smear.routing._base import ExpertBank, Router, RoutingInputs, RoutingMethod, RoutingOutput
 from smear.routing._curriculum import Top2Curriculum
 from smear.routing._dispatch import apply_dense, apply_topk
@@ -65,8 +67,21 @@ def top1_balance_loss(p: Tensor, top1: Tensor) -> Tensor:
     return n * (f * big_p).sum()
 
 
+@dataclass
+class AdaptiveGatingParams:
+    """The ``routing.*`` fields of this method: Adaptive gating (Li et al. 2023)."""
+
+    adaptive_threshold: float = field(0.1, ge=0.0, le=1.0)
+    adaptive_normalization: str = field("softmax", choices=("softmax", "top2"))
+    adaptive_eval: str = field("adaptive", choices=("adaptive", "top1"))
+    adaptive_balance_weight: float = field(0.01, ge=0.0)
+    adaptive_granularity: str = field("example", choices=("example", "token"))
+    adaptive_curriculum: bool = field(False, doc="reorder training examples each epoch by top-2 fractions")
+
+
 @register_method("adaptive_gating")
 class AdaptiveGating(RoutingMethod):
+    Params = AdaptiveGatingParams
     uses_router = False
 
     def __init__(self, cfg, *, dim, num_experts, rank, num_tasks):

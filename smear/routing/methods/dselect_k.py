@@ -29,11 +29,14 @@ Training only.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import torch
 from torch import Tensor, nn
 
+from smear.configs import field
 from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
 from smear.routing._dispatch import apply_dense
 from smear.routing._registry import register_method
@@ -70,8 +73,21 @@ def dselect_weights(z: Tensor, w_logits: Tensor | None, num_experts: int, gamma:
     return q, r
 
 
+@dataclass
+class DSelectKParams:
+    """The ``routing.*`` fields of this method: DSelect-k (Hazimeh et al. 2021)."""
+
+    dselect_k: int = field(1, ge=1, doc="number of selectors")
+    dselect_gamma: float = field(1.0, gt=0.0, doc="smooth-step width")
+    dselect_entropy_weight: float = field(0.1, ge=0.0, doc="SMEAR code: load_loss_weight=0.1 on entropy + 1/sum(r)")
+    dselect_reduction: str = field("mean", choices=("mean", "sum"), doc="over the batch: mean (SMEAR code) or sum (DSelect-k code)")
+    dselect_invalid_weight: float | None = field(None, ge=0.0, doc="weight of 1/sum_i r_i when N is not a power of 2; "
+                                                                   "None = dselect_entropy_weight (SMEAR code)")
+
+
 @register_method("dselect_k")
 class DSelectK(RoutingMethod):
+    Params = DSelectKParams
     uses_router = False
 
     def __init__(self, cfg, *, dim, num_experts, rank, num_tasks):

@@ -15,20 +15,40 @@ weight init, since exactly one number is drawn from the global RNG either way).
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from smear.configs import ConfigError
+from smear.configs import ConfigError, field
 from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
 from smear.routing._registry import register_method
 
 _SEED_STRIDE = 1_000_003  # a prime, so hash_seed s and a global draw d rarely collide with another (s', d')
 
 
+@dataclass
+class HashParams:
+    """The ``routing.*`` fields of this method: Hash routing (Roller et al. 2021): a fixed random expert per example id."""
+
+    hash_num_examples: int = field(0, ge=0, doc="size of the hash table; 0 = sized to the data when the model is "
+                                                 "built (the largest split), without changing this config")
+    hash_seed: int = field(0, ge=0, doc="varies the hash tables independently of the weight init")
+
+
 @register_method("hash")
 class Hash(RoutingMethod):
+    Params = HashParams
     uses_router = False
+
+    @classmethod
+    def size_to_data(cls, cfg, num_examples: int):
+        """``hash_num_examples=0`` means "the dataset size": a copy with the table sized to ``num_examples``."""
+        if cfg.hash_num_examples:
+            return cfg
+        return dataclasses.replace(cfg, hash_num_examples=max(int(num_examples), 1))
 
     def __init__(self, cfg, *, dim, num_experts, rank, num_tasks):
         super().__init__(cfg, dim=dim, num_experts=num_experts, rank=rank, num_tasks=num_tasks)

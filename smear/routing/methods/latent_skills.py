@@ -16,16 +16,31 @@ Cost: ~1 adapter plus the merge.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from torch.distributions import RelaxedBernoulli
 
+from smear.configs import field
 from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
 from smear.routing._registry import register_method
 
 
+@dataclass
+class LatentSkillsParams:
+    """The ``routing.*`` fields of this method: Latent skills (Ponti et al. 2023)."""
+
+    latent_skills_lr_mult: float = field(10.0, gt=0.0)
+    latent_skills_tau: float = field(1.0, gt=0.0)
+    latent_skills_sample: str = field("per_task", choices=("per_task", "per_example"),
+                                      doc="one relaxed-Bernoulli draw of the task x expert matrix per forward, "
+                                          "shared by a task's examples (official), or one per example")
+
+
 @register_method("latent_skills")
 class LatentSkills(RoutingMethod):
+    Params = LatentSkillsParams
     uses_router = False
 
     def __init__(self, cfg, *, dim, num_experts, rank, num_tasks):

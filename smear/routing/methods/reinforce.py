@@ -21,10 +21,13 @@ Over blocks the three terms are averaged (the official trainers, ``t5_trainer.py
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smear.configs import field
 from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, entropy
 from smear.routing._registry import register_method
 
@@ -39,8 +42,25 @@ def reinforce_terms(log_p_e: Tensor, baseline: Tensor, ent: Tensor, per_example_
     return w_pg * pg + entropy_sign * w_ent * ent.mean() + w_value * value
 
 
+@dataclass
+class ReinforceParams:
+    """The ``routing.*`` fields of this method: REINFORCE (Williams 1992) with a learned per-block baseline."""
+
+    reinforce_w_pg: float = field(0.01, ge=0.0, doc="alpha: policy-gradient weight")
+    reinforce_w_ent: float = field(5e-4, ge=0.0, doc="beta: entropy weight")
+    reinforce_w_value: float = field(0.01, ge=0.0, doc="gamma: baseline (Huber) weight")
+    reinforce_entropy_sign: float = field(1.0, choices=(1.0, -1.0),
+                                          doc="+1 adds +beta*H to the loss as the reference does (sharpens)")
+    reinforce_huber_delta: float = field(1.0, gt=0.0, doc="delta of the baseline's Huber loss")
+    reinforce_block_reduction: str = field("mean", choices=("mean", "sum"),
+                                           doc="the three terms over blocks: mean (official trainers) or sum")
+    reinforce_baseline_input: str = field("normed", choices=("normed", "raw"),
+                                          doc="baseline input: the router's LayerNormed input (official) or raw u")
+
+
 @register_method("reinforce")
 class Reinforce(RoutingMethod):
+    Params = ReinforceParams
     def __init__(self, cfg, *, dim, num_experts, rank, num_tasks):
         super().__init__(cfg, dim=dim, num_experts=num_experts, rank=rank, num_tasks=num_tasks)
         hidden = max(1, dim // 8)

@@ -18,16 +18,29 @@ the dispatch/combine einsums; static shapes. Outputs depend on other positions o
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smear.configs import field
 from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, swish
 from smear.routing._registry import register_method
 
 
+@dataclass
+class SoftMoEParams:
+    """The ``routing.*`` fields of this method: Soft MoE (Puigcerver et al. 2023)."""
+
+    soft_moe_slots_per_expert: int = field(1, ge=1)
+    soft_moe_scale: str = field("per_slot", choices=("per_slot", "scalar"),
+                                doc="one learned scale per slot (SMEAR code, cvl adapter_utils.py) or one scalar (paper)")
+
+
 @register_method("soft_moe")
 class SoftMoE(RoutingMethod):
+    Params = SoftMoEParams
     uses_router = False
     mixes_positions = True
 

@@ -10,11 +10,14 @@ reported in ``extras["temperature"]`` (training and evaluation).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import torch
 from torch import Tensor
 
+from smear.configs import field
 from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
 from smear.routing._registry import register_method
 
@@ -55,8 +58,22 @@ def gumbel_noise(like: Tensor) -> Tensor:
     return -torch.log(-torch.log(u))
 
 
+@dataclass
+class StGumbelParams:
+    """The ``routing.*`` fields of this method: ST-Gumbel (Jang et al. 2017) with the SMEAR code's annealing."""
+
+    gumbel_tau0: float = field(10.0, gt=0.0)
+    gumbel_tau_min: float = field(0.5, gt=0.0)
+    gumbel_anneal_rate: float = field(1e-4, ge=0.0, doc="1e-6 for T5, 1e-4 for ResNet")
+    gumbel_schedule: str = field("compounding", choices=("compounding", "exponential"))
+    gumbel_update_every: int = field(1000, ge=1, doc="steps between temperature updates (5000 T5, 1000 ResNet)")
+    gumbel_step_offset: int = field(0, ge=0, le=1, doc="updates so far at step s: floor((s + offset) / interval); "
+                                                        "1 = T5 trainer (updates before the step), 0 = ResNet train.py")
+
+
 @register_method("st_gumbel")
 class StGumbel(RoutingMethod):
+    Params = StGumbelParams
     def temperature(self, step: int) -> float:
         c = self.cfg
         return gumbel_temperature(step, tau0=c.gumbel_tau0, tau_min=c.gumbel_tau_min, rate=c.gumbel_anneal_rate,

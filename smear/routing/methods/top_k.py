@@ -6,15 +6,26 @@ balancing loss, as in the SMEAR reference. Cost: k adapters (each example gather
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
+from smear.configs import field
 from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
 from smear.routing._dispatch import apply_topk
 from smear.routing._registry import register_method
 
 
+@dataclass
+class TopKParams:
+    """The ``routing.*`` fields of this method: top-k (Switch-style; paper k=1)."""
+
+    top_k: int = field(1, ge=1)
+
+
 @register_method("top_k")
 class TopK(RoutingMethod):
+    Params = TopKParams
     expert_dropout = True
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:

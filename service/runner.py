@@ -1,0 +1,123 @@
+"""Build and run the sweep's Ray Tune Tuner: the trainable with each trial's resources, the search
+algorithm and scheduler, the MLflow tracker as a callback, and ``--resume`` of an interrupted sweep.
+
+Only public Ray APIs. Local sweeps get a fresh local Ray instance (:func:`start_local_ray`).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from service.spaces import Sweep, param_space
+from service.tracking import MLflowTracker, trial_run_name
+from trainables.config import make_config
+from trainables.ray_trainable import trial, trial_config, trial_resources
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """Start a fresh local Ray instance for this sweep, never a stale one found in /tmp/ray.
+
+    Ray's state API (which Ray Train V2 calls from its detached PlacementGroupCleaner) finds "the" cluster
+    through /tmp/ray/ray_current_cluster, which every ``ray start`` writes and ``ray stop`` leaves behind.
+    With a stale file there, each data-parallel trial waited 12 s for that actor to stop, and the next one's
+    workers never started (measured: BENCHMARKS.md, "Ray Train start-up"). So the dashboard (the state
+    API's server) gets a known free port, and every process of the instance is told it through
+    RAY_API_SERVER_ADDRESS, which the raylet and its workers inherit from this process.
+    """
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False, **init_kwargs)
+
+
+def connect_ray() -> None:
+    """The cluster named by RAY_ADDRESS (``ray job submit`` sets it), else a fresh local instance."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            start_local_ray()
+
+
+def trial_resource_request(sweep: Sweep, config: dict[str, Any]):
+    """What one Tune trial asks Ray for: its setting's resources, shaped by its own ``num_workers``."""
+    from ray.tune import PlacementGroupFactory
+
+    cfg = make_config(trial_config(config, sweep.configs))
+    r = sweep.resources[cfg.setting]
+    res = trial_resources(cfg, r["cpu"], r["gpu"])
+    return PlacementGroupFactory([{"CPU": res["cpu"], **({"GPU": res["gpu"]} if res.get("gpu") else {})}])
+
+
+def _search_and_scheduler(sweep: Sweep):
+    """Tune's search algorithm and trial scheduler for the declaration."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    search_alg = None
+    if sweep.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=0)
+        if sweep.seeds:
+            from service.repeat import SeedRepeater
+
+            search_alg = SeedRepeater(search_alg, sweep.seeds)
+        if sweep.max_concurrent_trials:
+            search_alg = ConcurrencyLimiter(search_alg, max_concurrent=sweep.max_concurrent_trials)
+    if sweep.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", **sweep.asha_params())
+    else:
+        scheduler = FIFOScheduler()
+    return search_alg, scheduler
+
+
+def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker, tracking, resume: bool):
+    """(Tuner, the tracker Tune will call). On resume, Tune restores the pickled tracker with its state."""
+    from ray import tune
+
+    exp_path = f"{storage.rstrip('/')}/{name}"
+    by_setting = sweep.resources
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, train_storage=f"{exp_path}/_train", resources=by_setting, configs=sweep.configs,
+                             tracking=tracking),
+        lambda config: trial_resource_request(sweep, config))
+    if resume:
+        MLflowTracker.restored = None
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space(sweep))
+        return tuner, MLflowTracker.restored or tracker
+    search_alg, scheduler = _search_and_scheduler(sweep)
+
+    def run_name(t) -> str:  # Tune's trial name and folder: the MLflow run's name
+        return trial_run_name(trial_config(t.config, sweep.configs), t.trial_id)
+
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(sweep),
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric, mode="max", search_alg=search_alg, scheduler=scheduler,
+            # the next trial runs in the finished one's process: no new Python, no re-import of torch
+            # and the project (BENCHMARKS.md, "Sweep overhead")
+            reuse_actors=True,
+            num_samples=sweep.num_trials if sweep.search == "optuna" else 1,
+            trial_name_creator=run_name, trial_dirname_creator=run_name,
+            max_concurrent_trials=None if search_alg is not None else (sweep.max_concurrent_trials or None)),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage, callbacks=[tracker], verbose=1,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
+    )
+    return tuner, tracker
+
+
+def can_resume(storage: str, name: str) -> bool:
+    from ray import tune
+
+    return tune.Tuner.can_restore(f"{storage.rstrip('/')}/{name}")
