@@ -123,7 +123,8 @@ def ui_command(uri: str) -> str:
 def run_sweep(args, sweep: Sweep) -> int:
     """Run a validated sweep: the parent run (service.record), the Tuner (service.runner), the report."""
     from service.record import NoParentRun, ParentRun, experiment_name
-    from service.report import console_table, write_report
+    from service.report import write_report
+    from service.tables import console_table
     from service.runner import build_tuner, can_resume, connect_ray
     from service.tracking import MLflowTracker, git_commit
     from trainables.ray_trainable import trial_config

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, VENV_BIN
+from tests.helpers import REPO, VENV_BIN
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
-from tests.test_sweep import child_runs
+from tests.helpers import REPO
+from tests.helpers import child_runs
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO, VENV_BIN
-from tests.test_sweep import child_runs
+from tests.helpers import REPO, VENV_BIN
+from tests.helpers import child_runs
 
 pytestmark = pytest.mark.slow
 DASHBOARD = "http://127.0.0.1:8265"

@@ -26,21 +26,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, VENV_BIN
+from tests.helpers import REPO, TINY, VENV_BIN
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = os.environ.get("SMEAR_CHROMIUM", "/usr/bin/chromium")
 EXPERIMENT = "smear-sweep/space"
 METRIC = "test/accuracy"
-TINY = """
-description: tiny sweep for the MLflow UI test
-base: {steps: 4, eval_every: 2, batch_size: 16, torch_threads: 1, data.resolution: 16, data.augment: none,
-       data.domains: [real, sketch]}
-grid: {routing.method: [smear, tag, adapter], seed: [0]}
-resources: {cpu: 1}
-max_concurrent_trials: 2
-"""
 
 
 def require_browser():

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.report import Trial, method_table, mean_std, trial_from_run, write_report
-from tests.conftest import REPO
+from service.report import write_report
+from service.tables import mean_std, method_table
+from service.trials import Trial, trial_from_run
+from tests.helpers import REPO
 
 REPORT = REPO / "service" / "report.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -185,7 +187,7 @@ def test_cli_sweep_not_found_exits_2_with_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_report_of_a_real_sweep(tmp_path, env_with_venv):
-    from tests.test_sweep import TINY, run_launch
+    from tests.helpers import TINY, run_launch
 
     proc = run_launch(tmp_path, env_with_venv, TINY)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -10,8 +10,8 @@ import pytest
 from service.launch import main
 from service.spaces import available_sweeps, load_sweep
 from smear.routing import available_methods
-from tests.conftest import REPO
-from tests.test_sweep import child_runs
+from tests.helpers import REPO
+from tests.helpers import child_runs
 
 SWEEPS = available_sweeps()
 

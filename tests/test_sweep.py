@@ -5,24 +5,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
+from tests.helpers import REPO, TINY, child_runs, run_launch
 
 pytestmark = pytest.mark.slow
-
-TINY = """
-description: tiny sweep for tests
-base: {steps: 4, eval_every: 2, batch_size: 16, torch_threads: 1, data.resolution: 16, data.augment: none,
-       data.domains: [real, sketch]}
-grid: {routing.method: [smear, tag, adapter], seed: [0]}
-resources: {cpu: 1}
-max_concurrent_trials: 2
-"""
 
 DDP = """
 description: two data-parallel trials through Ray Train, 2 CPU workers each, one after the other
@@ -32,24 +22,6 @@ grid: {routing.method: [smear], seed: [3, 4]}
 resources: {cpu: 0.5}
 max_concurrent_trials: 1
 """
-
-
-def run_launch(tmp_path, env, decl: str, *extra: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    (tmp_path / "space.yaml").write_text(textwrap.dedent(decl))
-    cmd = [sys.executable, str(REPO / "service" / "launch.py"), "--sweep", str(tmp_path / "space.yaml"),
-           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "results"),
-           "--name", "t", *extra]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def child_runs(db: str, experiment: str = "smear-sweep/space") -> tuple[object, list]:
-    """The one parent run of the experiment and its child runs."""
-    client = MlflowClient(f"sqlite:///{db}")
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1
-    return parents[0], [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
 
 
 def assert_trial_runs(tmp_path, methods: list[str], domains=("real", "sketch")):

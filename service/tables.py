@@ -1,0 +1,115 @@
+"""The sweep's tables (markdown): per method x group with mean +- std over seeds, per trial, and the console
+table printed at the end of a sweep. The report (:mod:`service.report`) is their one user besides the
+launcher's console line; nothing else keeps a summary.
+"""
+from __future__ import annotations
+
+import statistics
+
+from service.trials import Trial, _finite
+
+
+def mean_std(values) -> tuple[float, float, int] | None:
+    """Mean and sample standard deviation (0 for one value) of the values that are not None."""
+    vs = [v for v in values if _finite(v)]
+    if not vs:
+        return None
+    return statistics.fmean(vs), (statistics.stdev(vs) if len(vs) > 1 else 0.0), len(vs)
+
+
+def _seed_key(seed: str):
+    return (0, int(seed), "") if str(seed).lstrip("-").isdigit() else (1, 0, str(seed))
+
+
+def method_order(trials: list[Trial]) -> list[str]:
+    """Methods best first by mean overall test metric; methods with no value last (by name)."""
+    by: dict[str, list[float | None]] = {}
+    for t in trials:
+        by.setdefault(t.method, []).append(t.test)
+
+    def key(m):
+        ms = mean_std(by[m])
+        return (ms is None, -(ms[0] if ms else 0.0), m)
+    return sorted(by, key=key)
+
+
+def groups_of(trials: list[Trial]) -> list[str]:
+    out: list[str] = []
+    for t in trials:
+        for g in t.group_order or sorted(t.groups):
+            if g not in out:
+                out.append(g)
+    return out
+
+
+def _cell(ms, scale: float, best: bool = False) -> str:
+    if ms is None:
+        return "-"
+    s = f"{ms[0] * scale:.2f} +- {ms[1] * scale:.2f}"
+    return f"**{s}**" if best else s
+
+
+def method_table(trials: list[Trial], scale: float = 100.0) -> str:
+    """Markdown: one row per method (best first), one column per domain/task, then the primary metric.
+
+    Cells are test metrics x ``scale``, mean +- std over the seeds that have a value; the best mean of each
+    column is bold; "seeds" counts trials with an overall value out of all the method's trials.
+    """
+    primary = trials[0].primary if trials else "accuracy"
+    groups = groups_of(trials)
+    methods = method_order(trials)
+    cols: list[tuple[str, dict[str, object]]] = []
+    for g in groups:
+        cols.append((g, {m: mean_std([t.groups.get(g) for t in trials if t.method == m]) for m in methods}))
+    cols.append((f"{primary} (overall)", {m: mean_std([t.test for t in trials if t.method == m]) for m in methods}))
+    best = {name: max((ms[0] for ms in vals.values() if ms), default=None) for name, vals in cols}
+    head = ["method", "seeds", *[name for name, _ in cols]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        ts = [t for t in trials if t.method == m]
+        n_ok = sum(t.test is not None for t in ts)
+        cells = [m, f"{n_ok}/{len(ts)}"]
+        for name, vals in cols:
+            ms = vals[m]
+            cells.append(_cell(ms, scale, best=ms is not None and len(methods) > 1 and ms[0] == best[name]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def console_table(rows: list[dict], metric: str = "accuracy") -> str:
+    """The sweep's end-of-run table from Tune's results (printed and logged as the parent run's summary.md):
+    method x seed -> val and test score, then mean +- std per method (markdown). ``rows``: dicts with
+    method, seed, val, test, status."""
+    lines = [f"| method | seed | val {metric} (best) | test {metric} | status |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["method"], r["seed"])):
+        lines.append(f"| {r['method']} | {r['seed']} | {_fmt(r.get('val'))} | {_fmt(r.get('test'))} | {r['status']} |")
+    lines += ["", f"| method | trials | val {metric} mean +- std | test {metric} mean +- std |", "|---|---|---|---|"]
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    test_means = {m: (mean_std([r.get("test") for r in rs]) or (float("-inf"),))[0] for m, rs in by_method.items()}
+    order = sorted(by_method, key=lambda m: -test_means[m])
+    for m in order:
+        rs = by_method[m]
+        lines.append(f"| {m} | {len(rs)} | {_ms([r.get('val') for r in rs])} | {_ms([r.get('test') for r in rs])} |")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _ms(vs) -> str:
+    stats = mean_std(vs)
+    return "-" if stats is None else f"{stats[0]:.4f} +- {stats[1]:.4f}"
+
+
+def trial_table(trials: list[Trial], scale: float = 100.0) -> str:
+    primary = trials[0].primary if trials else "accuracy"
+    order = {m: i for i, m in enumerate(method_order(trials))}
+    lines = [f"| method | seed | run | status | val best {primary} | test {primary} | wall s |", "|---|---|---|---|---|---|---|"]
+    for t in sorted(trials, key=lambda t: (order[t.method], _seed_key(t.seed))):
+        f = lambda v: "-" if v is None else f"{v * scale:.2f}"  # noqa: E731
+        wall = "-" if t.wall_s is None else f"{t.wall_s:.1f}"
+        lines.append(f"| {t.method} | {t.seed} | {t.run_name} | {t.status} | {f(t.val_best)} | {f(t.test)} | {wall} |")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""What several test files share: the repository root, the one tiny declaration, running the launcher as a
+real process, and reading a sweep's runs back from MLflow."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+VENV_BIN = Path(sys.executable).parent
+LAUNCH = REPO / "service" / "launch.py"
+
+TINY = """
+description: tiny sweep for tests
+base: {steps: 4, eval_every: 2, batch_size: 16, torch_threads: 1, data.resolution: 16, data.augment: none,
+       data.domains: [real, sketch]}
+grid: {routing.method: [smear, tag, adapter], seed: [0]}
+resources: {cpu: 1}
+max_concurrent_trials: 2
+"""
+
+
+def launch_args(tmp_path: Path, decl: str | None, *extra: str, name: str | None = "t") -> list[str]:
+    """launch.py's arguments for ``decl`` (written to tmp_path/space.yaml; None = no --sweep), with the MLflow
+    store and the results under ``tmp_path``."""
+    argv = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "results")]
+    if decl is not None:
+        (tmp_path / "space.yaml").write_text(textwrap.dedent(decl))
+        argv += ["--sweep", str(tmp_path / "space.yaml")]
+    if name is not None:
+        argv += ["--name", name]
+    return argv + list(extra)
+
+
+def run_launch(tmp_path: Path, env, decl: str, *extra: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    """launch.py as a real process (the command users run), to completion."""
+    return subprocess.run([sys.executable, str(LAUNCH), *launch_args(tmp_path, decl, *extra)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def child_runs(db: str, experiment: str = "smear-sweep/space") -> tuple[object, list]:
+    """The one parent run of the experiment and its child runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    return parents[0], [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
