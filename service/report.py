@@ -8,7 +8,9 @@ Finds the sweep's parent run (tag ``sweep=<name>``, in the experiments ``smear-s
 
 - ``summary.md``: method x domain (ResNet-DomainNet: test accuracy per domain) or method x task
   (T5-GLUE: test score per task), plus the overall primary metric, mean +- std over seeds (x100),
-  methods best first; then one line per trial;
+  methods best first; the statistics over seeds (``service.stats``: 95% CIs, the paired difference to
+  ``--reference``, default smear, with a Holm-corrected paired test); then one line per trial;
+- ``table.tex`` (booktabs) and ``table.csv``: the statistics table, paper-ready;
 - ``scores.png``: the overall test metric per method, one point per seed and the mean as a bar;
 - ``score_vs_cost.png``: the same score against the trials' wall time (MLflow run end - start);
 - ``heatmaps_best_smear.png``: the routing specialisation heatmaps of the best SMEAR trial.
@@ -95,8 +97,37 @@ def _settings(trials: list[Trial]) -> list[str]:
     return out
 
 
-def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path) -> tuple[str, list[Path]]:
-    """Write the plots into ``out_dir``; return summary.md's text and the files written."""
+def seed_statistics(ts: list[Trial], reference: str, out_dir: Path, suffix: str) -> tuple[list[str], list[Path]]:
+    """The statistics over seeds (service.stats) of one setting's trials: per method the mean and its 95%
+    CI, against ``reference`` the paired difference over shared seeds, its CI and a Holm-corrected test;
+    markdown lines for summary.md, and the same table as LaTeX (booktabs) and CSV files."""
+    from service.stats import compare, format_markdown, summarize, to_csv, to_latex_booktabs
+
+    scores = {m: {t.seed: t.test for t in ts if t.method == m} for m in method_order(ts)}
+    primary = ts[0].primary
+    if reference in scores:
+        summaries, comparisons = compare(scores, reference=reference)
+        intro = (f"Test {primary} (not x100) per method over its seeds, and each method minus `{reference}` over "
+                 f"the seeds both have (paired t-test below 6 pairs, Wilcoxon signed-rank from 6; p-values "
+                 f"Holm-corrected across the methods compared).")
+    else:
+        summaries, comparisons = [summarize(m, v) for m, v in scores.items()], []
+        intro = f"Test {primary} per method over its seeds; no `{reference}` trial, so no paired comparison."
+    files = []
+    for name, text in ((f"table{suffix}.tex", to_latex_booktabs(summaries, comparisons)),
+                       (f"table{suffix}.csv", to_csv(summaries, comparisons))):
+        (out_dir / name).write_text(text)
+        files.append(out_dir / name)
+    lines = [f"### Statistics over seeds (reference `{reference}`)", "", intro, "",
+             format_markdown(summaries, comparisons), "",
+             f"The same table: [`{files[0].name}`]({files[0].name}) (LaTeX, booktabs), "
+             f"[`{files[1].name}`]({files[1].name}) (CSV).", ""]
+    return lines, files
+
+
+def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
+                 reference: str = SMEAR) -> tuple[str, list[Path]]:
+    """Write the plots and tables into ``out_dir``; return summary.md's text and the files written."""
     from service.plots import score_per_method, score_vs_cost, routing_heatmaps
 
     tags = parent.data.tags
@@ -125,7 +156,10 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path)
                   f"Test metrics x100 of each trial's best-validation weights, mean +- std over seeds "
                   f"(sample std; 0 for one seed); methods best first by {primary}; best mean in bold. "
                   f"`seeds` = trials with a test {primary} / trials.", "",
-                  method_table(ts), "", "### Trials", "", trial_table(ts), ""]
+                  method_table(ts), ""]
+        stat_lines, stat_files = seed_statistics(ts, reference, out_dir, suffix)
+        lines += stat_lines + ["### Trials", "", trial_table(ts), ""]
+        files += stat_files
         lines += ["### Plots", ""]
         scored = [t for t in ts if t.test is not None]
         if scored:
@@ -193,7 +227,8 @@ def _client(tracking_uri: str):
     return client
 
 
-def write_report(tracking_uri: str, sweep_run_name: str, storage: str | Path, experiment: str | None = None) -> Path:
+def write_report(tracking_uri: str, sweep_run_name: str, storage: str | Path, experiment: str | None = None,
+                 reference: str = SMEAR) -> Path:
     """Write ``<storage>/<sweep>/report/summary.md`` and its plots, log them to the parent run under
     ``report/``, return summary.md's path. Raises ReportError if the sweep or the store is not found."""
     client = _client(tracking_uri)
@@ -201,7 +236,7 @@ def write_report(tracking_uri: str, sweep_run_name: str, storage: str | Path, ex
     trials = read_trials(client, parent)
     out_dir = Path(storage).resolve() / sweep_run_name / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    text, files = build_report(client, parent, exp, trials, out_dir)
+    text, files = build_report(client, parent, exp, trials, out_dir, reference=reference)
     summary = out_dir / "summary.md"
     summary.write_text(text)
     for f in [summary, *files]:
@@ -230,12 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///$PWD/mlflow.db)")
     p.add_argument("--storage", default="results", help="the sweep's storage; the report goes to <storage>/<sweep>/report")
     p.add_argument("--experiment", default=None, help="the experiment to look in (default: every smear-sweep/* experiment)")
+    p.add_argument("--reference", default=SMEAR, help="the method every other is compared with, seed by seed "
+                                                       f"(default: {SMEAR})")
     args = p.parse_args(argv)
     # an unreachable server: fail in seconds with one line, not after minutes of retries
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     try:
-        path = write_report(resolve_tracking_uri(args.tracking_uri), args.sweep, args.storage, args.experiment)
+        path = write_report(resolve_tracking_uri(args.tracking_uri), args.sweep, args.storage, args.experiment,
+                            reference=args.reference)
     except ReportError as e:
         print(f"report.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -151,7 +151,29 @@ def test_write_report_on_hand_made_record_with_a_failed_trial(tmp_path):
         assert_png(summary.parent / png)
         assert f"]({png})" in text
     logged = {a.path for a in MlflowClient(f"sqlite:///{db}").list_artifacts(pid, "report")}
-    assert logged == {f"report/{f}" for f in ("summary.md", *PLOTS)}
+    assert logged == {f"report/{f}" for f in ("summary.md", "table.tex", "table.csv", *PLOTS)}
+    # the statistics over seeds: one seed each here, so no interval and no test, and the report says so
+    assert "### Statistics over seeds (reference `smear`)" in text
+    assert "1 seed" in text and "\\toprule" in (summary.parent / "table.tex").read_text()
+    csv_rows = (summary.parent / "table.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("method") and {r.split(",")[0] for r in csv_rows[1:]} >= {"smear", "tag"}
+
+
+def test_report_statistics_over_seeds_mark_a_real_difference(tmp_path):
+    db = tmp_path / "mlflow.db"
+    # tag beats smear by 0.03, 0.04, 0.05 on seeds 0-2 (paired t: p = 0.0202, worked in tests/test_stats.py);
+    # adapter differs by +0.01, -0.01, +0.03 (p = 0.4778): Holm over the two p-values -> 0.0404 and 0.4778
+    methods = [("smear", 0, 0.50), ("smear", 1, 0.52), ("smear", 2, 0.54),
+               ("tag", 0, 0.53), ("tag", 1, 0.56), ("tag", 2, 0.59),
+               ("adapter", 0, 0.51), ("adapter", 1, 0.51), ("adapter", 2, 0.57)]
+    _fake_sweep(db, "stats", methods=methods, heatmap=False)
+    text = write_report(f"sqlite:///{db}", "stats", tmp_path / "results").read_text()
+    section = text[text.index("### Statistics over seeds"):text.index("### Trials")]
+    rows = {r[0]: r for r in _table_rows(section)[2:]}
+    assert "*" in " ".join(rows["tag"]) and "*" not in " ".join(rows["adapter"])
+    assert rows["tag"][-1] == "0.040" and rows["adapter"][-1] == "0.478"                 # Holm-adjusted p
+    report = write_report(f"sqlite:///{db}", "stats", tmp_path / "r2", reference="tag").read_text()
+    assert "### Statistics over seeds (reference `tag`)" in report
 
 
 def test_write_report_without_smear_trial_or_heatmap_says_why(tmp_path):
