@@ -78,3 +78,76 @@ def score_vs_cost(points: dict[str, list[tuple[float, float]]], xlabel: str, yla
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def learning_curves(bands: dict[str, list[tuple[int, float, float, float, int]]], ylabel: str, title: str = "",
+                    xlabel: str = "training step"):
+    """Per method: the mean over seeds at each evaluated step (line) and the range over seeds (band)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, (m, band) in enumerate(bands.items()):
+        if not band:
+            continue
+        color = f"C{i % 10}"
+        steps = [b[0] for b in band]
+        n = max(b[4] for b in band)
+        ax.plot(steps, [b[1] for b in band], color=color, lw=1.6, label=f"{m} (n={n})")
+        ax.fill_between(steps, [b[2] for b in band], [b[3] for b in band], color=color, alpha=0.15, lw=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(bands) > 6 else 1)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def specialisation_lines(mi: dict[str, dict[str, float]], title: str = ""):
+    """Per method, per routed block (x, in model order): the mutual information between group and expert."""
+    fig, ax = plt.subplots(figsize=(max(5.6, 0.45 * max((len(v) for v in mi.values()), default=1) + 2), 4.0))
+    blocks: list[str] = []
+    for v in mi.values():
+        blocks += [b for b in v if b not in blocks]
+    for i, (m, v) in enumerate(mi.items()):
+        xs = [blocks.index(b) for b in v]
+        ax.plot(xs, list(v.values()), marker="o", ms=3, lw=1.2, color=f"C{i % 10}", label=m)
+    ax.set_xticks(range(len(blocks)), blocks, rotation=60, fontsize=6, ha="right")
+    ax.set_ylabel("I(group; expert), nats")
+    ax.set_ylim(bottom=0.0)
+    ax.set_xlabel("routing block")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(mi) > 6 else 1)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def sensitivity_plot(param: str, rows: list[dict], points: list[tuple[str, float]], ylabel: str, title: str = ""):
+    """Score against one varied hyper-parameter: each seed as a point, the mean with its 95% CI per value."""
+    def key(v: str):
+        try:
+            return (0, float(v), v)
+        except ValueError:
+            return (1, 0.0, v)
+
+    values = sorted({r["value"] for r in rows}, key=key)
+    by = {r["value"]: r for r in rows}
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(values) + 2), 3.8))
+    xs = range(len(values))
+    for x, v in zip(xs, values):
+        r = by[v]
+        ys = [s for val, s in points if val == v and s is not None]
+        ax.scatter([x] * len(ys), ys, color="C3", s=14, alpha=0.6, zorder=3)
+        if r["mean"] is not None:
+            lo, hi = r["ci"]
+            err = [[r["mean"] - lo], [hi - r["mean"]]] if lo is not None else None
+            ax.errorbar(x, r["mean"], yerr=err, fmt="o", color="C0", capsize=4, ms=6)
+    ax.set_xticks(list(xs), values, fontsize=8, rotation=30 if len(values) > 5 else 0)
+    ax.set_xlabel(param)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

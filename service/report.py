@@ -30,30 +30,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
 
 import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
+from service.sections import (  # noqa: E402
+    HEATMAP_ARTIFACT, heatmap_of, learning_curves, routing_diagnostics, save, sensitivity_section, tidy_heatmaps,
+)
 from service.tables import method_order, method_table, trial_table  # noqa: E402
 from service.trials import ReportError, Trial, find_sweep, read_trials  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 SMEAR = "smear"
-HEATMAP_ARTIFACT = "routing/heatmaps.json"
 
 
 # ---------------------------------------------------------------------------------------------------
 # the plots (service.plots)
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
 
 def best_trial(trials: list[Trial], method: str = SMEAR) -> Trial | None:
     """The trial of ``method`` with the best overall test metric (else any of its trials; else None)."""
@@ -61,29 +52,6 @@ def best_trial(trials: list[Trial], method: str = SMEAR) -> Trial | None:
     if not cands:
         return None
     return max(cands, key=lambda t: (t.test is not None, t.test or 0.0))
-
-
-def _tidy_heatmaps(fig, n_blocks: int, cols: int = 4) -> None:
-    """routing_heatmaps with few groups: keep panel rows apart (taller figure, "expert" on the last row only)."""
-    rows = max(1, math.ceil(n_blocks / cols))
-    fig.set_figheight(max(fig.get_figheight(), 2.6 * rows + 0.6))
-    for i, ax in enumerate(fig.axes[:rows * cols]):
-        if i + cols < n_blocks:
-            ax.set_xlabel("")
-
-
-def _heatmap(client, trial: Trial) -> dict:
-    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            local = client.download_artifacts(trial.run_id, HEATMAP_ARTIFACT, d)
-            return json.loads(Path(local).read_text())
-    finally:
-        if bar is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,7 +133,7 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
         if scored:
             order = [m for m in method_order(ts) if any(t.method == m for t in scored)]
             per_method = {m: [t.test for t in scored if t.method == m] for m in order}
-            p = _save(score_per_method(per_method, f"test {primary}", f"{name}: test {primary} per method"),
+            p = save(score_per_method(per_method, f"test {primary}", f"{name}: test {primary} per method"),
                       out_dir / f"scores{suffix}.png")
             files.append(p)
             lines += [f"![test {primary} per method]({p.name})", "",
@@ -174,7 +142,7 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
             if timed:
                 pts = {m: [(t.wall_s, t.test) for t in timed if t.method == m] for m in order}
                 pts = {m: v for m, v in pts.items() if v}
-                p = _save(score_vs_cost(pts, "trial wall time (s) = MLflow run end - start", f"test {primary}",
+                p = save(score_vs_cost(pts, "trial wall time (s) = MLflow run end - start", f"test {primary}",
                                         f"{name}: test {primary} vs trial wall time"),
                           out_dir / f"score_vs_cost{suffix}.png")
                 files.append(p)
@@ -191,11 +159,11 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
             lines += [f"No specialisation heatmaps: no {SMEAR} trial in this sweep.", ""]
         else:
             try:
-                heat = _heatmap(client, best)
+                heat = heatmap_of(client, best)
                 fig = routing_heatmaps(heat, f"best {SMEAR} trial {best.run_name} (seed {best.seed}): "
                                              f"mean routing weight per {kind} x expert on test")
-                _tidy_heatmaps(fig, len(heat.get("blocks", {})))
-                p = _save(fig, out_dir / f"heatmaps_best_smear{suffix}.png")
+                tidy_heatmaps(fig, len(heat.get("blocks", {})))
+                p = save(fig, out_dir / f"heatmaps_best_smear{suffix}.png")
                 files.append(p)
                 score = "-" if best.test is None else f"{best.test * 100:.2f}"
                 lines += [f"![specialisation of {best.run_name}]({p.name})", "",
@@ -206,6 +174,18 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
                 msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 lines += [f"No specialisation heatmaps: {HEATMAP_ARTIFACT} of {best.run_name} could not be "
                           f"read ({msg}).", ""]
+        order = method_order(ts)
+        lines += ["### Learning curves", ""]
+        more, more_files = learning_curves(client, ts, order, out_dir, suffix, name)
+        lines += more
+        files += more_files
+        lines += ["### Routing diagnostics of every routed method", ""]
+        more, more_files = routing_diagnostics(client, ts, order, out_dir, suffix, name)
+        lines += more
+        files += more_files
+        more, more_files = sensitivity_section(ts, out_dir, suffix, name)
+        lines += more
+        files += more_files
     return "\n".join(lines), files
 
 

@@ -128,6 +128,8 @@ def _fake_sweep(db: Path, sweep: str = "fake", methods=(("smear", 0, 0.6), ("tag
         for k, v in {"test/accuracy": acc, "test/real/accuracy": acc + 0.1, "test/sketch/accuracy": acc - 0.1,
                      "val/best_accuracy": acc}.items():
             client.log_metric(rid, k, v, step=4)
+        client.log_metric(rid, "val/accuracy", acc - 0.05, step=2)                     # a learning curve
+        client.log_metric(rid, "val/accuracy", acc, step=4)
         if method == "smear" and heatmap:
             client.log_dict(rid, {"groups": ["real", "sketch"],
                                   "blocks": {f"layer{b}.0": [[0.7, 0.1, 0.2], [0.1, 0.8, 0.1]] for b in (1, 2, 3, 4, 5)}},
@@ -151,7 +153,14 @@ def test_write_report_on_hand_made_record_with_a_failed_trial(tmp_path):
         assert_png(summary.parent / png)
         assert f"]({png})" in text
     logged = {a.path for a in MlflowClient(f"sqlite:///{db}").list_artifacts(pid, "report")}
-    assert logged == {f"report/{f}" for f in ("summary.md", "table.tex", "table.csv", *PLOTS)}
+    new_plots = ("learning_curves.png", "heatmaps_smear.png", "specialisation.png")
+    assert logged == {f"report/{f}" for f in ("summary.md", "table.tex", "table.csv", *PLOTS, *new_plots)}
+    for png in new_plots:
+        assert_png(summary.parent / png) and f"]({png})" in text
+    # the hand-made heatmap, rows real [.7, .1, .2] and sketch [.1, .8, .1]: p(e) = [.4, .45, .15],
+    # I = .5 (.7 ln 1.75 + .1 ln .2222 + .2 ln 1.3333) + .5 (.1 ln .25 + .8 ln 1.7778 + .1 ln .6667)
+    #   = .5 (0.298859 + 0.281116) = 0.289988 nats in every block
+    assert "| smear | 0.290 | layer1.0 (0.290) |" in text[text.index("### Routing diagnostics"):]
     # the statistics over seeds: one seed each here, so no interval and no test, and the report says so
     assert "### Statistics over seeds (reference `smear`)" in text
     assert "1 seed" in text and "\\toprule" in (summary.parent / "table.tex").read_text()
@@ -174,6 +183,21 @@ def test_report_statistics_over_seeds_mark_a_real_difference(tmp_path):
     assert rows["tag"][-1] == "0.040" and rows["adapter"][-1] == "0.478"                 # Holm-adjusted p
     report = write_report(f"sqlite:///{db}", "stats", tmp_path / "r2", reference="tag").read_text()
     assert "### Statistics over seeds (reference `tag`)" in report
+
+
+def test_report_sensitivity_to_a_varied_hyper_parameter(tmp_path):
+    db = tmp_path / "mlflow.db"
+    lrs = {0: "0.001", 1: "0.01"}
+    methods = [("smear", seed, 0.5 + 0.1 * (seed % 2) + 0.01 * (seed // 2)) for seed in range(6)]
+    pid = _fake_sweep(db, "sens", methods=methods, heatmap=False)
+    client = MlflowClient(f"sqlite:///{db}")
+    for run in client.search_runs([client.get_run(pid).info.experiment_id], f"tags.mlflow.parentRunId = '{pid}'"):
+        seed = int(run.data.tags["seed"])
+        client.log_param(run.info.run_id, "lr", lrs[seed % 2])           # three seeds per learning rate
+    text = write_report(f"sqlite:///{db}", "sens", tmp_path / "results").read_text()
+    # lr 0.01: seeds 1, 3, 5 -> 0.60, 0.61, 0.62: mean 0.61, sd 0.01, half-width 4.302653 * 0.01 / sqrt(3) = 0.0248
+    assert "Best: `lr=0.01`, mean 0.6100 over 3 seeds, 95% CI [0.5852, 0.6348]" in text
+    assert_png(tmp_path / "results" / "sens" / "report" / "sensitivity_lr.png")
 
 
 def test_write_report_without_smear_trial_or_heatmap_says_why(tmp_path):
