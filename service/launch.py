@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-concurrent-trials", type=int, default=None, help="override max_concurrent_trials")
     p.add_argument("--num-samples", type=int, default=None, help="override num_samples (random / optuna search)")
     p.add_argument("--no-system-metrics", action="store_true", help="do not log CPU / memory / GPU metrics of trials")
+    p.add_argument("--check-images", action="store_true",
+                   help="decode every image of the data before the sweep (parallel; default: headers only)")
     args = p.parse_args(argv)
     for flag, low in (("cpus_per_trial", 0), ("gpus_per_trial", 0), ("max_concurrent_trials", 0), ("num_samples", 1)):
         v = getattr(args, flag)
@@ -70,7 +72,7 @@ def apply_overrides(sweep: Sweep, args: argparse.Namespace) -> None:
         sweep.max_concurrent_trials = args.max_concurrent_trials
 
 
-def resolve_data(sweep: Sweep, data_root: str | None, *, create: bool) -> None:
+def resolve_data(sweep: Sweep, data_root: str | None, *, create: bool, images: str = "header") -> None:
     """Apply ``--data-root`` and check every trial's data before anything starts (each setting's
     :meth:`~trainables.settings.Setting.prepare_data`, once per distinct data need).
 
@@ -87,7 +89,7 @@ def resolve_data(sweep: Sweep, data_root: str | None, *, create: bool) -> None:
         key = setting.data_key(t.config)
         if key not in checked:
             checked.add(key)
-            setting.prepare_data(t.config, create=create)
+            setting.prepare_data(t.config, create=create, images=images)
 
 
 def check_resources(sweep: Sweep) -> None:
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep = load_sweep(args.sweep, smoke=args.smoke, num_samples=args.num_samples)
         apply_overrides(sweep, args)
-        resolve_data(sweep, args.data_root, create=not args.dry_run)
+        resolve_data(sweep, args.data_root, create=not args.dry_run, images="full" if args.check_images else "header")
         check_resources(sweep)
     except (ConfigError, DataError) as e:
         return _bad(str(e))

@@ -365,3 +365,47 @@ def test_16_bit_grey_with_a_transparent_value(tmp_path):
     im = Image.fromarray(np.array([[1000, 0]], np.uint16))
     im.info["transparency"] = 1000
     assert np.asarray(to_rgb(im)).tolist() == [[[255, 255, 255], [0, 0, 0]]]
+
+
+# --- wired in: the launcher before any trial, and each trial's first act ---------------------------------
+
+def test_launcher_refuses_a_bad_image_before_anything_starts(tmp_path, digits_root, offline_data, monkeypatch, capsys):
+    """A listed image that is not an image: exit 2, one line naming the split file and line, nothing written."""
+    import shutil
+
+    from service.launch import main
+
+    root = tmp_path / "dn"
+    shutil.copytree(digits_root, root)
+    first = (root / "real_test.txt").read_text().splitlines()[0].split()[0]
+    (root / first).write_bytes(b"not an image")
+    monkeypatch.setenv("SMEAR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    rc = main(["--sweep", "default", "--data-root", str(root), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+               "--storage", str(tmp_path / "results")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("launch.py: error: real_test.txt line 1: "), err
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "results").exists()
+
+
+def test_a_trial_checks_an_unchecked_root_first_and_once_per_node(tmp_path, digits_root, monkeypatch):
+    import shutil
+
+    from trainables.loop import LocalSession, train_loop
+
+    root = tmp_path / "dn"
+    shutil.copytree(digits_root, root)
+    monkeypatch.setenv("SMEAR_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = {"steps": 2, "eval_every": 2, "batch_size": 8, "torch_threads": 1, "routing": {"method": "adapter"},
+           "data": {"root": str(root), "resolution": 16, "augment": "none", "domains": ["real"]}}
+    (root / (root / "real_train.txt").read_text().splitlines()[-1].split()[0]).unlink()  # a missing image
+    s = LocalSession(str(tmp_path / "a"))
+    with pytest.raises(DataError, match=r"real_train.txt line \d+: image .* does not exist"):
+        train_loop(cfg, s)
+    assert s.reports == []                                                    # failed before any training
+    shutil.rmtree(root)
+    shutil.copytree(digits_root, root)
+    train_loop(cfg, LocalSession(str(tmp_path / "b")))                         # checked, marker written
+    assert len(list((tmp_path / "cache" / "data-checked").iterdir())) == 1
+    train_loop(cfg, LocalSession(str(tmp_path / "c")))                         # the node's marker: no re-check
+    assert len(list((tmp_path / "cache" / "data-checked").iterdir())) == 1

@@ -56,7 +56,7 @@ from typing import Literal
 from smear.data.domainnet import DataError, Entry, check_root, parse_list
 from smear.data.images import inspect_images
 
-__all__ = ["DOMAINNET_CLASSES", "CheckSummary", "DataCheckError", "check_domainnet"]
+__all__ = ["DOMAINNET_CLASSES", "CheckSummary", "DataCheckError", "check_domainnet", "check_domainnet_once"]
 
 DOMAINNET_CLASSES = 345
 SPLITS = ("train", "test")
@@ -252,3 +252,39 @@ def check_domainnet(root: str | Path, domains: Sequence[str], *,
     return CheckSummary(root=str(root_path), domains=domains, lines=lines, classes=classes, images=len(paths),
                         formats=dict(formats), num_classes=k, num_classes_from=k_from, decode=decode,
                         seconds=time.perf_counter() - start)
+
+
+def _marker(root: Path, domains: Sequence[str], decode: str) -> Path:
+    """This node's record that ``root`` passed the check as its split files are now (path, size, mtime)."""
+    import hashlib
+    import os
+
+    h = hashlib.sha1(f"{root.resolve()}|{','.join(domains)}|{decode}".encode())
+    for d in domains:
+        for which in ("train", "test"):
+            st = (root / f"{d}_{which}.txt").stat()
+            h.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
+    cache = Path(os.environ.get("SMEAR_CACHE_DIR", Path.home() / ".cache" / "smear-sweep"))
+    return cache / "data-checked" / h.hexdigest()
+
+
+def check_domainnet_once(root: str | Path, domains: Sequence[str], *, decode: Literal["header", "full"] = "header",
+                         **kwargs) -> CheckSummary | None:
+    """:func:`check_domainnet`, skipped when this node has already passed the same root with unchanged split
+    files (a marker under ``$SMEAR_CACHE_DIR`` or ``~/.cache/smear-sweep``). Returns None when skipped.
+
+    The launcher checks a root it can see before any trial starts; on a cluster whose data only the worker
+    nodes see, each trial runs this as its first act, and the node's later trials skip it.
+    """
+    root = Path(root)
+    check_root(root, domains)
+    marker = _marker(root, domains, decode)
+    if marker.exists() or (decode == "header" and _marker(root, domains, "full").exists()):
+        return None
+    summary = check_domainnet(root, domains, decode=decode, **kwargs)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{summary.images} images, {summary.num_classes} classes, {summary.seconds:.1f} s\n")
+    except OSError:  # a read-only home: the check simply runs again next time
+        pass
+    return summary
