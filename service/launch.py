@@ -128,7 +128,8 @@ def run_sweep(args, sweep: Sweep) -> int:
     from service.report import write_report
     from service.tables import console_table
     from service.runner import build_tuner, can_resume, connect_ray
-    from service.tracking import MLflowTracker, git_commit
+    from service.provenance import provenance
+    from service.tracking import MLflowTracker
     from trainables.ray_trainable import trial_config
     from trainables.settings import get_setting
 
@@ -141,13 +142,13 @@ def run_sweep(args, sweep: Sweep) -> int:
         found = (sorted(p.name for p in Path(storage).glob("*") if (p / "tuner.pkl").exists())
                  if "://" not in storage and Path(storage).is_dir() else [])
         return _bad(f"no sweep {name!r} to resume under {storage}; found: {', '.join(found) or 'none'}")
-    commit = git_commit(REPO)
+    code = provenance(REPO)  # git commit and dirty flag, also under `ray job submit` (service/provenance.py)
     try:
         parent = ParentRun.open(uri, sweep, name, resume=args.resume,
-                                tags={"git_commit": commit, "smoke": str(args.smoke)})
+                                tags={**code, "smoke": str(args.smoke)})
     except NoParentRun as e:
         return _bad(str(e))
-    tracker = MLflowTracker(uri, parent.experiment_id, parent.run_id, name, {"git_commit": commit},
+    tracker = MLflowTracker(uri, parent.experiment_id, parent.run_id, name, code,
                             configs=sweep.configs)
     print(f"sweep {name}: {sweep.num_trials} trials; if interrupted, "
           f"continue with: python service/launch.py --sweep {args.sweep} --name {name} --storage {storage} "
@@ -155,6 +156,7 @@ def run_sweep(args, sweep: Sweep) -> int:
     status, t0 = "FAILED", time.time()
     try:
         connect_ray()
+        signal.signal(signal.SIGTERM, _interrupt)  # ray.init() installs its own SIGTERM handler: ours again
         tuner, tracker = build_tuner(sweep, name=name, storage=storage, tracker=tracker, resume=args.resume,
                                      tracking=None if args.no_system_metrics else (uri, parent.experiment_id))
         grid = tuner.fit()
@@ -196,8 +198,15 @@ def _bad(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
+_received: list[int] = []  # the signals that interrupted the sweep (Tune may re-raise its own KeyboardInterrupt)
+
+
 def _interrupt(signum, frame):
+    _received.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+EXIT_SIGTERM, EXIT_SIGINT = 128 + signal.SIGTERM, 128 + signal.SIGINT  # 143, 130: the shell's convention
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,7 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print_trials(sweep)
         return 0
-    return run_sweep(args, sweep)
+    try:
+        return run_sweep(args, sweep)
+    except KeyboardInterrupt:  # SIGTERM (`ray job stop`, kill) or Ctrl-C: every run of the sweep is KILLED
+        term = signal.SIGTERM in _received
+        print(f"launch.py: interrupted ({'SIGTERM' if term else 'SIGINT'}): the sweep's MLflow runs are KILLED; "
+              "continue it with the --resume command printed above", file=sys.stderr)
+        return EXIT_SIGTERM if term else EXIT_SIGINT
 
 
 if __name__ == "__main__":
