@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run smoke test test-fast bench browser clean
+.PHONY: install run smoke test test-fast bench browser clean submit
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ browser:              ## Debian's Chromium for the MLflow UI test (Playwright dr
 
 test-fast: install    ## unit tests only
 	$(PY) -m pytest -m "not slow" $(ARGS)
+
+submit: install       ## ray job submit of launch.py $(ARGS), recording the git commit first (service/provenance.py)
+	$(PY) -m service.provenance
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(VENV)/bin/ray job submit --address $${RAY_DASHBOARD:-http://127.0.0.1:8265} \
+	  --working-dir . -- python service/launch.py $(ARGS)
 
 bench: install        ## routing block cost per method (see BENCHMARKS.md)
 	$(PY) benchmarks/routing_cost.py --quick

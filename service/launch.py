@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-concurrent-trials", type=int, default=None, help="override max_concurrent_trials")
     p.add_argument("--num-samples", type=int, default=None, help="override num_samples (random / optuna search)")
     p.add_argument("--no-system-metrics", action="store_true", help="do not log CPU / memory / GPU metrics of trials")
+    p.add_argument("--check-images", action="store_true",
+                   help="decode every image of the data before the sweep (parallel; default: headers only)")
     args = p.parse_args(argv)
     for flag, low in (("cpus_per_trial", 0), ("gpus_per_trial", 0), ("max_concurrent_trials", 0), ("num_samples", 1)):
         v = getattr(args, flag)
@@ -70,7 +72,7 @@ def apply_overrides(sweep: Sweep, args: argparse.Namespace) -> None:
         sweep.max_concurrent_trials = args.max_concurrent_trials
 
 
-def resolve_data(sweep: Sweep, data_root: str | None, *, create: bool) -> None:
+def resolve_data(sweep: Sweep, data_root: str | None, *, create: bool, images: str = "header") -> None:
     """Apply ``--data-root`` and check every trial's data before anything starts (each setting's
     :meth:`~trainables.settings.Setting.prepare_data`, once per distinct data need).
 
@@ -87,7 +89,7 @@ def resolve_data(sweep: Sweep, data_root: str | None, *, create: bool) -> None:
         key = setting.data_key(t.config)
         if key not in checked:
             checked.add(key)
-            setting.prepare_data(t.config, create=create)
+            setting.prepare_data(t.config, create=create, images=images)
 
 
 def check_resources(sweep: Sweep) -> None:
@@ -126,7 +128,8 @@ def run_sweep(args, sweep: Sweep) -> int:
     from service.report import write_report
     from service.tables import console_table
     from service.runner import build_tuner, can_resume, connect_ray
-    from service.tracking import MLflowTracker, git_commit
+    from service.provenance import provenance
+    from service.tracking import MLflowTracker
     from trainables.ray_trainable import trial_config
     from trainables.settings import get_setting
 
@@ -139,13 +142,13 @@ def run_sweep(args, sweep: Sweep) -> int:
         found = (sorted(p.name for p in Path(storage).glob("*") if (p / "tuner.pkl").exists())
                  if "://" not in storage and Path(storage).is_dir() else [])
         return _bad(f"no sweep {name!r} to resume under {storage}; found: {', '.join(found) or 'none'}")
-    commit = git_commit(REPO)
+    code = provenance(REPO)  # git commit and dirty flag, also under `ray job submit` (service/provenance.py)
     try:
         parent = ParentRun.open(uri, sweep, name, resume=args.resume,
-                                tags={"git_commit": commit, "smoke": str(args.smoke)})
+                                tags={**code, "smoke": str(args.smoke)})
     except NoParentRun as e:
         return _bad(str(e))
-    tracker = MLflowTracker(uri, parent.experiment_id, parent.run_id, name, {"git_commit": commit},
+    tracker = MLflowTracker(uri, parent.experiment_id, parent.run_id, name, code,
                             configs=sweep.configs)
     print(f"sweep {name}: {sweep.num_trials} trials; if interrupted, "
           f"continue with: python service/launch.py --sweep {args.sweep} --name {name} --storage {storage} "
@@ -153,6 +156,7 @@ def run_sweep(args, sweep: Sweep) -> int:
     status, t0 = "FAILED", time.time()
     try:
         connect_ray()
+        signal.signal(signal.SIGTERM, _interrupt)  # ray.init() installs its own SIGTERM handler: ours again
         tuner, tracker = build_tuner(sweep, name=name, storage=storage, tracker=tracker, resume=args.resume,
                                      tracking=None if args.no_system_metrics else (uri, parent.experiment_id))
         grid = tuner.fit()
@@ -194,8 +198,15 @@ def _bad(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
+_received: list[int] = []  # the signals that interrupted the sweep (Tune may re-raise its own KeyboardInterrupt)
+
+
 def _interrupt(signum, frame):
+    _received.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+EXIT_SIGTERM, EXIT_SIGINT = 128 + signal.SIGTERM, 128 + signal.SIGINT  # 143, 130: the shell's convention
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,14 +215,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep = load_sweep(args.sweep, smoke=args.smoke, num_samples=args.num_samples)
         apply_overrides(sweep, args)
-        resolve_data(sweep, args.data_root, create=not args.dry_run)
+        resolve_data(sweep, args.data_root, create=not args.dry_run, images="full" if args.check_images else "header")
         check_resources(sweep)
     except (ConfigError, DataError) as e:
         return _bad(str(e))
     if args.dry_run:
         print_trials(sweep)
         return 0
-    return run_sweep(args, sweep)
+    try:
+        return run_sweep(args, sweep)
+    except KeyboardInterrupt:  # SIGTERM (`ray job stop`, kill) or Ctrl-C: every run of the sweep is KILLED
+        term = signal.SIGTERM in _received
+        print(f"launch.py: interrupted ({'SIGTERM' if term else 'SIGINT'}): the sweep's MLflow runs are KILLED; "
+              "continue it with the --resume command printed above", file=sys.stderr)
+        return EXIT_SIGTERM if term else EXIT_SIGINT
 
 
 if __name__ == "__main__":

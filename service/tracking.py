@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -29,15 +28,8 @@ from trainables.settings import get_setting
 
 log = logging.getLogger(__name__)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+EVAL_KEY = "train/loss"  # in every evaluation report of the train loop, never in its final (test) report
 MAX_PARAM_LEN = 6000
-
-
-def git_commit(cwd: str | Path | None = None) -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
@@ -71,12 +63,13 @@ class MLflowTracker(Callback):
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
+        self._last_step: dict[str, int] = {}  # trial_id -> newest evaluation step in its run (see _result)
         self._client: MlflowClient | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    _RUNTIME = ("_client", "_queue", "_thread", "_lock")
+    _RUNTIME = ("_client", "_queue", "_thread", "_lock", "_last_step")
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks: plain data only, never the client or the thread
         with self._lock:
@@ -185,6 +178,14 @@ class MLflowTracker(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._submit(self._result, trial.trial_id, self._cfg(trial), dict(result), int(time.time() * 1000))
 
+    def _last_logged_step(self, tid: str, run_id: str) -> int:
+        """The newest evaluation step already in the trial's run: from this process's own logging, else (a
+        trial first seen here: a resumed sweep, a new driver) read back from MLflow once."""
+        if tid not in self._last_step:
+            history = self._safe("read history", self.client.get_metric_history, run_id, EVAL_KEY) or []
+            self._last_step[tid] = max((m.step for m in history), default=-1)
+        return self._last_step[tid]
+
     def _result(self, tid: str, cfg: dict, result: dict, now: int) -> None:
         run_id = self._run_for(tid, cfg)
         if run_id is None:
@@ -193,8 +194,15 @@ class MLflowTracker(Callback):
         if isinstance(heat, dict) and heat.get("blocks"):
             self._safe("log heatmap", self._log_heatmap, run_id, heat, trial_run_name(cfg, tid))
         step = int(result.get("step", result.get("training_iteration", 0)))
+        final = bool(result.get("done")) and EVAL_KEY not in result
+        last = self._last_logged_step(tid, run_id)
+        if not final and step <= last:
+            return  # a trial restored from an older checkpoint re-trains steps already in the record: log once
+        if not final:
+            self._last_step[tid] = step
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()
-                   if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+                   if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   and not (final and k.startswith("val/"))]  # the final report repeats val/best_*: once is enough
         for i in range(0, len(metrics), 1000):
             self._safe("log_batch", self.client.log_batch, run_id, metrics=metrics[i:i + 1000])
 

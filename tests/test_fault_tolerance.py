@@ -134,6 +134,33 @@ def test_killed_driver_then_resume_completes_with_one_run_per_trial(tmp_path, en
     _assert_one_finished_run_per_trial(tmp_path, 2)
 
 
+def test_sigterm_ends_every_run_killed_then_resume_finishes_without_a_duplicated_step(tmp_path, env_with_venv):
+    """`ray job stop` sends SIGTERM: exit 143, the parent and every unfinished trial run KILLED, none RUNNING;
+    --resume then finishes each trial once, and no metric step is logged twice."""
+    proc = _launch(tmp_path, env_with_venv, LONG)
+    try:
+        _wait_for(lambda: len(_checkpoints(tmp_path)) >= 2, 240, "the first checkpoints", proc)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = (tmp_path / "out0.txt").read_text()
+    assert rc == 143, out[-3000:]
+    assert "interrupted (SIGTERM)" in out
+    parent, children = child_runs(f"{tmp_path}/mlflow.db", experiment="smear-sweep/space")
+    assert parent.info.status == "KILLED"
+    assert children and {r.info.status for r in children} <= {"KILLED", "FINISHED"}, [r.info.status for r in children]
+    resumed = _launch(tmp_path, env_with_venv, LONG, "--resume")
+    assert resumed.wait(timeout=400) == 0, (tmp_path / "out1.txt").read_text()[-3000:]
+    children = _assert_one_finished_run_per_trial(tmp_path, 2)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for r in children:
+        for key in ("val/accuracy", "train/loss", "val/best_accuracy"):
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (key, steps)
+
+
 def test_resume_of_an_unknown_sweep_exits_2(tmp_path, env_with_venv):
     (tmp_path / "space.yaml").write_text(textwrap.dedent(LONG))
     proc = subprocess.run([sys.executable, str(REPO / "service" / "launch.py"), "--sweep", str(tmp_path / "space.yaml"),

@@ -5,6 +5,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -57,6 +58,9 @@ def test_ray_job_submit_smoke_sweep(ray_head, tmp_path):
                              env=dict(no_token, HOME=str(tmp_path)), capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
     db = tmp_path / "mlflow.db"
+    # as `make submit` does: record the commit the upload (which has no .git) will run
+    subprocess.run([sys.executable, "-m", "service.provenance"], cwd=REPO, check=True, capture_output=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", DASHBOARD, "--working-dir", ".", "--",
            "python", "service/launch.py", "--smoke", "--tracking-uri", f"sqlite:///{db}",
            "--storage", str(tmp_path / "results"), "--name", "job"]
@@ -65,5 +69,7 @@ def test_ray_job_submit_smoke_sweep(ray_head, tmp_path):
     assert "succeeded" in proc.stdout
     parent, children = child_runs(str(db), experiment="smear-sweep/default")
     assert parent.info.status == "FINISHED"
+    assert head and {r.data.tags["git_commit"] for r in [parent, *children]} == {head}   # provenance kept
+    assert {r.data.tags["git_dirty"] for r in [parent, *children]} <= {"true", "false"}
     assert len(children) == 15 and all(r.info.status == "FINISHED" for r in children)
     assert all("test/accuracy" in r.data.metrics and "val/accuracy" in r.data.metrics for r in children)

@@ -78,3 +78,58 @@ def test_a_failing_call_does_not_stop_the_logging_thread(tmp_path):
     tracker.flush()
     (run,) = [r for r in client.search_runs([exp]) if r.data.tags.get("mlflow.parentRunId") == parent]
     assert run.info.status == "FINISHED"
+
+
+def test_provenance_from_git_then_the_recorded_file_then_the_environment(tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    from service.provenance import FILE, provenance, record
+    from tests.helpers import REPO
+
+    here = provenance(REPO)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert here["git_commit"] == head and here["git_dirty"] in ("true", "false")
+    copy = tmp_path / "upload"                                   # what `ray job submit` runs: no .git
+    copy.mkdir()
+    monkeypatch.delenv("SMEAR_GIT_COMMIT", raising=False)
+    assert provenance(copy) == {"git_commit": "unknown", "git_dirty": "unknown"}
+    monkeypatch.setenv("SMEAR_GIT_COMMIT", "abc123")
+    assert provenance(copy)["git_commit"] == "abc123"
+    (copy / FILE).write_text(json.dumps({"git_commit": head, "git_dirty": "false"}))
+    assert provenance(copy) == {"git_commit": head, "git_dirty": "false"}    # the recorded file wins over env
+    repo = tmp_path / "repo"                                     # record() writes the file and git-excludes it
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    path = record(repo)
+    assert json.loads(path.read_text())["git_dirty"] == "false"
+    assert FILE in (repo / ".git" / "info" / "exclude").read_text()
+    status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True).stdout
+    assert status == ""                                          # the record does not dirty the tree
+
+
+def test_no_step_is_logged_twice_after_a_restore_or_by_the_final_report(tmp_path):
+    client, exp, parent, tracker, (a,) = _sweep(tmp_path, 1)
+    tracker.on_trial_start(0, [], a)
+    for step in (10, 20):
+        tracker.on_trial_result(0, [], a, {"step": step, "train/loss": 1.0, "val/accuracy": step / 100,
+                                           "val/best_accuracy": step / 100, "done": False})
+    tracker.flush()
+    # a new driver (--resume) restores the trial from its step-10 checkpoint: steps 20 is trained again
+    restored = pickle.loads(pickle.dumps(tracker))
+    restored.on_trial_restore(0, [], a)
+    for step in (20, 30):
+        restored.on_trial_result(0, [], a, {"step": step, "train/loss": 0.5, "val/accuracy": step / 100 + 0.01,
+                                             "val/best_accuracy": step / 100, "done": False})
+    # the final report repeats val/best_accuracy at the last step, with the test metrics
+    restored.on_trial_result(0, [], a, {"step": 30, "val/best_accuracy": 0.3, "test/accuracy": 0.4, "done": True})
+    restored.on_trial_complete(0, [], a)
+    restored.flush()
+    (run,) = [r for r in client.search_runs([exp]) if r.data.tags.get("mlflow.parentRunId") == parent]
+    for key in ("val/accuracy", "val/best_accuracy", "train/loss"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == [10, 20, 30], (key, steps)
+    acc = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/accuracy")}
+    assert acc[20] == 0.2                                          # the first record of a step is kept
+    assert run.data.metrics["test/accuracy"] == 0.4

@@ -265,6 +265,7 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     seed_everything(cfg.seed)
     device = _device(cfg)
     setting = get_setting(cfg.setting)(cfg)
+    setting.verify_data()  # before any training: a bad file fails here, not after hours of steps
     primary = f"val/{setting.primary_metric}"
     train_ds, val_ds, test_ds = (setting.dataset(s) for s in ("train", "val", "test"))
     # hash routing: a table entry for every example id of every split (ids index each split from 0);

@@ -3,11 +3,16 @@
 Splits (methods.md section 2): train = 80% of each domain's official train list (shuffled with
 seed 42), validation = the other 20%, test = the official ``<domain>_test.txt``.
 Each item is ``(image (3, H, W) float, label, domain id, example id)``; the example id indexes the
-concatenated split (for hash routing).
+concatenated split (for hash routing). Images become RGB with ``smear.data.images.to_rgb``: alpha is
+composited on white and 16-bit greys are scaled to 8 bits.
+``check_root`` is the light start-up check. ``smear.data.check.check_domainnet`` checks every line and
+every image before training.
 """
 from __future__ import annotations
 
+import codecs
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,6 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
+
+from smear.data.images import to_rgb
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -33,23 +40,67 @@ class Record:
     domain: int
 
 
+_LABEL = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take "+3", "3_0" and "٣"
+Entry = tuple[int, str, int]       # (line number, relative path, label)
+
+
+def parse_list(data: bytes, name: str) -> tuple[list[Entry], list[tuple[int, str]]]:
+    """Parse a split file's bytes into ``(line, path, label)`` entries and ``(line, message)`` problems.
+
+    UTF-8 with or without a BOM; LF or CRLF line ends; blank (or whitespace-only) lines are skipped.
+    Each other line is ``<relative path> <label>``, split at its last run of whitespace, the label a
+    base-10 integer (negative labels parse, range is checked elsewhere). A UTF-16 file is one problem
+    at line 1; a non-UTF-8 line is a problem and the other lines are still parsed. Messages are one
+    line and start with ``"<name> line <n>: "``.
+    """
+    problems: list[tuple[int, str]] = []
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return [], [(1, f"{name} line 1: is UTF-16 (byte-order mark 0x{data[:2].hex()}); expected UTF-8")]
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        lines = []
+        for n, raw in enumerate(data.split(b"\n"), 1):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                problems.append((n, f"{name} line {n}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
+                lines.append("")
+    entries: list[Entry] = []
+    for n, line in enumerate(lines, 1):
+        parts = line.rsplit(None, 1)
+        if not parts:
+            continue
+        if len(parts) != 2:
+            shown = line.strip()
+            shown = shown if len(shown) <= 120 else shown[:117] + "..."
+            problems.append((n, f"{name} line {n}: expected '<relative path> <label>', got {shown!r}"))
+        elif not _LABEL.fullmatch(parts[1]):
+            problems.append((n, f"{name} line {n}: label {parts[1]!r} is not an integer"))
+        else:
+            entries.append((n, parts[0].lstrip(), int(parts[1])))
+    return entries, problems
+
+
 def _read_list(root: Path, domain: str, which: str) -> list[Record]:
     f = root / f"{domain}_{which}.txt"
     if not f.is_file():
         raise DataError(f"missing list file {f} for domain {domain!r}")
-    recs = []
-    for ln, line in enumerate(f.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise DataError(f"{f}:{ln}: expected '<relative path> <label>', got {line!r}")
-        recs.append(Record(parts[0], int(parts[1]), DOMAINS.index(domain) if domain in DOMAINS else -1))
-    return recs
+    entries, problems = parse_list(f.read_bytes(), f.name)
+    if problems:
+        raise DataError(min(problems)[1])
+    d = DOMAINS.index(domain) if domain in DOMAINS else -1
+    return [Record(path, label, d) for _, path, label in entries]
 
 
 def check_root(root: str | Path, domains: tuple[str, ...] | list[str]) -> Path:
-    """Validate a DomainNet root for the given domains; raise DataError naming what is missing."""
+    """The light check: the root is a folder, the domains are DomainNet's and both split files exist.
+
+    Raise DataError naming what is missing. It reads no file, so every dataset runs it on construction.
+    ``smear.data.check.check_domainnet`` is the thorough check, run once before training.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data root {str(root)!r} does not exist or is not a directory")
@@ -115,7 +166,7 @@ class DomainNetDataset(Dataset):
         path = self.root / self.records[i].path
         try:
             with Image.open(path) as im:
-                img = im.convert("RGB")
+                img = to_rgb(im)
         except FileNotFoundError:
             raise DataError(f"image {str(path)!r} listed in {self.domains[self.records[i].domain]}_*.txt is missing") from None
         if self._cache is not None:

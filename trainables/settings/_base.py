@@ -51,10 +51,16 @@ class Setting:
         raise NotImplementedError
 
     @classmethod
-    def prepare_data(cls, config: dict[str, Any], *, create: bool) -> None:
+    def prepare_data(cls, config: dict[str, Any], *, create: bool, images: str = "header") -> None:
         """Check the data a resolved config needs (raise ``DataError``/``ConfigError`` with one line), or,
-        for the offline stand-in (empty root), generate it here when ``create``."""
+        for the offline stand-in (empty root), generate it here when ``create``. ``images``: "header" (every
+        listed image's header) or "full" (every image decoded; ``--check-images``). A root this machine
+        cannot see (a cluster's worker-only disk) is left to :meth:`verify_data` in each trial."""
         raise NotImplementedError
+
+    def verify_data(self) -> None:
+        """The trial's first act, before any training: check the data if this node has not yet (cheap when
+        it has). Nothing by default."""
 
     @classmethod
     def data_key(cls, config: dict[str, Any]) -> tuple:

@@ -3,7 +3,9 @@ section 2). Its config: the common ``TrainConfig`` plus ``data.domains`` / ``res
 ``cache``, ``pretrained`` and ``backbone_bn``."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field as dc_field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +16,8 @@ from torch.utils.data import Dataset
 from smear.backbones.resnet import build_routed_resnet18
 from smear.configs import ConfigError, field
 from smear.data import offline_digits_domainnet
-from smear.data.domainnet import DOMAINS, DomainNetDataset, check_root, num_classes
+from smear.data.check import check_domainnet, check_domainnet_once
+from smear.data.domainnet import DOMAINS, DomainNetDataset, num_classes
 from smear.routing import RoutingConfig
 from trainables.config import DataConfig, TrainConfig
 from trainables.settings import Batch, Setting, register_setting
@@ -45,6 +48,13 @@ class ResNetConfig(TrainConfig):
     data: DomainNetData = dc_field(default_factory=DomainNetData)
 
 
+def _progress(done: int, total: int) -> None:
+    """--check-images: a progress line on stderr, every 5% and at the end."""
+    if total and (done == total or done % max(1, total // 20) == 0):
+        print(f"\rchecking images: {done}/{total} ({100 * done // total}%)", end="\n" if done == total else "",
+              file=sys.stderr, flush=True)
+
+
 @register_setting
 class ResNetDomainNet(Setting):
     """methods.md section 2: images -> class logits; metric: top-1 accuracy overall and per domain."""
@@ -68,14 +78,28 @@ class ResNetDomainNet(Setting):
         return list(config["data"]["domains"])
 
     @classmethod
-    def prepare_data(cls, config: dict[str, Any], *, create: bool) -> None:
-        """The official layout's split files for every domain; "" = the digits stand-in, generated here."""
+    def prepare_data(cls, config: dict[str, Any], *, create: bool, images: str = "header") -> None:
+        """Every split line, path, label and image header of the listed domains (``smear.data.check``);
+        "" = the digits stand-in, generated (and checked) here. On a cluster (RAY_ADDRESS set) a root that
+        does not exist on this machine is checked by each trial first instead (:meth:`verify_data`)."""
+        import os
+
         root = config["data"]["root"]
         if root == "":
-            if create:
-                offline_digits_domainnet()
-            return
-        check_root(root, config["data"]["domains"])
+            if not create:
+                return
+            root = offline_digits_domainnet()
+        elif os.environ.get("RAY_ADDRESS") and not Path(root).exists():
+            return  # the worker nodes' disk: each trial checks it before training
+        if create:
+            check_domainnet_once(root, config["data"]["domains"], decode=images,
+                                 workers=(os.cpu_count() or 1) if images == "full" else 1,
+                                 progress=_progress if images == "full" else None)
+        else:  # --dry-run: the same check, but nothing written (no marker)
+            check_domainnet(root, config["data"]["domains"], decode=images)
+
+    def verify_data(self) -> None:
+        check_domainnet_once(self.root, self.cfg.data.domains)
 
     def __init__(self, cfg: ResNetConfig):
         super().__init__(cfg)

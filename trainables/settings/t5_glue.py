@@ -99,7 +99,7 @@ class T5Glue(Setting):
         return list(config["t5"]["tasks"])
 
     @classmethod
-    def prepare_data(cls, config: dict[str, Any], *, create: bool) -> None:
+    def prepare_data(cls, config: dict[str, Any], *, create: bool, images: str = "header") -> None:
         """A local copy in the Hub's layout is checked; "hub" is fetched in the trial; "" = the synthetic
         stand-in, generated here."""
         root = config["data"]["root"]
