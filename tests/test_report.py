@@ -270,4 +270,9 @@ def test_report_of_a_real_sweep(tmp_path, env_with_venv):
     smear = next(r for r in children if r.data.tags["method"] == "smear")
     assert f"best smear trial, `{smear.info.run_name}`" in text
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert logged == {f"report/{f}" for f in ("summary.md", *PLOTS)}
+    every = ("summary.md", "table.tex", "table.csv", "learning_curves.png", "specialisation.png", *PLOTS,
+             "heatmaps_smear.png", "heatmaps_tag.png")                 # every routed method's heatmaps
+    assert logged == {f"report/{f}" for f in every}, logged
+    for png in ("learning_curves.png", "specialisation.png", "heatmaps_smear.png", "heatmaps_tag.png"):
+        assert_png(report / png)
+    assert "### Statistics over seeds (reference `smear`)" in text and "### Learning curves" in text

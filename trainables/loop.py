@@ -12,6 +12,7 @@ import math
 import os
 import random
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -28,6 +29,7 @@ from trainables.config import TrainConfig, make_config
 from trainables.settings import Setting, get_setting
 
 STATE_FILE, BEST_FILE = "state.pt", "best.pt"
+SECONDS_PER_STEP, TRAIN_HOURS = "compute/seconds_per_step", "compute/train_hours"  # measured, so never bit-equal
 ROUTING_HEATMAP = "routing_heatmap"  # key of the final report holding the specialisation heatmaps
 
 
@@ -292,8 +294,11 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     val_loader = _loader(val_ds, cfg, session, train=False, collate=setting.collate)
     two_passes = routing.needs_two_passes(core)
     order = routing.epoch_sampler(core, len(train_ds), cfg.seed) if session.world_size == 1 else None
+    # compute accounting (issue 14): parameters and FLOPs of one training step, in the first report
+    compute = _measure_compute(setting, core, train_ds, cfg, session, device) if step == 0 else {}
     model.train()
     running, n_running = 0.0, 0
+    clock, total_train_s = time.perf_counter(), 0.0  # training time, evaluations left out
     while step < cfg.steps:
         for i, batch in enumerate(_loader(train_ds, cfg, session, train=True, epoch=epoch,
                                               order=order, collate=setting.collate)):
@@ -316,7 +321,12 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
             running += float(loss.detach())
             n_running += 1
             if step % cfg.eval_every == 0 or step == cfg.steps:
+                train_s = time.perf_counter() - clock                # training time since the last evaluation
+                total_train_s += train_s
                 metrics, _ = evaluate(setting, core, val_loader, device, "val")
+                metrics.update(compute)
+                compute = {}
+                metrics[SECONDS_PER_STEP] = train_s / max(n_running, 1)
                 metrics.update({"train/loss": running / max(n_running, 1), "train/lr": sched.get_last_lr()[0],
                                 "step": step, "epoch": epoch})
                 metrics.update({f"routing/{k}": v for k, v in routing.step_scalars(core).items()})
@@ -326,6 +336,7 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
                 metrics[f"val/best_{setting.primary_metric}"] = best_val
                 _report_with_checkpoint(session, metrics, cfg, core, opt, best_state, scheduler=sched.state_dict(),
                                         step=step, best_val=best_val, epoch=epoch, batch_in_epoch=i + 1)
+                clock = time.perf_counter()
             if step >= cfg.steps:
                 break
         epoch, skip = epoch + 1, 0
@@ -335,10 +346,24 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
         _restore(core, best_state, "the best-validation weights")
     final, heat = evaluate(setting, core, _loader(test_ds, cfg, session, train=False, collate=setting.collate), device, "test")
     final.update({"step": step, f"val/best_{setting.primary_metric}": best_val, "done": 1.0,
+                  TRAIN_HOURS: total_train_s / 3600,  # this process's training time (since a restore, if any)
                   # specialisation (methods.md section 5): per block, group x expert mean routing weight on test
                   ROUTING_HEATMAP: {"groups": setting.group_names, "blocks": heat}})
     session.report(final, None)
     return final
+
+
+def _measure_compute(setting: Setting, core: nn.Module, train_ds: Dataset, cfg: TrainConfig, session: Session,
+                     device) -> dict[str, float]:
+    """trainables.accounting on one training batch (rank 0 only); the batch's augmentation draws and the
+    measurement leave training's RNG, weights and buffers exactly as they were."""
+    if session.world_rank != 0:
+        return {}
+    from trainables import accounting
+
+    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+        raw = next(iter(_loader(train_ds, cfg, session, train=True, epoch=0, collate=setting.collate)))
+    return accounting.measure(setting, core, setting.batch_to_model(raw, device), cfg)
 
 
 def _report_with_checkpoint(session, metrics, cfg, core, opt, best_state, **counters) -> None:

@@ -49,3 +49,10 @@ def child_runs(db: str, experiment: str = "smear-sweep/space") -> tuple[object, 
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
     return parents[0], [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+
+
+def without_timing(reports: list[dict]) -> list[dict]:
+    """Reports without the measured wall-clock metrics (the only keys two identical runs may differ in)."""
+    from trainables.loop import SECONDS_PER_STEP, TRAIN_HOURS
+
+    return [{k: v for k, v in r.items() if k not in (SECONDS_PER_STEP, TRAIN_HOURS)} for r in reports]
