@@ -36,7 +36,7 @@ import time  # noqa: E402
 from service.sections import (  # noqa: E402
     HEATMAP_ARTIFACT, heatmap_of, learning_curves, routing_diagnostics, save, sensitivity_section, tidy_heatmaps,
 )
-from service.tables import method_order, method_table, trial_table  # noqa: E402
+from service.tables import compute_table, method_order, method_table, trial_table  # noqa: E402
 from service.trials import ReportError, Trial, find_sweep, read_trials  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -126,7 +126,12 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
                   f"`seeds` = trials with a test {primary} / trials.", "",
                   method_table(ts), ""]
         stat_lines, stat_files = seed_statistics(ts, reference, out_dir, suffix)
-        lines += stat_lines + ["### Trials", "", trial_table(ts), ""]
+        lines += stat_lines
+        if cost := compute_table(ts):
+            lines += ["### Compute", "", "What one trial of each method costs (mean over its trials; FLOPs measured with "
+                      "torch's FlopCounterMode on one real training step, forward + backward; AdaMix counts its two "
+                      "passes).", "", cost, ""]
+        lines += ["### Trials", "", trial_table(ts), ""]
         files += stat_files
         lines += ["### Plots", ""]
         scored = [t for t in ts if t.test is not None]
@@ -138,6 +143,23 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
             files.append(p)
             lines += [f"![test {primary} per method]({p.name})", "",
                       f"`{p.name}`: test {primary} per method, one point per seed, bar = mean.", ""]
+            costed = [t for t in scored if "flops_per_example" in t.compute]
+            hours = [t for t in scored if "train_hours" in t.compute]
+            for key, axis, what, pick in (
+                    ("flops", "training GFLOPs per example (one step: forward + backward)", costed,
+                     lambda t: t.compute["flops_per_example"] / 1e9),
+                    ("hours", "device-hours of training per trial (evaluation and start-up left out)", hours,
+                     lambda t: t.compute["train_hours"])):
+                if not what:
+                    continue
+                pts = {m: [(pick(t), t.test) for t in what if t.method == m] for m in order}
+                pts = {m: v for m, v in pts.items() if v}
+                p = save(score_vs_cost(pts, axis, f"test {primary}", f"{name}: test {primary} vs {axis.split(' (')[0]}"),
+                         out_dir / f"score_vs_{key}{suffix}.png")
+                files.append(p)
+                lines += [f"![test {primary} vs {key}]({p.name})", "",
+                          f"`{p.name}`: cost = {axis}, measured in each trial (trainables/accounting.py, "
+                          "the train loop's clock). Error bars: std over seeds.", ""]
             timed = [t for t in scored if t.wall_s is not None]
             if timed:
                 pts = {m: [(t.wall_s, t.test) for t in timed if t.method == m] for m in order}

@@ -113,3 +113,27 @@ def trial_table(trials: list[Trial], scale: float = 100.0) -> str:
         wall = "-" if t.wall_s is None else f"{t.wall_s:.1f}"
         lines.append(f"| {t.method} | {t.seed} | {t.run_name} | {t.status} | {f(t.val_best)} | {f(t.test)} | {wall} |")
     return "\n".join(lines)
+
+
+def compute_table(trials: list[Trial]) -> str:
+    """Markdown: per method (best first), what one trial costs: trainable / total parameters, GFLOPs per example
+    of one training step (whole model and routing blocks), seconds per step and training hours (mean over its
+    trials), then the sweep's total training hours. Empty when no trial logged compute metrics."""
+    if not any(t.compute for t in trials):
+        return ""
+    cols = [("trainable params", "params_trainable", 1.0, "{:,.0f}"), ("total params", "params_total", 1.0, "{:,.0f}"),
+            ("GFLOPs / example", "flops_per_example", 1e-9, "{:.4g}"),
+            ("routing GFLOPs / example", "routing_flops_per_example", 1e-9, "{:.4g}"),
+            ("s / step", "seconds_per_step", 1.0, "{:.3g}"), ("train hours / trial", "train_hours", 1.0, "{:.3g}")]
+    lines = ["| method | " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for m in method_order(trials):
+        ts = [t for t in trials if t.method == m]
+        cells = []
+        for _, key, scale, fmt in cols:
+            ms = mean_std([t.compute.get(key) for t in ts])
+            cells.append("-" if ms is None else fmt.format(ms[0] * scale))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    total = sum(t.compute.get("train_hours", 0.0) for t in trials)
+    lines += ["", f"Training time of the whole sweep: {total:.3g} device-hours (x GPUs per trial on a GPU cluster; "
+                  "evaluation and start-up left out)."]
+    return "\n".join(lines)

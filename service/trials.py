@@ -33,6 +33,7 @@ class Trial:
     group_order: list[str] = field(default_factory=list)
     wall_s: float | None = None          # MLflow run end_time - start_time
     params: dict[str, str] = field(default_factory=dict)     # the trial's flattened config, as logged
+    compute: dict[str, float] = field(default_factory=dict)  # compute/* metrics (trainables.accounting, loop)
 
 
 def _quote(s: str) -> str:
@@ -108,7 +109,8 @@ def trial_from_run(run) -> Trial:
                  run_name=info.run_name or "", run_id=info.run_id, status=info.status, setting=setting,
                  primary=primary, group_metric=gmetric, group_kind=tags.get("group_kind") or "group",
                  test=_num(metrics.get(f"test/{primary}")), val_best=_num(metrics.get(f"val/best_{primary}")),
-                 groups=groups, group_order=order, wall_s=wall, params=dict(run.data.params))
+                 groups=groups, group_order=order, wall_s=wall, params=dict(run.data.params),
+                 compute={k[len("compute/"):]: v for k, v in metrics.items() if k.startswith("compute/") and _finite(v)})
 
 
 def read_trials(client, parent) -> list[Trial]:

@@ -126,7 +126,8 @@ def _fake_sweep(db: Path, sweep: str = "fake", methods=(("smear", 0, 0.6), ("tag
             client.set_terminated(rid, "FAILED")
             continue
         for k, v in {"test/accuracy": acc, "test/real/accuracy": acc + 0.1, "test/sketch/accuracy": acc - 0.1,
-                     "val/best_accuracy": acc}.items():
+                     "val/best_accuracy": acc, "compute/flops_per_example": 2e9 * (1 + i),
+                     "compute/params_trainable": 1000.0 * (1 + i), "compute/train_hours": 0.5}.items():
             client.log_metric(rid, k, v, step=4)
         client.log_metric(rid, "val/accuracy", acc - 0.05, step=2)                     # a learning curve
         client.log_metric(rid, "val/accuracy", acc, step=4)
@@ -153,7 +154,11 @@ def test_write_report_on_hand_made_record_with_a_failed_trial(tmp_path):
         assert_png(summary.parent / png)
         assert f"]({png})" in text
     logged = {a.path for a in MlflowClient(f"sqlite:///{db}").list_artifacts(pid, "report")}
-    new_plots = ("learning_curves.png", "heatmaps_smear.png", "specialisation.png")
+    new_plots = ("learning_curves.png", "heatmaps_smear.png", "specialisation.png", "score_vs_flops.png",
+                 "score_vs_hours.png")
+    compute = {r[0]: r for r in _table_rows(text[text.index("### Compute"):])[2:]}
+    assert compute["smear"][1] == "1,000" and compute["smear"][3] == "2" and compute["tag"][3] == "4"   # GFLOPs
+    assert "Training time of the whole sweep: 1 device-hours" in text                  # two finished trials
     assert logged == {f"report/{f}" for f in ("summary.md", "table.tex", "table.csv", *PLOTS, *new_plots)}
     for png in new_plots:
         assert_png(summary.parent / png) and f"]({png})" in text
@@ -271,8 +276,10 @@ def test_report_of_a_real_sweep(tmp_path, env_with_venv):
     assert f"best smear trial, `{smear.info.run_name}`" in text
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     every = ("summary.md", "table.tex", "table.csv", "learning_curves.png", "specialisation.png", *PLOTS,
-             "heatmaps_smear.png", "heatmaps_tag.png")                 # every routed method's heatmaps
+             "heatmaps_smear.png", "heatmaps_tag.png",                 # every routed method's heatmaps
+             "score_vs_flops.png", "score_vs_hours.png")               # cost = measured FLOPs and device-hours
     assert logged == {f"report/{f}" for f in every}, logged
     for png in ("learning_curves.png", "specialisation.png", "heatmaps_smear.png", "heatmaps_tag.png"):
         assert_png(report / png)
     assert "### Statistics over seeds (reference `smear`)" in text and "### Learning curves" in text
+    assert "### Compute" in text and "routing GFLOPs / example" in text
