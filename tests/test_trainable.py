@@ -105,3 +105,54 @@ def test_nan_loss_fails_the_trial(digits_root, tmp_path):
 def test_config_errors_name_the_bad_value(over, msg):
     with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace("[", r"\[")):
         make_config(over)
+
+
+NAN_STEP = 7  # the 0-indexed step whose loss the toy method makes NaN
+
+
+@pytest.fixture
+def nan_at_step():
+    """A method registered for one test: a dense adapter whose auxiliary loss is NaN at training step NAN_STEP
+    (decided from the context's Python step: no host read)."""
+    from smear.routing._registry import _METHODS, register_method
+    from smear.routing.methods.adapter import Adapter
+
+    class NanAtStep(Adapter):
+        def forward(self, experts, inp, logits):
+            out = super().forward(experts, inp, logits)
+            if inp.training and inp.ctx.step == NAN_STEP:
+                out.aux_loss = torch.full((), float("nan"), device=out.y.device)
+            return out
+
+    register_method("nan_at_step")(NanAtStep)
+    try:
+        yield {"method": "nan_at_step"}
+    finally:
+        _METHODS.pop("nan_at_step")
+
+
+@pytest.mark.parametrize("check_every,eval_every,reports", [
+    (5, 20, 0),     # read at step 10 by the periodic check, no evaluation yet
+    (1, 20, 0),     # read at once, as before the flag moved to the device
+    (50, 4, 1),     # read before the evaluation at step 8: the step-4 report only; NaN weights are never reported
+])
+def test_the_first_nan_step_is_reported_whatever_the_check_interval(digits_root, tmp_path, nan_at_step, check_every,
+                                                                    eval_every, reports):
+    s = LocalSession(str(tmp_path))
+    with pytest.raises(NonFiniteLoss, match=f"non-finite training loss nan at step {NAN_STEP}$"):
+        train_loop(_cfg(digits_root, steps=20, eval_every=eval_every, nonfinite_check_every=check_every,
+                        routing=nan_at_step), s)
+    assert [r["step"] for r in s.reports] == [4] * reports
+
+
+def test_a_diverged_reinforce_trial_keeps_running_until_the_check_names_the_step(digits_root, tmp_path):
+    # the NaN router of the steps before the check must not stop the trial elsewhere (multinomial on NaN p)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite training loss (nan|-?inf) at step 1$"):
+        train_loop(_cfg(digits_root, lr=1e30, steps=12, eval_every=12, routing={"method": "reinforce"}),
+                   LocalSession(str(tmp_path)))
+
+
+def test_the_resolved_precision_is_reported_once(digits_root, tmp_path):
+    s = LocalSession(str(tmp_path))
+    train_loop(_cfg(digits_root), s)                             # auto on the CPU: fp32
+    assert [r.get("system/bf16") for r in s.reports] == [0.0, None, None]

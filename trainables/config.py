@@ -38,6 +38,12 @@ class TrainConfig:
                                 "weight) or mean (ResNet reference)")
     num_workers: int = field(1, ge=1, doc="data-parallel Ray Train workers; 1 = run directly as a Tune trial")
     use_gpu: bool = field(False)
+    precision: str = field("auto", choices=("auto", "fp32", "bf16"),
+                           doc="forward passes (training and evaluation): auto = bf16 autocast on a CUDA device that "
+                               "supports bf16, else fp32 (the CPU default); bf16 = autocast on any device, the CPU "
+                               "included; fp32 = no autocast. Losses and routing math stay float32")
+    nonfinite_check_every: int = field(50, ge=1, doc="steps between reads of the device-side non-finite-loss flag "
+                                                      "(the only host sync of those steps; also at every evaluation)")
     torch_threads: int = field(0, ge=0, doc="torch intra-op threads per worker; 0 = torch default")
     routing: RoutingConfig = dc_field(default_factory=RoutingConfig)
     data: DataConfig = dc_field(default_factory=DataConfig)

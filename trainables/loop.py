@@ -5,9 +5,17 @@ Reads a TrainConfig once, builds model + data, restores from a checkpoint when g
 domain, routing statistics), reports metrics with a checkpoint, and at the end reports the test
 accuracy of the best-validation weights. Nothing method-specific lives here: routing methods add their
 losses through ``smear.routing.aux_loss`` and friends.
+
+Precision (``precision``): the forward passes, training and evaluation, run under a bf16 autocast when the
+resolved precision is bf16 (:func:`resolve_precision`); losses are float32. The first report of a trial
+carries ``system/bf16`` (1.0 or 0.0: what ran), again after a resume only if it changed.
+
+No host sync per step: the running loss and the first non-finite loss stay on the device
+(:class:`_LossMonitor`); the loop reads them every ``nonfinite_check_every`` steps and at each evaluation.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -15,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 import numpy as np
 import torch
@@ -98,6 +106,69 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+@dataclass(frozen=True)
+class Precision:
+    """A trial's resolved precision: bf16 autocast of the forward passes on ``device_type``, or float32."""
+
+    device_type: str
+    bf16: bool
+
+    def autocast(self) -> ContextManager[None]:
+        """The context of one forward pass: a bf16 autocast, or nothing."""
+        return torch.autocast(self.device_type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """``precision`` of the config on ``device``: auto = bf16 on a CUDA device that supports it, fp32 elsewhere
+    (the CPU default); bf16 = bf16 autocast on any device (on the CPU through ``torch.autocast("cpu")``)."""
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    else:
+        bf16 = precision == "bf16"
+    return Precision(device.type, bf16)
+
+
+class _LossMonitor:
+    """The training loss between evaluations, kept on the device, so that a step costs no host sync.
+
+    :meth:`add` accumulates each step's loss (in float64, as the Python float sum it replaces) and keeps the
+    first step whose loss is NaN or inf, and that loss, with ``torch.where`` against a step counter on the
+    device. :meth:`check` reads that back (the one host sync) and raises :class:`NonFiniteLoss` naming the
+    step; the loop calls it every ``nonfinite_check_every`` steps and before each evaluation, so that
+    non-finite weights are never evaluated, reported or checkpointed.
+    """
+
+    def __init__(self, device: torch.device, step: int):
+        self._sum = torch.zeros((), dtype=torch.float64, device=device)
+        self._count = 0
+        self._step = torch.full((), step, dtype=torch.long, device=device)       # the step the next add() is
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)   # -1: every loss finite so far
+        self._bad_value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        """Record one step's loss (a scalar) without reading it."""
+        value = loss.detach().float()
+        self._sum += value
+        new = ~torch.isfinite(value) & (self._first_bad < 0)
+        self._first_bad = torch.where(new, self._step, self._first_bad)
+        self._bad_value = torch.where(new, value, self._bad_value)
+        self._step += 1
+        self._count += 1
+
+    def check(self) -> None:
+        """Raise :class:`NonFiniteLoss` when a recorded loss was not finite (reads one number from the device)."""
+        first = int(self._first_bad)
+        if first >= 0:
+            raise NonFiniteLoss(f"non-finite training loss {float(self._bad_value)} at step {first}")
+
+    def mean_and_reset(self) -> float:
+        """The mean loss since the last call (reads one number from the device), then start over."""
+        mean = float(self._sum) / max(self._count, 1)
+        self._sum.zero_()
+        self._count = 0
+        return mean
+
+
 def _partial_keys(model: nn.Module) -> set[str]:
     """What training changes: trainable parameters and all buffers (BN statistics, hash tables)."""
     return {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
@@ -136,16 +207,23 @@ def _task_loss(per_ex: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
 
 
 def training_loss(setting: Setting, model: nn.Module, core: nn.Module, batch, cfg: TrainConfig, *,
-                  two_passes: bool) -> torch.Tensor:
+                  two_passes: bool, precision: Precision | None = None) -> torch.Tensor:
     """The loss one optimiser step minimises: the task loss plus the methods' terms (``smear.routing.aux_loss``).
 
     With a two-pass method (AdaMix) a second stochastic forward adds the consistency loss; the task loss is
     the first pass's only, as in the official trainers (``adamix_task_loss="mean"`` averages both passes).
+    The forward passes run under ``precision``'s autocast (None: float32); every loss term is float32 and is
+    combined outside the autocast.
     """
-    per_ex, logits, _ = setting.per_example_loss(model, batch)
+    amp = precision.autocast if precision is not None else contextlib.nullcontext
+    with amp():
+        per_ex, logits, _ = setting.per_example_loss(model, batch)
+    per_ex = per_ex.float()
     loss = _task_loss(per_ex, cfg) + routing.aux_loss(core, per_ex.detach())
     if two_passes:
-        per_ex2, logits2, _ = setting.per_example_loss(model, batch)
+        with amp():
+            per_ex2, logits2, _ = setting.per_example_loss(model, batch)
+        per_ex2 = per_ex2.float()
         if cfg.routing.adamix_task_loss == "mean":
             loss = 0.5 * (loss + _task_loss(per_ex2, cfg) + routing.aux_loss(core, per_ex2.detach()))
         loss = loss + routing.consistency_loss(core, logits, logits2)
@@ -221,15 +299,18 @@ def _gather(items: list) -> list:
 
 
 @torch.no_grad()
-def evaluate(setting: Setting, model: nn.Module, loader: DataLoader, device, prefix: str) -> tuple[dict[str, float], dict]:
-    """Metrics of ``setting`` on one split (``prefix`` = val or test) and routing statistics."""
+def evaluate(setting: Setting, model: nn.Module, loader: DataLoader, device, prefix: str,
+             precision: Precision | None = None) -> tuple[dict[str, float], dict]:
+    """Metrics of ``setting`` on one split (``prefix`` = val or test) and routing statistics; the forward passes
+    run under ``precision``'s autocast (None: float32)."""
     model.eval()
     rec = _RoutingRecorder(setting.group_names)
     preds, targets, groups = [], [], []
     for raw in loader:
         batch = setting.batch_to_model(raw, device)
         routing.set_context(model, task_ids=batch.groups, example_ids=batch.ids)
-        preds += setting.predict(model, batch)
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
+            preds += setting.predict(model, batch)
         targets += batch.labels if batch.labels is not None else batch.targets.tolist()
         groups += batch.groups.tolist()
         rec.add(batch.groups, routing.routing_probs(model))
@@ -266,17 +347,20 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
         torch.set_num_threads(cfg.torch_threads)
     seed_everything(cfg.seed)
     device = _device(cfg)
+    precision = resolve_precision(cfg.precision, device)
     setting = get_setting(cfg.setting)(cfg)
     setting.verify_data()  # before any training: a bad file fails here, not after hours of steps
     primary = f"val/{setting.primary_metric}"
     train_ds, val_ds, test_ds = (setting.dataset(s) for s in ("train", "val", "test"))
     # hash routing: a table entry for every example id of every split (ids index each split from 0);
     # a copy, so that cfg stays what was validated, logged and checkpointed
-    core = setting.build_model(cfg.routing.sized_for(max(len(train_ds), len(val_ds), len(test_ds)))).to(device)
+    core = setting.place_model(setting.build_model(cfg.routing.sized_for(max(len(train_ds), len(val_ds), len(test_ds)))),
+                               device)
     model = wrap_model(core) if wrap_model is not None else core
     opt, sched = _optimizer(core, cfg)
 
     step, best_val, best_state, epoch, skip = 0, -math.inf, None, 0, 0
+    ran_bf16: bool | None = None  # what the reports have recorded so far (the checkpoint's, on a resume)
     ckpt_dir = session.latest_checkpoint_dir()
     if ckpt_dir:
         state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
@@ -287,6 +371,7 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, best_val, epoch, skip = state["step"], state["best_val"], state["epoch"], state["batch_in_epoch"]
+        ran_bf16 = state.get("bf16")
         torch.set_rng_state(state["torch_rng"])
         if (Path(ckpt_dir) / BEST_FILE).exists():
             best_state = torch.load(Path(ckpt_dir) / BEST_FILE, map_location="cpu", weights_only=True)
@@ -296,9 +381,11 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     order = routing.epoch_sampler(core, len(train_ds), cfg.seed) if session.world_size == 1 else None
     # compute accounting (issue 14): parameters and FLOPs of one training step, in the first report
     compute = _measure_compute(setting, core, train_ds, cfg, session, device) if step == 0 else {}
+    # the resolved precision goes into the first report, and after a resume only when it changed (another node)
+    pending = {"system/bf16": float(precision.bf16)} if ran_bf16 != precision.bf16 else {}
+    monitor = _LossMonitor(device, step)
     model.train()
-    running, n_running = 0.0, 0
-    clock, total_train_s = time.perf_counter(), 0.0  # training time, evaluations left out
+    clock, total_train_s, steps_since = time.perf_counter(), 0.0, 0  # training time, evaluations left out
     while step < cfg.steps:
         for i, batch in enumerate(_loader(train_ds, cfg, session, train=True, epoch=epoch,
                                               order=order, collate=setting.collate)):
@@ -306,9 +393,8 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
                 continue
             b = setting.batch_to_model(batch, device)
             routing.set_context(core, task_ids=b.groups, example_ids=b.ids, step=step)
-            loss = training_loss(setting, model, core, b, cfg, two_passes=two_passes)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"non-finite training loss {loss.item()} at step {step}")
+            loss = training_loss(setting, model, core, b, cfg, two_passes=two_passes, precision=precision)
+            monitor.add(loss)                                   # on the device: no host sync
             if order is not None:
                 order.observe(routing.routing_blocks(core), b.ids)
             opt.zero_grad(set_to_none=True)
@@ -318,24 +404,25 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
             opt.step()
             sched.step()
             step += 1
-            running += float(loss.detach())
-            n_running += 1
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                train_s = time.perf_counter() - clock                # training time since the last evaluation
+            steps_since += 1
+            evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+            if evaluating or step % cfg.nonfinite_check_every == 0:
+                monitor.check()                                 # the one host sync of these steps
+            if evaluating:
+                train_s = time.perf_counter() - clock           # training time since the last evaluation (synced)
                 total_train_s += train_s
-                metrics, _ = evaluate(setting, core, val_loader, device, "val")
-                metrics.update(compute)
-                compute = {}
-                metrics[SECONDS_PER_STEP] = train_s / max(n_running, 1)
-                metrics.update({"train/loss": running / max(n_running, 1), "train/lr": sched.get_last_lr()[0],
-                                "step": step, "epoch": epoch})
+                metrics, _ = evaluate(setting, core, val_loader, device, "val", precision)
+                metrics.update({"train/loss": monitor.mean_and_reset(), "train/lr": sched.get_last_lr()[0],
+                                "step": step, "epoch": epoch, **pending, **compute,
+                                SECONDS_PER_STEP: train_s / max(steps_since, 1)})
+                pending, compute, steps_since = {}, {}, 0
                 metrics.update({f"routing/{k}": v for k, v in routing.step_scalars(core).items()})
-                running, n_running = 0.0, 0
                 if metrics[primary] > best_val:
                     best_val, best_state = metrics[primary], _partial_state(core)
                 metrics[f"val/best_{setting.primary_metric}"] = best_val
                 _report_with_checkpoint(session, metrics, cfg, core, opt, best_state, scheduler=sched.state_dict(),
-                                        step=step, best_val=best_val, epoch=epoch, batch_in_epoch=i + 1)
+                                        step=step, best_val=best_val, epoch=epoch, batch_in_epoch=i + 1,
+                                        bf16=precision.bf16)
                 clock = time.perf_counter()
             if step >= cfg.steps:
                 break
@@ -344,8 +431,9 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     # test accuracy of the best validation weights
     if best_state is not None:
         _restore(core, best_state, "the best-validation weights")
-    final, heat = evaluate(setting, core, _loader(test_ds, cfg, session, train=False, collate=setting.collate), device, "test")
-    final.update({"step": step, f"val/best_{setting.primary_metric}": best_val, "done": 1.0,
+    final, heat = evaluate(setting, core, _loader(test_ds, cfg, session, train=False, collate=setting.collate), device,
+                           "test", precision)
+    final.update({"step": step, f"val/best_{setting.primary_metric}": best_val, "done": 1.0, **pending,
                   TRAIN_HOURS: total_train_s / 3600,  # this process's training time (since a restore, if any)
                   # specialisation (methods.md section 5): per block, group x expert mean routing weight on test
                   ROUTING_HEATMAP: {"groups": setting.group_names, "blocks": heat}})

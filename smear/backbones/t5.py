@@ -102,7 +102,13 @@ class RoutedT5(nn.Module):
         """Teacher-forced logits (b, t, vocab) for targets ``labels`` (b, t), -100 = padding."""
         self.context.mask = attention_mask
         decoder_input_ids = self.t5._shift_right(labels.masked_fill(labels == -100, self.t5.config.pad_token_id))
-        return self.t5(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+        mask = attention_mask
+        if self.t5.config._attn_implementation == "sdpa":
+            # From a 2D mask, transformers' SDPA path asks ``mask.all()`` (a host sync, twice per forward: encoder
+            # and cross-attention) to skip an all-true mask. A prepared 4D mask (b, 1, 1, s), True = attend, is
+            # used as it is: the same attention, bit for bit, with no sync. (The eager path never asks.)
+            mask = attention_mask.bool()[:, None, None, :]
+        return self.t5(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> Tensor:

@@ -2,12 +2,21 @@
 
 Axes used in every docstring and einsum: b = batch (examples), s = positions (tokens or pixels),
 c = model width, r = adapter bottleneck, n = experts.
+
+Precision. Under a bf16 autocast (``precision`` in the trial config) the experts' matmuls run in bf16;
+the routing math runs in float32 inside :func:`fp32_region`: the router (its LayerNorms and logits),
+softmaxes over experts, Gumbel noise and temperatures, DSelect-k's gate and regulariser, REINFORCE's
+baseline, and every auxiliary loss. ``RoutingOutput.probs`` and ``aux_loss`` are float32 in every method.
+Masks fill with ``torch.finfo(dtype).min``, never a constant.
+Nothing in a forward reads a device tensor back to the host (no ``.item()``, ``bool()``, ``float()``):
+a training step queues work on the device without waiting for it.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, ContextManager, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +60,30 @@ class RoutingOutput:
 
 def swish(x: Tensor) -> Tensor:
     return F.silu(x)
+
+
+def fp32_region(like: Tensor) -> ContextManager[None]:
+    """A region where autocast is off on ``like``'s device, so that float32 inputs give float32 results
+    (routing math under a bf16 autocast run); a no-op context when autocast is off there already.
+
+    Inputs that may be bf16 must still be cast with ``.float()`` inside the region.
+    """
+    device_type = like.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def one_hot(idx: Tensor, num_classes: int) -> Tensor:
+    """float32 one-hot rows: ``F.one_hot(idx, num_classes).float()`` without its range check, which reads ``idx``
+    back to the host on the CPU (the indices here are in range by construction). idx: (...) -> (..., n)."""
+    return (idx.unsqueeze(-1) == torch.arange(num_classes, device=idx.device)).float()
+
+
+def add_bias(h: Tensor, bias: Tensor) -> Tensor:
+    """h + bias in h's dtype: under autocast a matmul gives bf16 h, and adding the float32 parameter would
+    promote the whole (b, s, r) activation to float32."""
+    return h + bias.to(h.dtype)
 
 
 class ExpertBank(nn.Module):
@@ -99,12 +132,12 @@ class ExpertBank(nn.Module):
 
     def apply_shared(self, x: Tensor, n: int = 0) -> Tensor:
         """Expert n for every example (a dense adapter). x: (b, s, c) -> (b, s, c)."""
-        h = swish(torch.matmul(x, self.w_down[n]) + self.b_down[n])  # (b, s, r)
+        h = swish(add_bias(torch.matmul(x, self.w_down[n]), self.b_down[n]))  # (b, s, r)
         return torch.matmul(h, self.w_up[n])                         # (b, s, c)
 
     def apply_all(self, x: Tensor) -> Tensor:
         """Every expert on every example, einsum over the stack. x: (b, s, c) -> (b, n, s, c)."""
-        h = swish(torch.einsum("bsc,ncr->bnsr", x, self.w_down) + self.b_down[None, :, None, :])
+        h = swish(add_bias(torch.einsum("bsc,ncr->bnsr", x, self.w_down), self.b_down[None, :, None, :]))  # (b, n, s, r)
         return torch.einsum("bnsr,nrc->bnsc", h, self.w_up)
 
 
@@ -118,7 +151,8 @@ class Router(nn.Module):
         LN(u) . beta to every expert's logit alike, so it cancels in the softmax.
       per_expert: each column its own gain and bias, (n, c); each expert's bias is then an extra,
         unnormalised router weight (this project before issue 10).
-    Logits start small, so routing starts near uniform.
+    Logits start small, so routing starts near uniform. Everything here is float32, under autocast too
+    (:func:`fp32_region`): the input LayerNorm, W_hat and the logits.
     """
 
     def __init__(self, dim: int, num_experts: int, init_std: float = 0.01, gain_init: float = 0.01,
@@ -135,13 +169,19 @@ class Router(nn.Module):
         w = F.layer_norm(self.weight.t(), (self.weight.shape[0],))                # (n, c)
         return w * self.col_gain + self.col_bias                                  # (n, c)
 
+    def normed_input(self, u: Tensor) -> Tensor:
+        """LayerNorm(u) in float32. u: (..., c) -> (..., c)."""
+        with fp32_region(u):
+            return self.in_norm(u.float())
+
     def logits(self, u_normed: Tensor) -> Tensor:
-        """u_normed: (b, c), the output of ``in_norm`` -> logits (b, n)."""
-        return u_normed @ self.normalised_weight().t()
+        """u_normed: (..., c), the output of :meth:`normed_input` -> float32 logits (..., n)."""
+        with fp32_region(u_normed):
+            return u_normed.float() @ self.normalised_weight().t()
 
     def forward(self, u: Tensor) -> Tensor:
-        """u: (b, c) -> logits (b, n)."""
-        return self.logits(self.in_norm(u))
+        """u: (..., c) -> float32 logits (..., n)."""
+        return self.logits(self.normed_input(u))
 
 
 def expert_dropout_logits(logits: Tensor, rate: float) -> Tensor:
@@ -246,4 +286,5 @@ class RoutingMethod(nn.Module):
         return {}
 
     def zero(self, like: Tensor) -> Tensor:
-        return like.new_zeros(())
+        """A float32 zero on ``like``'s device: the ``aux_loss`` of a method without one."""
+        return like.new_zeros((), dtype=torch.float32)

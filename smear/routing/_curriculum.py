@@ -10,6 +10,9 @@ layer, likely early on), cosine similarity is undefined; the order is then by in
 fraction (the vector's sum), i.e. by closeness to an all-top-1 example. Ties (e.g. the first epoch,
 when nothing is recorded yet) are broken by a random permutation drawn from ``seed + epoch``, so the
 first epoch is an ordinary shuffle. Examples never recorded count as zero vectors (similarity 0).
+
+The vectors live on the device of the fractions they record, so the per-step :meth:`update` costs no
+host sync; :meth:`epoch_order` copies them to the host once per epoch.
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ class Top2Curriculum(Sampler[int]):
     def __init__(self, num_examples: int, num_layers: int, *, seed: int = 0):
         self.num_examples, self.num_layers, self.seed = num_examples, num_layers, seed
         self.epoch = 0
-        self.vectors = torch.zeros(num_examples, num_layers)   # (examples, L) top-2 fraction per layer
+        self.vectors = torch.zeros(num_examples, num_layers)   # (examples, L) top-2 fraction per layer; moves to
+                                                                # the device of the first update
 
     def __len__(self) -> int:
         return self.num_examples
@@ -46,7 +50,9 @@ class Top2Curriculum(Sampler[int]):
         """Record the latest top-2 fractions. example_ids: (b,) long, fractions: (b, L) in [0, 1]."""
         if fractions.shape != (example_ids.shape[0], self.num_layers):
             raise ValueError(f"fractions must be (batch, {self.num_layers}); got {tuple(fractions.shape)}")
-        self.vectors[example_ids.long().cpu()] = fractions.detach().float().cpu()
+        if self.vectors.device != fractions.device:
+            self.vectors = self.vectors.to(fractions.device)
+        self.vectors[example_ids.to(fractions.device).long()] = fractions.detach().float()  # on the device: no sync
 
     @torch.no_grad()
     def observe(self, blocks, example_ids: Tensor) -> None:
@@ -61,7 +67,7 @@ class Top2Curriculum(Sampler[int]):
 
     def epoch_order(self) -> list[int]:
         """Dataset indices for the next epoch, most similar to the fewest-top-2 example first."""
-        v = self.vectors                                                       # (examples, L)
+        v = self.vectors.cpu()                                                 # (examples, L), once per epoch
         perm = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         totals = v.sum(-1)                                                     # (examples,)
         ref = v[int(totals.argmin())]                                          # (L,)

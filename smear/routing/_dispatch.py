@@ -8,13 +8,15 @@ adapters is one adapter of rank k*r (n*r) whose hidden units are scaled by the w
     sum_k w_k swish(x Wd_k + bd_k) Wu_k = [w_1 h_1 | ... | w_k h_k] . [Wu_1; ...; Wu_k]
 
 This never materialises the per-expert outputs (b, n, s, c); the largest intermediate is (b, s, k*r).
+Under a bf16 autocast the intermediates stay bf16: the float32 routing weights are cast to h's dtype
+(the matmul after them would cast them anyway).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from smear.routing._base import ExpertBank, swish
+from smear.routing._base import ExpertBank, add_bias, swish
 
 
 def apply_topk(experts: ExpertBank, x: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
@@ -29,7 +31,7 @@ def apply_topk(experts: ExpertBank, x: Tensor, idx: Tensor, weight: Tensor) -> T
     b_down = experts.b_down.index_select(0, flat).reshape(b, 1, k * r)      # (b, 1, k*r)
     w_up = experts.w_up.index_select(0, flat).reshape(b, k * r, c)          # (b, k*r, c)
     h = swish(torch.baddbmm(b_down, x, w_down))                             # (b, s, k*r)
-    h = h * weight.repeat_interleave(r, dim=1).unsqueeze(1)                 # (b, s, k*r)
+    h = h * weight.to(h.dtype).repeat_interleave(r, dim=1).unsqueeze(1)     # (b, s, k*r), in h's dtype (bf16)
     return h @ w_up                                                         # (b, s, c)
 
 
@@ -43,8 +45,8 @@ def apply_dense(experts: ExpertBank, x: Tensor, weight: Tensor) -> Tensor:
     w_down = experts.w_down.permute(1, 0, 2).reshape(c, n * r)  # (c, n*r)
     b_down = experts.b_down.reshape(n * r)                      # (n*r,)
     w_up = experts.w_up.reshape(n * r, c)                       # (n*r, c)
-    h = swish(x @ w_down + b_down)                              # (b, s, n*r)
+    h = swish(add_bias(x @ w_down, b_down))                    # (b, s, n*r)
     if weight.dim() == 2:
         weight = weight.unsqueeze(1)                            # (b, 1, n)
-    h = h * weight.repeat_interleave(r, dim=-1)                 # (b, s, n*r)
+    h = h * weight.to(h.dtype).repeat_interleave(r, dim=-1)     # (b, s, n*r), in h's dtype (bf16)
     return h @ w_up                                             # (b, s, c)

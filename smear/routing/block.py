@@ -8,6 +8,9 @@ methods.md section 1. Two layouts:
               ``hyperformer/.../adapter_controller_fast.py`` (``cfg.post_norm``); padding masked out of
               the router input (``cfg.router_pooling``: the official code averages over padding too)
 The routing method (registry key) decides how the experts are applied; the block owns the experts.
+Under a bf16 autocast the router input is accumulated in float32 and the router runs in float32
+(``smear.routing._base.fp32_region``); the experts run in bf16. In channels_last image tensors the
+(b, h*w, c) token view is contiguous, so the block reads and writes them without a copy.
 
 Sequence-layout blocks route either on their own input (``route_from="self"``: T5 encoder blocks,
 padding masked with the context's mask) or on the encoder summary (``route_from="encoder"``: T5
@@ -28,9 +31,10 @@ from smear.routing.config import RoutingCommon as RoutingConfig  # the composed 
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean over positions of real tokens only. x: (b, s, c), mask: (b, s) bool -> (b, c)."""
-    m = mask.to(x.dtype).unsqueeze(-1)                      # (b, s, 1)
-    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+    """Mean over positions of real tokens only, accumulated and returned in float32 (a router input; a bf16
+    x is read as it is, without a float32 copy). x: (b, s, c), mask: (b, s) bool -> (b, c) float32."""
+    m = mask.to(x.dtype).unsqueeze(-1)                      # (b, s, 1): 0/1, exact in any dtype
+    return (x * m).sum(1, dtype=torch.float32) / m.sum(1, dtype=torch.float32).clamp_min(1.0)
 
 
 class T5LayerNormLike(nn.Module):
@@ -81,8 +85,8 @@ class ExpertRoutingBlock(nn.Module):
         """x: (b, s, c), mask: (b, s), u: (b, c) -> RoutingOutput with y (b, s, c)."""
         logits = u_normed = None
         if self.router is not None:
-            u_normed = self.router.in_norm(u)                                     # (b, c)
-            logits = self.router.logits(u_normed)                                 # (b, n)
+            u_normed = self.router.normed_input(u)                                # (b, c) float32
+            logits = self.router.logits(u_normed)                                 # (b, n) float32
             if self.training and self.method.expert_dropout:
                 logits = expert_dropout_logits(logits, self.cfg.expert_dropout)
         inp = RoutingInputs(x=x, mask=mask, u=u, ctx=self.context, training=self.training, u_normed=u_normed)
@@ -96,7 +100,7 @@ class ExpertRoutingBlock(nn.Module):
         if self.layout == "image":
             b, c, h, w = x.shape
             normed = self.pre_norm(x)                                             # (b, c, h, w)
-            u = (normed if self.cfg.image_router_input == "normed" else x).mean(dim=(2, 3))  # (b, c)
+            u = (normed if self.cfg.image_router_input == "normed" else x).mean(dim=(2, 3), dtype=torch.float32)  # (b, c)
             tokens = normed.flatten(2).transpose(1, 2)                            # (b, h*w, c)
             full = torch.ones(b, h * w, dtype=torch.bool, device=x.device)
             y = self.route(tokens, full, u).y                                     # (b, h*w, c)

@@ -84,6 +84,10 @@ class Setting:
         """The routed model; ``routing`` is the trial's routing config sized to the data (hash tables)."""
         raise NotImplementedError
 
+    def place_model(self, model: nn.Module, device: torch.device | str) -> nn.Module:
+        """``model`` on ``device``, in the layout that runs fastest there (ResNet: channels_last on CUDA)."""
+        return model.to(device)
+
     def dataset(self, split: str) -> Dataset:
         raise NotImplementedError
 
@@ -91,7 +95,8 @@ class Setting:
         raise NotImplementedError
 
     def per_example_loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(per-example loss (b,), output logits, mask over the logits' positions or None)."""
+        """(per-example loss (b,), output logits, mask over the logits' positions or None). The loop may call it
+        under a bf16 autocast: the loss is computed from ``logits.float()``, so it is float32 either way."""
         raise NotImplementedError
 
     def predict(self, model: nn.Module, batch: Batch) -> list:

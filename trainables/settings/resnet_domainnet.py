@@ -115,15 +115,24 @@ class ResNetDomainNet(Setting):
         d = self.cfg.data
         return DomainNetDataset(self.root, d.domains, split, resolution=d.resolution, augment=d.augment, cache=d.cache)
 
+    def place_model(self, model: nn.Module, device) -> nn.Module:
+        """On CUDA the convolutions run channels_last (NHWC), with the input; the routing blocks' (b, h*w, c)
+        token view of an NHWC tensor is contiguous. On the CPU the default layout."""
+        model = model.to(device)
+        return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+
     collate = None  # torch's default collate
 
     def batch_to_model(self, batch, device) -> Batch:
         images, labels, domains, ids = batch
-        return Batch({"images": images.to(device, non_blocking=True)}, labels.to(device), domains.to(device), ids.to(device))
+        fmt = torch.channels_last if torch.device(device).type == "cuda" else torch.preserve_format
+        return Batch({"images": images.to(device, non_blocking=True, memory_format=fmt)}, labels.to(device),
+                     domains.to(device), ids.to(device))
 
     def per_example_loss(self, model, batch: Batch):
         logits = model(batch.inputs["images"])                                            # (b, classes)
-        per_ex = F.cross_entropy(logits, batch.targets, reduction="none", label_smoothing=self.cfg.label_smoothing)
+        per_ex = F.cross_entropy(logits.float(), batch.targets, reduction="none",         # float32 under autocast
+                                 label_smoothing=self.cfg.label_smoothing)
         return per_ex, logits, None                                                       # (b,), (b, classes)
 
     @torch.no_grad()

@@ -144,8 +144,8 @@ class T5Glue(Setting):
     def per_example_loss(self, model, batch: Batch):
         logits = model(batch.inputs["input_ids"], batch.inputs["attention_mask"], batch.targets)  # (b, t, v)
         mask = batch.targets != -100                                                               # (b, t)
-        tok = F.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none", ignore_index=-100,
-                              label_smoothing=self.cfg.label_smoothing)                            # (b, t)
+        tok = F.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none", ignore_index=-100,
+                              label_smoothing=self.cfg.label_smoothing)                            # (b, t) float32
         per_ex = tok.sum(1)
         if self.t5cfg.loss_reduction == "mean":
             per_ex = per_ex / mask.sum(1).clamp_min(1)

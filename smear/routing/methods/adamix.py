@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from smear.configs import field
-from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, one_hot
 from smear.routing._registry import register_method
 
 
@@ -58,10 +58,10 @@ class AdaMix(RoutingMethod):
             down = torch.randint(0, n, (b,), device=x.device)                 # (b,) down expert
             up = torch.randint(0, n, (b,), device=x.device)                   # (b,) up expert
             y = experts.apply(x, experts.w_down[down], experts.b_down[down], experts.w_up[up])  # (b, s, c)
-            probs = 0.5 * (F.one_hot(down, n) + F.one_hot(up, n)).to(x.dtype)  # (b, n)
+            probs = 0.5 * (one_hot(down, n) + one_hot(up, n))                 # (b, n)
             extras = {"down": down, "up": up}
         else:
-            probs = x.new_full((b, n), 1.0 / n)                               # (b, n) uniform
+            probs = x.new_full((b, n), 1.0 / n, dtype=torch.float32)         # (b, n) uniform
             y = experts.apply(x, *experts.merge(probs))                       # merged adapter, (b, s, c)
             extras = {}
         return RoutingOutput(y=y, probs=probs, aux_loss=self.zero(y), extras=extras)

@@ -21,6 +21,8 @@ with data-dependent shapes). Per token, each position may pick different experts
 runs on every position with the unchosen weights zeroed: N adapters.
 The method owns its router (same parametrisation as the block's, see ``smear.routing._base.Router``)
 because per-token gating needs router logits per position; ``uses_router = False`` for the block.
+The router, its softmax and the balancing loss are float32 under a bf16 autocast (the Router's own
+``fp32_region``); the experts run in bf16.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor
 
 from smear.configs import ConfigError, field
-from smear.routing._base import ExpertBank, Router, RoutingInputs, RoutingMethod, RoutingOutput
+from smear.routing._base import ExpertBank, Router, RoutingInputs, RoutingMethod, RoutingOutput, one_hot
 from smear.routing._curriculum import Top2Curriculum
 from smear.routing._dispatch import apply_dense, apply_topk
 from smear.routing._registry import register_method
@@ -57,12 +59,13 @@ def adaptive_choice(p: Tensor, threshold: float, *, normalization: str = "softma
 def top1_balance_loss(p: Tensor, top1: Tensor) -> Tensor:
     """Switch Transformer eq. 4 over top-1-routed items only: N * sum_i f_i P_i (pure).
 
-    p: (items, n), top1: (items,) bool. 1 at perfect balance, N when all go to one expert.
+    p: (items, n), top1: (items,) bool (False for items left out, e.g. padding). 1 at perfect balance, N when
+    all go to one expert.
     """
     n = p.shape[-1]
     sel = top1.to(p.dtype)                                                     # (items,)
     count = sel.sum().clamp_min(1.0)                                           # f = P = 0 when no top-1 item
-    f = (torch.nn.functional.one_hot(p.argmax(-1), n).to(p.dtype) * sel[:, None]).sum(0) / count  # (n,)
+    f = (one_hot(p.argmax(-1), n).to(p.dtype) * sel[:, None]).sum(0) / count  # (n,)
     big_p = (p * sel[:, None]).sum(0) / count                                  # (n,)
     return n * (f * big_p).sum()
 
@@ -117,8 +120,9 @@ class AdaptiveGating(RoutingMethod):
             denom = m.sum(1).clamp_min(1.0)                                        # (b,)
             top2_fraction = (use2.to(p_tok.dtype) * m).sum(1) / denom              # (b,)
             probs = (p_tok * m[:, :, None]).sum(1) / denom[:, None]                # (b, n)
-            real = inp.mask.reshape(-1)
-            items_p, items_top1 = p_tok.reshape(-1, self.num_experts)[real], (~use2).reshape(-1)[real]
+            # padding items count as neither top-1 nor top-2: a weight of 0 in the balance loss, not a boolean
+            # selection (whose data-dependent shape would read the mask back to the host)
+            items_p, items_top1 = p_tok.reshape(-1, self.num_experts), (~use2 & inp.mask).reshape(-1)  # (b*s, n), (b*s,)
         aux = self.zero(y)
         if inp.training and c.adaptive_balance_weight > 0:
             aux = c.adaptive_balance_weight * top1_balance_loss(items_p, items_top1)

@@ -26,6 +26,8 @@ code weighs both terms by one ``load_loss_weight`` = 0.1 (its README's DSelect-k
 reference's: with 1 / clamp_min(sum r, 1e-12) one stuck selector of six experts made the loss 2e11.
 Training only.
 ``probs`` (for logging) is q renormalised to sum 1; the output uses q itself.
+Under a bf16 autocast the gate (LayerNorm, Z, W, smooth-step, q) and the regulariser are float32; only the
+experts run in bf16.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from smear.configs import field
-from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, fp32_region
 from smear.routing._dispatch import apply_dense
 from smear.routing._registry import register_method
 
@@ -117,11 +119,12 @@ class DSelectK(RoutingMethod):
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
         b = inp.u.shape[0]
-        u = self.in_norm(inp.u)                                                # (b, c)
-        z = self.z_proj(u).view(b, self.k, self.num_bits)                      # (b, k, m)
-        w = self.w_proj(u) if self.w_proj is not None else None                # (b, k)
-        q, r = dselect_weights(z, w, self.num_experts, self.cfg.dselect_gamma)  # (b, n), (b, k, n)
+        with fp32_region(inp.u):  # the gate and its regulariser in float32 under a bf16 autocast
+            u = self.in_norm(inp.u.float())                                    # (b, c)
+            z = self.z_proj(u).view(b, self.k, self.num_bits)                  # (b, k, m)
+            w = self.w_proj(u) if self.w_proj is not None else None            # (b, k)
+            q, r = dselect_weights(z, w, self.num_experts, self.cfg.dselect_gamma)  # (b, n), (b, k, n)
+            aux = self.regularizer(r) if inp.training else self.zero(q)
         y = apply_dense(experts, inp.x, q)                                     # (b, s, c) = sum_i q_i f_i(x)
-        aux = self.regularizer(r) if inp.training else self.zero(y)
         probs = q / q.sum(-1, keepdim=True).clamp_min(1e-12)                   # (b, n), for logging
         return RoutingOutput(y=y, probs=probs, aux_loss=aux, extras={"selector_outputs": r})

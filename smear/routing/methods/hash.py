@@ -6,7 +6,10 @@ No learned router. Cost: 1 adapter (gather + batched matmul).
 The table is a persistent buffer, so it is saved with (and restored from) the checkpoint. It holds
 ``cfg.hash_num_examples`` entries (0 in a trial's config means "the dataset size", resolved by the
 train loop with ``RoutingConfig.sized_for`` on a copy); an example id outside the table is an error, not
-a silent wrap-around.
+a silent wrap-around. The range check costs no host sync: ``index_select`` raises this IndexError on the
+CPU, and on CUDA an out-of-range id trips a device-side assert (the trial fails with "device-side assert
+triggered"; rerun on the CPU for this message). ``hash_num_examples: 0`` sizes the table to the data, so
+this only happens with an explicit size that is too small.
 
 Different blocks get different tables: each block seeds its own generator with one number drawn
 from torch's global RNG at construction (so it follows the run's seed, like every weight init, and
@@ -19,11 +22,10 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from smear.configs import ConfigError, field
-from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, one_hot
 from smear.routing._registry import register_method
 
 _SEED_STRIDE = 1_000_003  # a prime, so hash_seed s and a global draw d rarely collide with another (s', d')
@@ -66,11 +68,12 @@ class Hash(RoutingMethod):
         if ids is None:
             raise ValueError("hash routing needs example_ids in the routing context (set_context(model, example_ids=...))")
         ids = ids.to(self.table.device)
-        bad = (ids < 0) | (ids >= self.table.numel())                       # (b,) one device sync below
-        if bool(bad.any()):
-            raise IndexError(f"hash routing: example id {int(ids[bad][0])} is outside the table of "
-                             f"{self.table.numel()} examples; set routing.hash_num_examples to the dataset size")
-        idx = self.table[ids].long()                                         # (b,)
+        try:  # index_select checks the range without a host sync: on the CPU here, on CUDA by a device-side assert
+            idx = self.table.index_select(0, ids).long()                     # (b,)
+        except IndexError:
+            bad = ids[(ids < 0) | (ids >= self.table.numel())]              # the error path may sync
+            raise IndexError(f"hash routing: example id {int(bad[0])} is outside the table of "
+                             f"{self.table.numel()} examples; set routing.hash_num_examples to the dataset size") from None
         y = experts.apply(inp.x, *experts.gather(idx))                      # (b, s, c)
-        probs = F.one_hot(idx, self.num_experts).to(y.dtype)                # (b, n)
+        probs = one_hot(idx, self.num_experts)                              # (b, n)
         return RoutingOutput(y=y, probs=probs, aux_loss=self.zero(y), extras={"experts": idx})

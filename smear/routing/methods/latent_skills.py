@@ -20,11 +20,24 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import RelaxedBernoulli
+from torch.distributions.relaxed_bernoulli import LogitRelaxedBernoulli
+from torch.distributions.transforms import SigmoidTransform
 
 from smear.configs import field
 from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
 from smear.routing._registry import register_method
+
+
+def relaxed_bernoulli_rsample(logits: Tensor, tau: float) -> Tensor:
+    """One reparameterised ``RelaxedBernoulli(tau, logits=logits).rsample()`` (the same numbers), with no host sync.
+
+    ``RelaxedBernoulli`` validates its base distribution's arguments whatever ``validate_args`` says, and the
+    check reads a device tensor back to the host; this is its sample written with the same parts (sigmoid of
+    a logit-relaxed Bernoulli sample), unvalidated. ``tau`` becomes a tensor by ``torch.full``, with no
+    host-to-device copy. logits: (...) -> (...) in (0, 1).
+    """
+    temperature = torch.full((), tau, dtype=logits.dtype, device=logits.device)
+    return SigmoidTransform()(LogitRelaxedBernoulli(temperature, logits=logits, validate_args=False).rsample())
 
 
 @dataclass
@@ -58,8 +71,7 @@ class LatentSkills(RoutingMethod):
             z = self.skill_logits                                                    # (tasks, n)
             if self.cfg.latent_skills_sample == "per_example":
                 z = z[tasks]                                                         # (b, n)
-            tau = torch.tensor(self.cfg.latent_skills_tau, dtype=z.dtype, device=z.device)
-            a = RelaxedBernoulli(tau, logits=z).rsample()                           # (tasks or b, n) in (0, 1)
+            a = relaxed_bernoulli_rsample(z, self.cfg.latent_skills_tau)            # (tasks or b, n) in (0, 1)
             if self.cfg.latent_skills_sample == "per_task":
                 a = a[tasks]                                                         # (b, n): one draw per task
         else:

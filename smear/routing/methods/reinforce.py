@@ -18,6 +18,7 @@ reward). The terms are zero in evaluation (e is not sampled there).
 Over blocks the three terms are averaged (the official trainers, ``t5_trainer.py`` ``_compute_loss`` and
 ``cvl/src/models/resnet_classifier.py`` ``forward``, take each term's mean over (batch, blocks));
 ``cfg.reinforce_block_reduction="sum"`` sums them (60x stronger in T5, 8x in ResNet).
+Under a bf16 autocast log p, H(p) and the baseline are float32, so the three terms are too.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smear.configs import field
-from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, entropy
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, entropy, fp32_region
 from smear.routing._registry import register_method
 
 
@@ -73,16 +74,21 @@ class Reinforce(RoutingMethod):
         return self.cfg.reinforce_block_reduction
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
-        log_p = logits.log_softmax(-1)                                          # (b, n)
+        log_p = logits.log_softmax(-1)                                          # (b, n), float32 logits
         p = log_p.exp()                                                         # (b, n)
         if inp.training:
-            idx = torch.multinomial(p.detach().float(), 1).squeeze(1)           # (b,) e ~ Categorical(p)
+            # NaN probabilities (a router broken by a non-finite step the loop has not read back yet) would
+            # make multinomial raise on the CPU and device-assert on CUDA; NaN -> 1 keeps the draw valid
+            # (finite p unchanged), and the loop's non-finite check fails the trial with the step
+            idx = torch.multinomial(p.detach().float().nan_to_num(nan=1.0), 1).squeeze(1)  # (b,) e ~ Categorical(p)
         else:
             idx = p.argmax(-1)                                                  # (b,)
         y = experts.apply(inp.x, *experts.gather(idx))                          # (b, s, c)
+        with fp32_region(inp.u):                                                # the value loss's input, float32
+            baseline = self.baseline(self._baseline_input(inp).detach().float()).squeeze(-1)  # (b,) b(sg(LN(u)))
         extras = {
             "log_prob": log_p.gather(1, idx[:, None]).squeeze(1),              # (b,) log p_e
-            "baseline": self.baseline(self._baseline_input(inp).detach()).squeeze(-1),  # (b,) b(sg(LN(u)))
+            "baseline": baseline,
             "entropy": entropy(p),                                              # (b,) H(p)
             "sampled": inp.training,
             "experts": idx,

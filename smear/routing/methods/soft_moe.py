@@ -15,6 +15,8 @@ direction enters the logits, but its norm sets how fast Adam turns it. No router
 the dispatch/combine einsums; static shapes. Outputs depend on other positions of the same example
 (``mixes_positions``), so it is only valid in bidirectional (encoder / image) blocks.
 ``probs`` = combine weight per expert, averaged over the example's real positions.
+Under a bf16 autocast the slot logits (from a float32 copy of x) and both softmaxes are float32; the
+dispatch, the experts and the combine run in bf16.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smear.configs import field
-from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, swish
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, add_bias, fp32_region, swish
 from smear.routing._registry import register_method
 
 
@@ -55,13 +57,14 @@ class SoftMoE(RoutingMethod):
         x, mask = inp.x, inp.mask                                                              # (b, s, c), (b, s)
         b, s, c = x.shape
         n, m = self.num_experts, self.slots_per_expert
-        sim = torch.einsum("bsc,cj->bsj", F.normalize(x, dim=-1), F.normalize(self.phi, dim=0))  # (b, s, j)
-        slot_logits = self.scale * sim                                                         # (b, s, j)
-        neg = torch.finfo(slot_logits.dtype).min
-        dispatch = slot_logits.masked_fill(~mask[:, :, None], neg).softmax(dim=1)              # (b, s, j) over s
-        combine = slot_logits.softmax(dim=-1)                                                  # (b, s, j) over j
+        with fp32_region(x):  # slot logits and both softmaxes in float32 under a bf16 autocast
+            sim = torch.einsum("bsc,cj->bsj", F.normalize(x.float(), dim=-1), F.normalize(self.phi, dim=0))  # (b, s, j)
+            slot_logits = self.scale * sim                                                     # (b, s, j)
+            neg = torch.finfo(slot_logits.dtype).min
+            dispatch = slot_logits.masked_fill(~mask[:, :, None], neg).softmax(dim=1)          # (b, s, j) over s
+            combine = slot_logits.softmax(dim=-1)                                              # (b, s, j) over j
         slots = torch.einsum("bsj,bsc->bjc", dispatch, x).view(b, n, m, c)                     # (b, n, m, c)
-        h = swish(torch.einsum("bnmc,ncr->bnmr", slots, experts.w_down) + experts.b_down[None, :, None, :])
+        h = swish(add_bias(torch.einsum("bnmc,ncr->bnmr", slots, experts.w_down), experts.b_down[None, :, None, :]))
         ys = torch.einsum("bnmr,nrc->bnmc", h, experts.w_up).reshape(b, n * m, c)              # (b, j, c)
         y = torch.einsum("bsj,bjc->bsc", combine, ys) * mask[:, :, None].to(x.dtype)           # (b, s, c)
         per_expert = combine.view(b, s, n, m).sum(-1)                                          # (b, s, n)

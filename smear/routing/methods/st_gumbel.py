@@ -6,7 +6,9 @@ output is (1 - sg(y_e) + y_e) * f_e(x): forward value f_e(x), gradient through y
 expert runs (1 adapter). Evaluation: argmax of the noise-free p (no temperature involved).
 
 Temperature tau follows :func:`gumbel_temperature` at the global step ``inp.ctx.step``; it is
-reported in ``extras["temperature"]`` (training and evaluation).
+reported in ``extras["temperature"]`` (training and evaluation), a Python float (never read back from the
+device). Under a bf16 autocast the logits (the block's float32 router), the noise, the tempered softmax and
+the straight-through gate are float32; only the chosen expert runs in bf16.
 """
 from __future__ import annotations
 

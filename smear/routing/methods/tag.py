@@ -6,11 +6,10 @@ the T5 setting can route RTE to MNLI's expert in encoder blocks, as the referenc
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from smear.configs import ConfigError
-from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, one_hot
 from smear.routing._registry import register_method
 
 
@@ -30,5 +29,5 @@ class Tag(RoutingMethod):
             raise ValueError("tag routing needs task_ids in the routing context")
         idx = self.task_to_expert[inp.ctx.task_ids]                          # (b,)
         y = experts.apply(inp.x, *experts.gather(idx))                       # (b, s, c)
-        probs = F.one_hot(idx, self.num_experts).to(y.dtype)                 # (b, n)
+        probs = one_hot(idx, self.num_experts)                               # (b, n)
         return RoutingOutput(y=y, probs=probs, aux_loss=self.zero(y))
