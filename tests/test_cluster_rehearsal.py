@@ -32,10 +32,13 @@ import pytest
 from tests.helpers import REPO, VENV_BIN
 
 pytestmark = pytest.mark.slow
+# Trials long enough (tens of seconds on a loaded 2-core machine) to overlap: with tiny ones, the first trial
+# could finish before the second node's trial process had started, and Tune rightly reused the finished
+# trial's process on the first node for every other trial (reuse_actors), so "ran on both nodes" was luck.
 
 SWEEP = """\
-description: cluster rehearsal, 4 tiny trials over 2 nodes
-base: {steps: 4, eval_every: 2, batch_size: 16, torch_threads: 1, data.resolution: 16, data.augment: none,
+description: cluster rehearsal, 4 small trials over 2 nodes
+base: {steps: 60, eval_every: 30, batch_size: 16, torch_threads: 1, data.resolution: 16, data.augment: none,
        data.domains: [real, sketch]}
 grid: {routing.method: [smear, tag], seed: [0, 1]}
 resources: {cpu: 1}
@@ -211,7 +214,7 @@ def test_sweep_job_on_two_node_cluster_logs_every_trial_to_mlflow_server(cluster
     for r in children:
         assert r.info.status == "FINISHED", r.info
         assert {"train/loss", "val/accuracy", "test/accuracy"} <= set(r.data.metrics), sorted(r.data.metrics)
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "val/accuracy")] == [2, 4]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val/accuracy")] == [30, 60]
     assert "summary.md" in [a.path for a in client.list_artifacts(parent.info.run_id)]  # proxied artifacts
 
     # trials ran on both nodes: trial pid (result.json) -> actor (state API) -> node
