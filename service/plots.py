@@ -73,11 +73,7 @@ def score_vs_cost(points: dict[str, list[tuple[float, float]]], xlabel: str, yla
         ax.annotate(m, (mx, my), textcoords="offset points", xytext=(5, 4), fontsize=8, color=color)
     ax.set_xlabel(xlabel, fontsize=9)
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title)
 
 
 def learning_curves(bands: dict[str, list[tuple[int, float, float, float, int]]], ylabel: str, title: str = "",
@@ -94,12 +90,7 @@ def learning_curves(bands: dict[str, list[tuple[int, float, float, float, int]]]
         ax.fill_between(steps, [b[2] for b in band], [b[3] for b in band], color=color, alpha=0.15, lw=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(bands) > 6 else 1)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title, len(bands))
 
 
 def specialisation_lines(mi: dict[str, dict[str, float]], title: str = ""):
@@ -115,8 +106,14 @@ def specialisation_lines(mi: dict[str, dict[str, float]], title: str = ""):
     ax.set_ylabel("I(group; expert), nats")
     ax.set_ylim(bottom=0.0)
     ax.set_xlabel("routing block")
+    return _finish(fig, ax, title, len(mi))
+
+
+def _finish(fig, ax, title: str, n_series: int = 0):
+    """Grid, a legend (when there are series; two columns past six), the title, tight layout."""
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(mi) > 6 else 1)
+    if n_series:
+        ax.legend(fontsize=7, ncol=2 if n_series > 6 else 1)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -146,8 +143,4 @@ def sensitivity_plot(param: str, rows: list[dict], points: list[tuple[str, float
     ax.set_xticks(list(xs), values, fontsize=8, rotation=30 if len(values) > 5 else 0)
     ax.set_xlabel(param)
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title)

@@ -34,7 +34,7 @@ import os  # noqa: E402
 import time  # noqa: E402
 
 from service.sections import (  # noqa: E402
-    HEATMAP_ARTIFACT, heatmap_of, learning_curves, routing_diagnostics, save, sensitivity_section, tidy_heatmaps,
+    HEATMAP_ARTIFACT, heatmap_figure, heatmap_of, learning_curves, routing_diagnostics, save, sensitivity_section,
 )
 from service.tables import compute_table, method_order, method_table, trial_table  # noqa: E402
 from service.trials import ReportError, Trial, find_sweep, read_trials  # noqa: E402
@@ -96,7 +96,7 @@ def seed_statistics(ts: list[Trial], reference: str, out_dir: Path, suffix: str)
 def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
                  reference: str = SMEAR) -> tuple[str, list[Path]]:
     """Write the plots and tables into ``out_dir``; return summary.md's text and the files written."""
-    from service.plots import score_per_method, score_vs_cost, routing_heatmaps
+    from service.plots import score_per_method, score_vs_cost
 
     tags = parent.data.tags
     name = tags.get("sweep", parent.info.run_name)
@@ -181,11 +181,8 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
             lines += [f"No specialisation heatmaps: no {SMEAR} trial in this sweep.", ""]
         else:
             try:
-                heat = heatmap_of(client, best)
-                fig = routing_heatmaps(heat, f"best {SMEAR} trial {best.run_name} (seed {best.seed}): "
-                                             f"mean routing weight per {kind} x expert on test")
-                tidy_heatmaps(fig, len(heat.get("blocks", {})))
-                p = save(fig, out_dir / f"heatmaps_best_smear{suffix}.png")
+                p = heatmap_figure(heatmap_of(client, best), best, f"best {SMEAR} trial", kind,
+                                   out_dir / f"heatmaps_best_smear{suffix}.png")
                 files.append(p)
                 score = "-" if best.test is None else f"{best.test * 100:.2f}"
                 lines += [f"![specialisation of {best.run_name}]({p.name})", "",

@@ -49,6 +49,16 @@ def tidy_heatmaps(fig, n_blocks: int, cols: int = 4) -> None:
             ax.set_xlabel("")
 
 
+def heatmap_figure(heat: dict, trial: Trial, label: str, kind: str, path: Path) -> Path:
+    """The trial's specialisation heatmaps (one panel per block, rows: groups, columns: experts) as a PNG."""
+    from service.plots import routing_heatmaps
+
+    fig = routing_heatmaps(heat, f"{label} {trial.run_name} (seed {trial.seed}): mean routing weight per {kind} "
+                                 "x expert on test")
+    tidy_heatmaps(fig, len(heat.get("blocks", {})))
+    return save(fig, path)
+
+
 def _history(client, trial: Trial, key: str) -> list[tuple[int, float]]:
     try:
         return [(m.step, m.value) for m in client.get_metric_history(trial.run_id, key)]
@@ -84,7 +94,7 @@ def learning_curves(client, ts: list[Trial], order: list[str], out_dir: Path, su
 
 def routing_diagnostics(client, ts: list[Trial], order: list[str], out_dir: Path, suffix: str, name: str):
     """Every routed method: its best trial's heatmaps, and the specialisation summary over all its trials."""
-    from service.plots import routing_heatmaps, specialisation_lines
+    from service.plots import specialisation_lines
 
     kind, primary = ts[0].group_kind, ts[0].primary
     lines, files, mi = [], [], {}
@@ -100,10 +110,7 @@ def routing_diagnostics(client, ts: list[Trial], order: list[str], out_dir: Path
             continue
         mi[m] = specialisation([h for _, h in routed])
         best, heat = max(routed, key=lambda th: (th[0].test is not None, th[0].test or 0.0))
-        fig = routing_heatmaps(heat, f"{m}: best trial {best.run_name} (seed {best.seed}): mean routing weight "
-                                     f"per {kind} x expert on test")
-        tidy_heatmaps(fig, len(heat.get("blocks", {})))
-        p = save(fig, out_dir / f"heatmaps_{m}{suffix}.png")
+        p = heatmap_figure(heat, best, f"{m}: best trial", kind, out_dir / f"heatmaps_{m}{suffix}.png")
         files.append(p)
         score = "-" if best.test is None else f"{best.test * 100:.2f}"
         lines += [f"- `{p.name}`: {m}, best trial `{best.run_name}` (test {primary} x100 {score})"]
