@@ -19,11 +19,10 @@ import contextlib
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -32,21 +31,21 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 import smear.routing as routing
-from smear.configs import flatten, to_dict
+from smear.configs import to_dict
+from trainables.checkpoints import (
+    BEST_FILE, STATE_FILE, CheckpointMismatch, _config_difference, _partial_state, _report_with_checkpoint, _restore,
+)
 from trainables.config import TrainConfig, make_config
+from trainables.evaluation import evaluate
+from trainables.precision import Precision, resolve_precision
 from trainables.settings import Setting, get_setting
 
-STATE_FILE, BEST_FILE = "state.pt", "best.pt"
 SECONDS_PER_STEP, TRAIN_HOURS = "compute/seconds_per_step", "compute/train_hours"  # measured, so never bit-equal
 ROUTING_HEATMAP = "routing_heatmap"  # key of the final report holding the specialisation heatmaps
 
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or inf; the trial fails at once with this reason."""
-
-
-class CheckpointMismatch(RuntimeError):
-    """A checkpoint that does not belong to this trial's config or model; never restored in part."""
 
 
 class NoGPU(RuntimeError):
@@ -106,28 +105,6 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-@dataclass(frozen=True)
-class Precision:
-    """A trial's resolved precision: bf16 autocast of the forward passes on ``device_type``, or float32."""
-
-    device_type: str
-    bf16: bool
-
-    def autocast(self) -> ContextManager[None]:
-        """The context of one forward pass: a bf16 autocast, or nothing."""
-        return torch.autocast(self.device_type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-
-
-def resolve_precision(precision: str, device: torch.device) -> Precision:
-    """``precision`` of the config on ``device``: auto = bf16 on a CUDA device that supports it, fp32 elsewhere
-    (the CPU default); bf16 = bf16 autocast on any device (on the CPU through ``torch.autocast("cpu")``)."""
-    if precision == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    else:
-        bf16 = precision == "bf16"
-    return Precision(device.type, bf16)
-
-
 class _LossMonitor:
     """The training loss between evaluations, kept on the device, so that a step costs no host sync.
 
@@ -169,38 +146,6 @@ class _LossMonitor:
         return mean
 
 
-def _partial_keys(model: nn.Module) -> set[str]:
-    """What training changes: trainable parameters and all buffers (BN statistics, hash tables)."""
-    return {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
-
-
-def _partial_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    keys = _partial_keys(model)
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keys}
-
-
-def _restore(model: nn.Module, saved: dict[str, torch.Tensor], what: str) -> None:
-    """Load a partial state with ``strict=True``: exactly the model's trainable parameters and buffers,
-    no key missing, none unexpected (a partial restore would silently train from a mix)."""
-    expected = _partial_keys(model)
-    missing, unexpected = sorted(expected - saved.keys()), sorted(saved.keys() - expected)
-    if missing or unexpected:
-        raise CheckpointMismatch(f"{what} does not match the model: {len(missing)} missing keys "
-                                 f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
-    full = model.state_dict()
-    full.update(saved)
-    model.load_state_dict(full, strict=True)
-
-
-def _config_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """The first flattened key whose value differs between two resolved configs, as 'key: a != b'."""
-    a, b = flatten(saved), flatten(current)
-    for k in sorted(a.keys() | b.keys()):
-        if a.get(k, "<absent>") != b.get(k, "<absent>"):
-            return f"{k}: {a.get(k, '<absent>')!r} in the checkpoint != {b.get(k, '<absent>')!r} now"
-    return None
-
-
 def _task_loss(per_ex: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     """The task loss over the batch: sum (T5 reference, ``label_smoothed_nll_loss``) or mean (ResNet reference)."""
     return per_ex.sum() if cfg.batch_loss == "sum" else per_ex.mean()
@@ -238,89 +183,6 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimize
     warm = max(cfg.warmup_steps, 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     return opt, sched
-
-
-class _RoutingRecorder:
-    """Per-block routing statistics over an evaluation pass: entropy, expert load, group x expert heatmap."""
-
-    def __init__(self, groups: list[str]):
-        self.groups = groups
-        self.count = torch.zeros(len(groups), dtype=torch.float64)
-        self.route_sum: dict[str, torch.Tensor] = {}   # block -> (groups, n) sum of routing probs
-        self.entropy_sum: dict[str, torch.Tensor] = {}
-
-    def add(self, group: torch.Tensor, probs: dict[str, torch.Tensor]) -> None:
-        """probs: block label -> (b, n) routing distribution of the batch."""
-        g = group.cpu()
-        self.count.index_add_(0, g, torch.ones(len(g), dtype=torch.float64))
-        for name, p in probs.items():
-            p = p.double().cpu()                                           # (b, n)
-            acc = self.route_sum.setdefault(name, torch.zeros(len(self.groups), p.shape[1], dtype=torch.float64))
-            acc.index_add_(0, g, p)
-            self.entropy_sum[name] = self.entropy_sum.get(name, torch.zeros((), dtype=torch.float64)) + routing.entropy(p).sum()
-
-    def all_reduce(self) -> None:
-        if not _distributed():
-            return
-        import torch.distributed as dist
-
-        for t in [self.count, *[self.route_sum[k] for k in sorted(self.route_sum)],
-                  *[self.entropy_sum[k] for k in sorted(self.entropy_sum)]]:
-            dist.all_reduce(t)
-
-    def metrics(self) -> dict[str, float]:
-        out = {}
-        n_items = float(self.count.sum().clamp_min(1))
-        for name, s in self.route_sum.items():
-            out[f"routing/{name}/entropy"] = float(self.entropy_sum[name]) / n_items
-            for e, v in enumerate((s.sum(0) / n_items).tolist()):
-                out[f"routing/{name}/load_{e}"] = v
-        return out
-
-    def heatmaps(self) -> dict[str, list[list[float]]]:
-        """Per block: group x expert mean routing probability."""
-        return {k: (s / self.count.clamp_min(1)[:, None]).tolist() for k, s in self.route_sum.items()}
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _gather(items: list) -> list:
-    if not _distributed():
-        return items
-    import torch.distributed as dist
-
-    out: list[list] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
-
-
-@torch.no_grad()
-def evaluate(setting: Setting, model: nn.Module, loader: DataLoader, device, prefix: str,
-             precision: Precision | None = None) -> tuple[dict[str, float], dict]:
-    """Metrics of ``setting`` on one split (``prefix`` = val or test) and routing statistics; the forward passes
-    run under ``precision``'s autocast (None: float32)."""
-    model.eval()
-    rec = _RoutingRecorder(setting.group_names)
-    preds, targets, groups = [], [], []
-    for raw in loader:
-        batch = setting.batch_to_model(raw, device)
-        routing.set_context(model, task_ids=batch.groups, example_ids=batch.ids)
-        with precision.autocast() if precision is not None else contextlib.nullcontext():
-            preds += setting.predict(model, batch)
-        targets += batch.labels if batch.labels is not None else batch.targets.tolist()
-        groups += batch.groups.tolist()
-        rec.add(batch.groups, routing.routing_probs(model))
-    rec.all_reduce()
-    preds, targets, groups = _gather(preds), _gather(targets), _gather(groups)
-    model.train()
-    metrics = setting.metrics(preds, targets, groups, prefix)
-    if prefix == "val":
-        metrics.update(rec.metrics())
-    return metrics, rec.heatmaps()
 
 
 def _loader(ds: Dataset, cfg: TrainConfig, session: Session, *, train: bool, epoch: int = 0,
@@ -454,13 +316,3 @@ def _measure_compute(setting: Setting, core: nn.Module, train_ds: Dataset, cfg: 
     return accounting.measure(setting, core, setting.batch_to_model(raw, device), cfg)
 
 
-def _report_with_checkpoint(session, metrics, cfg, core, opt, best_state, **counters) -> None:
-    if session.world_rank != 0:
-        session.report(metrics, None)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        torch.save({"model": _partial_state(core), "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "config": to_dict(cfg), **counters}, Path(d) / STATE_FILE)
-        if best_state is not None:
-            torch.save(best_state, Path(d) / BEST_FILE)
-        session.report(metrics, d)
