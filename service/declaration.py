@@ -125,6 +125,15 @@ class Declaration:
                     continue  # "all" or a glob, expanded by expand_grid
                 if not isinstance(vals, list) or not vals:
                     raise ConfigError(f"{gname}.{k} must be a non-empty list, got {vals!r}")
+        for gname in ("grid", "smoke_grid"):
+            for k, vals in getattr(self, gname).items():
+                if isinstance(vals, list):
+                    dup = next((v for i, v in enumerate(vals) if v in vals[:i]), None)
+                    if dup is not None:
+                        raise ConfigError(f"{gname}.{k} has {dup!r} twice; valid: distinct values (each trial differs)")
+        if self.search == "grid" and self.num_samples != 1:
+            raise ConfigError(f"num_samples={self.num_samples} needs search: random or optuna (search is grid: "
+                              "the grid alone sets the trials)")
         if self.search == "grid" and self.space:
             raise ConfigError("'space' needs search: random or optuna (search is grid)")
         if self.search != "grid" and not self.space:

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, e.g. by `ray job submit`
 
 import argparse  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 
@@ -26,6 +27,11 @@ from service.spaces import Sweep, load_sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EXIT_BAD_INPUT = 2
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,6 +66,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')}={v} must be >= {low}")
     if args.resume and not args.name:
         p.error("--resume needs --name, the run name of the sweep to continue")
+    if args.resume and args.dry_run:
+        p.error("--dry-run and --resume cannot be combined: a dry run starts nothing, so there is nothing to resume")
+    if args.name is not None and (not SAFE_NAME.fullmatch(args.name) or args.name in (".", "..")):
+        p.error(f"--name={args.name!r} is not a safe run name; valid: one path component of letters, digits, "
+                "'.', '_', '-' (it names the folder under --storage)")
+    for flag, schemes in (("tracking_uri", TRACKING_SCHEMES), ("storage", STORAGE_SCHEMES)):
+        v = getattr(args, flag)
+        if v is not None and not v.strip():
+            p.error(f"--{flag.replace('_', '-')}={v!r} is empty; valid: a path or a URI")
+        scheme = v.split("://", 1)[0] if v is not None and "://" in v else None
+        if scheme is not None and scheme not in schemes:
+            p.error(f"--{flag.replace('_', '-')}={v!r} has an unknown scheme {scheme!r}; valid: {', '.join(schemes)}")
     return args
 
 

@@ -52,6 +52,21 @@ CASES = [
      [], "routing.adaptive_granularity='token' is not valid in T5 decoder blocks"),
     (GOOD.replace("data.resolution: 16", "setting: t5_glue, t5.tasks: [rte, wnli]"), [], "t5.tasks has unknown task 'wnli'"),
     (GOOD.replace("data.resolution: 16", "setting: vit_imagenet"), [], "setting='vit_imagenet' is not valid; valid: resnet_domainnet, t5_glue"),
+    # issue 12: accepted and silently changed or ignored before; now refused
+    (GOOD, ["--name", "../elsewhere"], "--name='../elsewhere' is not a safe run name; valid: one path component"),
+    (GOOD, ["--name", "a/b"], "--name='a/b' is not a safe run name"),
+    (GOOD, ["--name", "x", "--resume", "--dry-run"], "--dry-run and --resume cannot be combined"),
+    (GOOD, ["--storage", ""], "--storage='' is empty; valid: a path or a URI"),
+    (GOOD, ["--tracking-uri", " "], "--tracking-uri=' ' is empty"),
+    (GOOD, ["--tracking-uri", "ftp://host/x"], "--tracking-uri='ftp://host/x' has an unknown scheme 'ftp'; valid: sqlite, http"),
+    (GOOD, ["--storage", "nfs://share/x"], "--storage='nfs://share/x' has an unknown scheme 'nfs'; valid: s3, gs"),
+    (GOOD.replace("seed: [0]", "seed: [0, 0]"), [], "grid.seed has 0 twice; valid: distinct values"),
+    (GOOD + "num_samples: 4\n", [], "num_samples=4 needs search: random or optuna (search is grid"),
+    (GOOD.replace("eval_every: 1", "eval_every: 5"), [], "eval_every=5 exceeds steps=2; valid: 1 to 2"),
+    (GOOD.replace("[smear]", "[top_k]").replace("steps: 2", "steps: 2, routing.top_k: 9"), [],
+     "routing.top_k=9 exceeds routing.num_experts=6; valid: 1 to 6"),
+    (GOOD.replace("[smear]", "[st_gumbel]").replace("steps: 2", "steps: 2, routing.gumbel_tau_min: 20.0"), [],
+     "routing.gumbel_tau_min=20.0 exceeds routing.gumbel_tau0=10.0"),
 ]
 
 

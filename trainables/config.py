@@ -49,6 +49,8 @@ class TrainConfig:
     data: DataConfig = dc_field(default_factory=DataConfig)
 
     def validate(self) -> None:
+        if self.eval_every > self.steps:
+            raise ConfigError(f"eval_every={self.eval_every} exceeds steps={self.steps}; valid: 1 to {self.steps}")
         if self.num_workers > 1 and self.batch_size % self.num_workers:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by num_workers={self.num_workers}")
 

@@ -256,6 +256,10 @@ class RoutingMethod(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def check_config(cls, cfg: RoutingConfig) -> None:
+        """Rules between this method's fields (a one-line ``ConfigError``), checked when a config is built."""
+
+    @classmethod
     def size_to_data(cls, cfg: RoutingConfig, num_examples: int) -> RoutingConfig:
         """The config this method needs for a dataset of ``num_examples`` (a copy when it changes anything)."""
         return cfg

@@ -51,6 +51,9 @@ class RoutingCommon:
 
         if self.method not in available_methods():
             raise ConfigError(f"routing.method={self.method!r} is not valid; valid: {', '.join(available_methods())}")
+        from smear.routing._registry import get_method_class
+
+        get_method_class(self.method).check_config(self)
 
 
 def compose_routing_config(params: list[type]) -> type:

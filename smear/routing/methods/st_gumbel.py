@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from smear.configs import field
+from smear.configs import ConfigError, field
 from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
 from smear.routing._registry import register_method
 
@@ -76,6 +76,12 @@ class StGumbelParams:
 @register_method("st_gumbel")
 class StGumbel(RoutingMethod):
     Params = StGumbelParams
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.gumbel_tau_min > cfg.gumbel_tau0:
+            raise ConfigError(f"routing.gumbel_tau_min={cfg.gumbel_tau_min} exceeds routing.gumbel_tau0={cfg.gumbel_tau0}; "
+                              "valid: a minimum at or below the starting temperature")
     def temperature(self, step: int) -> float:
         c = self.cfg
         return gumbel_temperature(step, tau0=c.gumbel_tau0, tau_min=c.gumbel_tau_min, rate=c.gumbel_anneal_rate,

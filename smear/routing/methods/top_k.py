@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from smear.configs import field
+from smear.configs import ConfigError, field
 from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
 from smear.routing._dispatch import apply_topk
 from smear.routing._registry import register_method
@@ -26,6 +26,12 @@ class TopKParams:
 @register_method("top_k")
 class TopK(RoutingMethod):
     Params = TopKParams
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.top_k > cfg.num_experts:
+            raise ConfigError(f"routing.top_k={cfg.top_k} exceeds routing.num_experts={cfg.num_experts}; "
+                              f"valid: 1 to {cfg.num_experts}")
     expert_dropout = True
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
