@@ -105,15 +105,60 @@ def _setting_of(flat: dict[str, Any]) -> str:
     return flat.get("setting", DEFAULT_SETTING)
 
 
+MAX_YAML_NODES = 100_000  # a declaration is small: more nodes means an alias bomb, not a sweep
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last silently)
+    and a document that expands past MAX_YAML_NODES nodes (aliases referring to aliases)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} is written twice (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}); valid: each key once")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _count_nodes(node, budget: list[int]) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"the declaration expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases of "
+                          "aliases?); valid: a declaration without alias expansion")
+    children = node.value if isinstance(node.value, list) else []
+    for child in children:
+        for n in (child if isinstance(child, tuple) else (child,)):
+            _count_nodes(n, budget)
+
+
+def load_yaml(text: str):
+    """Parse a declaration strictly (see :class:`_StrictLoader`); {} for an empty document."""
+    loader = _StrictLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return {}
+        _count_nodes(root, [MAX_YAML_NODES])  # counts each alias expansion, as a consumer would walk it
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
 def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | None = None) -> Sweep:
     """Load, validate and resolve a declaration; any problem is one ConfigError line naming the file."""
     path = find_declaration(name_or_path)
     text = path.read_text()
     try:
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = load_yaml(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"not valid YAML ({str(e).splitlines()[0]})") from None
+        if not raw:
+            raise ConfigError("the declaration is empty; valid: at least a description and a base or grid "
+                              "(an empty one would run the paper's full defaults)")
         return _resolve(path, text, parse_declaration(raw), smoke=smoke, num_samples=num_samples)
     except ConfigError as e:
         raise ConfigError(f"{path.name}: {e}") from None

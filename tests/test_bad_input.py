@@ -15,6 +15,10 @@ base: {steps: 2, eval_every: 1, data.resolution: 16}
 grid: {routing.method: [smear], seed: [0]}
 """
 
+# the "billion laughs" shape: nine levels of ten aliases each (1e9 leaves if expanded)
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8))
+
 CASES = [
     # (declaration text or None, extra CLI args, expected fragment of the one-line message)
     (None, ["--sweep", "no-such-sweep"], "unknown sweep 'no-such-sweep'; valid: default"),
@@ -67,6 +71,10 @@ CASES = [
      "routing.top_k=9 exceeds routing.num_experts=6; valid: 1 to 6"),
     (GOOD.replace("[smear]", "[st_gumbel]").replace("steps: 2", "steps: 2, routing.gumbel_tau_min: 20.0"), [],
      "routing.gumbel_tau_min=20.0 exceeds routing.gumbel_tau0=10.0"),
+    (GOOD + "description: again\n", [], "key 'description' is written twice (lines 2 and 5); valid: each key once"),
+    (GOOD.replace("eval_every: 1", "eval_every: 1, eval_every: 5"), [], "key 'eval_every' is written twice"),
+    ("", [], "the declaration is empty"),
+    (ALIAS_BOMB, [], "expands to more than 100,000 YAML nodes"),
 ]
 
 
