@@ -111,12 +111,11 @@ def resolve_data(sweep: Sweep, data_root: str | None, *, create: bool, images: s
 
 
 def check_resources(sweep: Sweep) -> None:
-    from trainables.config import make_config
-    from trainables.ray_trainable import trial_resources
+    """Every trial's resource request, as Tune will ask for it (a bad combination is a one-line ConfigError)."""
+    from service.runner import trial_resource_request
 
     for t in sweep.trials:
-        r = sweep.resources[t.config["setting"]]
-        trial_resources(make_config(t.config), r["cpu"], r["gpu"])
+        trial_resource_request(sweep, t.config)
 
 
 def print_trials(sweep: Sweep) -> None:

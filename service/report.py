@@ -37,7 +37,7 @@ from service.sections import (  # noqa: E402
     HEATMAP_ARTIFACT, heatmap_figure, heatmap_of, learning_curves, routing_diagnostics, save, sensitivity_section,
 )
 from service.tables import compute_table, method_order, method_table, trial_table  # noqa: E402
-from service.trials import ReportError, Trial, find_sweep, read_trials  # noqa: E402
+from service.trials import ReportError, Trial, find_sweep, read_trials, score_key  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 SMEAR = "smear"
@@ -51,7 +51,7 @@ def best_trial(trials: list[Trial], method: str = SMEAR) -> Trial | None:
     cands = [t for t in trials if t.method == method]
     if not cands:
         return None
-    return max(cands, key=lambda t: (t.test is not None, t.test or 0.0))
+    return max(cands, key=score_key)
 
 
 # ---------------------------------------------------------------------------------------------------

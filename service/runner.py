@@ -82,7 +82,7 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
     """(Tuner, the tracker Tune will call). On resume, Tune restores the pickled tracker with its state."""
     from ray import tune
 
-    exp_path = f"{storage.rstrip('/')}/{name}"
+    exp_path = experiment_path(storage, name)
     by_setting = sweep.resources
     trainable = tune.with_resources(
         tune.with_parameters(trial, train_storage=f"{exp_path}/_train", resources=by_setting, configs=sweep.configs,
@@ -120,4 +120,9 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
 def can_resume(storage: str, name: str) -> bool:
     from ray import tune
 
-    return tune.Tuner.can_restore(f"{storage.rstrip('/')}/{name}")
+    return tune.Tuner.can_restore(experiment_path(storage, name))
+
+
+def experiment_path(storage: str, name: str) -> str:
+    """Where Tune keeps the sweep ``name`` under ``storage`` (a folder or a cloud URI)."""
+    return f"{storage.rstrip('/')}/{name}"

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from service.diagnostics import curve_band, sensitivity, specialisation, varied_params
-from service.trials import Trial
+from service.trials import Trial, score_key
 
 HEATMAP_ARTIFACT = "routing/heatmaps.json"
 
@@ -109,7 +109,7 @@ def routing_diagnostics(client, ts: list[Trial], order: list[str], out_dir: Path
         if not routed:
             continue
         mi[m] = specialisation([h for _, h in routed])
-        best, heat = max(routed, key=lambda th: (th[0].test is not None, th[0].test or 0.0))
+        best, heat = max(routed, key=lambda th: score_key(th[0]))
         p = heatmap_figure(heat, best, f"{m}: best trial", kind, out_dir / f"heatmaps_{m}{suffix}.png")
         files.append(p)
         score = "-" if best.test is None else f"{best.test * 100:.2f}"

@@ -125,3 +125,8 @@ def _finite(v) -> bool:
 
 def _num(v) -> float | None:
     return float(v) if _finite(v) else None
+
+
+def score_key(trial: Trial) -> tuple[bool, float]:
+    """Sort key of "the best trial": one with an overall test metric before one without, then the higher."""
+    return trial.test is not None, trial.test or 0.0

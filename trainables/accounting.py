@@ -228,13 +228,12 @@ def build_for_measure(config: dict[str, Any] | TrainConfig) -> tuple[Setting, nn
     them (seeded with the trial's seed, hash tables sized to the largest split, the first batch of epoch 0 in
     the method's epoch order), on the CPU and on one worker (``batch_size`` examples). Changes the global RNG
     states (seeding), as the loop does; :func:`measure_trial_config` restores them."""
-    from trainables.loop import LocalSession, _loader, seed_everything
+    from trainables.loop import LocalSession, _loader, build_data_and_model, seed_everything
 
     cfg = make_config(config)
     seed_everything(cfg.seed)
     setting = get_setting(cfg.setting)(cfg)
-    train_ds, val_ds, test_ds = (setting.dataset(s) for s in ("train", "val", "test"))
-    model = setting.build_model(cfg.routing.sized_for(max(len(train_ds), len(val_ds), len(test_ds))))
+    (train_ds, _, _), model = build_data_and_model(setting, cfg)
     order = routing.epoch_sampler(model, len(train_ds), cfg.seed)
     loader = _loader(train_ds, cfg, LocalSession(root=""), train=True, epoch=0, order=order, collate=setting.collate)
     batch = setting.batch_to_model(next(iter(loader)), torch.device("cpu"))

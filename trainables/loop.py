@@ -117,7 +117,7 @@ class _LossMonitor:
 
     def __init__(self, device: torch.device, step: int):
         self._sum = torch.zeros((), dtype=torch.float64, device=device)
-        self._count = 0
+        self.steps = 0                                                          # added since the last mean
         self._step = torch.full((), step, dtype=torch.long, device=device)       # the step the next add() is
         self._first_bad = torch.full((), -1, dtype=torch.long, device=device)   # -1: every loss finite so far
         self._bad_value = torch.zeros((), dtype=torch.float32, device=device)
@@ -130,7 +130,7 @@ class _LossMonitor:
         self._first_bad = torch.where(new, self._step, self._first_bad)
         self._bad_value = torch.where(new, value, self._bad_value)
         self._step += 1
-        self._count += 1
+        self.steps += 1
 
     def check(self) -> None:
         """Raise :class:`NonFiniteLoss` when a recorded loss was not finite (reads one number from the device)."""
@@ -140,9 +140,9 @@ class _LossMonitor:
 
     def mean_and_reset(self) -> float:
         """The mean loss since the last call (reads one number from the device), then start over."""
-        mean = float(self._sum) / max(self._count, 1)
+        mean = float(self._sum) / max(self.steps, 1)
         self._sum.zero_()
-        self._count = 0
+        self.steps = 0
         return mean
 
 
@@ -173,6 +173,14 @@ def training_loss(setting: Setting, model: nn.Module, core: nn.Module, batch, cf
             loss = 0.5 * (loss + _task_loss(per_ex2, cfg) + routing.aux_loss(core, per_ex2.detach()))
         loss = loss + routing.consistency_loss(core, logits, logits2)
     return loss
+
+
+def build_data_and_model(setting: Setting, cfg: TrainConfig) -> tuple[tuple[Dataset, Dataset, Dataset], nn.Module]:
+    """The train, val and test datasets and the routed model (on the CPU) of ``setting``. Hash routing gets a
+    table entry for every example id of every split (ids index each split from 0), sized on a copy of the
+    routing config, so that ``cfg`` stays what was validated, logged and checkpointed."""
+    splits = tuple(setting.dataset(s) for s in ("train", "val", "test"))
+    return splits, setting.build_model(cfg.routing.sized_for(max(len(d) for d in splits)))
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -213,11 +221,8 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     setting = get_setting(cfg.setting)(cfg)
     setting.verify_data()  # before any training: a bad file fails here, not after hours of steps
     primary = f"val/{setting.primary_metric}"
-    train_ds, val_ds, test_ds = (setting.dataset(s) for s in ("train", "val", "test"))
-    # hash routing: a table entry for every example id of every split (ids index each split from 0);
-    # a copy, so that cfg stays what was validated, logged and checkpointed
-    core = setting.place_model(setting.build_model(cfg.routing.sized_for(max(len(train_ds), len(val_ds), len(test_ds)))),
-                               device)
+    (train_ds, val_ds, test_ds), built = build_data_and_model(setting, cfg)
+    core = setting.place_model(built, device)
     model = wrap_model(core) if wrap_model is not None else core
     opt, sched = _optimizer(core, cfg)
 
@@ -247,7 +252,7 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     pending = {"system/bf16": float(precision.bf16)} if ran_bf16 != precision.bf16 else {}
     monitor = _LossMonitor(device, step)
     model.train()
-    clock, total_train_s, steps_since = time.perf_counter(), 0.0, 0  # training time, evaluations left out
+    clock, total_train_s = time.perf_counter(), 0.0  # training time, evaluations left out
     while step < cfg.steps:
         for i, batch in enumerate(_loader(train_ds, cfg, session, train=True, epoch=epoch,
                                               order=order, collate=setting.collate)):
@@ -266,18 +271,17 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
             opt.step()
             sched.step()
             step += 1
-            steps_since += 1
             evaluating = step % cfg.eval_every == 0 or step == cfg.steps
             if evaluating or step % cfg.nonfinite_check_every == 0:
                 monitor.check()                                 # the one host sync of these steps
             if evaluating:
                 train_s = time.perf_counter() - clock           # training time since the last evaluation (synced)
                 total_train_s += train_s
+                seconds_per_step = train_s / max(monitor.steps, 1)
                 metrics, _ = evaluate(setting, core, val_loader, device, "val", precision)
                 metrics.update({"train/loss": monitor.mean_and_reset(), "train/lr": sched.get_last_lr()[0],
-                                "step": step, "epoch": epoch, **pending, **compute,
-                                SECONDS_PER_STEP: train_s / max(steps_since, 1)})
-                pending, compute, steps_since = {}, {}, 0
+                                "step": step, "epoch": epoch, **pending, **compute, SECONDS_PER_STEP: seconds_per_step})
+                pending, compute = {}, {}
                 metrics.update({f"routing/{k}": v for k, v in routing.step_scalars(core).items()})
                 if metrics[primary] > best_val:
                     best_val, best_state = metrics[primary], _partial_state(core)
