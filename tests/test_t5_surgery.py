@@ -90,3 +90,23 @@ def test_only_blocks_and_layernorms_train():
     assert ln and ln <= names
     assert all(".routing." in n or n in ln for n in names), sorted(names)[:5]
     assert not model.t5.shared.weight.requires_grad and not model.t5.lm_head.weight.requires_grad
+
+
+@pytest.mark.parametrize("method", __import__("smear.routing", fromlist=["available_methods"]).available_methods())
+def test_generation_with_the_kv_cache_gives_the_tokens_of_a_full_rerun(method):
+    """Issue 13: greedy generation uses the decoder's key/value cache; the decoder blocks route on the encoder
+    summary (fixed for the whole decode) and mix experts per position, so the cache changes nothing."""
+    model = build_routed_t5(RoutingConfig(method=method, num_experts=8, rank=4).sized_for(2), num_tasks=8).eval()
+    gen = torch.Generator().manual_seed(1)
+    for _, b in routing_blocks(model):  # routing and experts that matter (up-projections start at zero)
+        for p in b.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    head = model.t5.lm_head.weight.data   # random T5 weights greedily repeat pad (0) from the start token (0):
+    head.copy_(torch.randn(head.shape, generator=gen))
+    head[:2] = 0                          # pad and eos never win, so the decode runs its 8 steps over real tokens
+    ids, mask, _ = _batch()
+    set_context(model, task_ids=torch.tensor([1, 7]), example_ids=torch.tensor([0, 1]))
+    cached = model.generate(ids, mask, max_new_tokens=8)
+    full = model.generate(ids, mask, max_new_tokens=8, use_cache=False)
+    assert torch.equal(cached, full), (cached, full)
+    assert cached.shape == (2, 9) and (cached[:, 1:] > 1).all()   # 8 steps of real tokens (no pad, no eos)

@@ -111,11 +111,15 @@ class RoutedT5(nn.Module):
         return self.t5(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> Tensor:
-        """Greedy decoding (the encoder, hence the decoder's routing, is computed once)."""
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, *,
+                 use_cache: bool = True) -> Tensor:
+        """Greedy decoding with the decoder's key/value cache: each step runs the decoder on the new token only.
+        The encoder, hence the decoder blocks' routing (on the encoder summary), is computed once, and a decoder
+        block's expert mixture is per position, so the cache gives the same tokens as a full re-run
+        (``use_cache=False``; tests/test_t5_surgery.py)."""
         self.context.mask = attention_mask
         return self.t5.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                num_beams=1, do_sample=False)
+                                num_beams=1, do_sample=False, use_cache=use_cache)
 
 
 def build_routed_t5(cfg: RoutingConfig, *, num_tasks: int, source: str = "tiny", tiny: dict | None = None) -> RoutedT5:

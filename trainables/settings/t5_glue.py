@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from smear.backbones.t5 import build_routed_t5, check_decoder_support
 from smear.configs import ConfigError, field
@@ -43,6 +43,19 @@ def glue_root(root: str) -> str | None:
     return offline_synthetic_glue() if root == "" else (None if root == "hub" else root)
 
 
+def by_source_length(mixture: GlueMixture) -> Dataset:
+    """``mixture`` reordered by the character length of each example's source, longest first (ties by example
+    id). Characters stand in for tokens: monotone for ByT5's bytes, close for T5's sentencepiece, and cheap."""
+    lengths = [len(mixture[i]["source"]) for i in range(len(mixture))]
+    return Subset(mixture, sorted(range(len(mixture)), key=lambda i: (-lengths[i], i)))
+
+
+def _canonical(pair: tuple) -> tuple:
+    """A sort key of (prediction, gold) pairs; an unparsed prediction (None) sorts first."""
+    p, y = pair
+    return (p is not None, p if p is not None else 0, y)
+
+
 @dataclass
 class T5Settings:
     model: str = field("tiny", doc="'tiny' (random T5 v1.1-shaped, offline) or a name/path, e.g. google/t5-v1_1-base")
@@ -51,6 +64,9 @@ class T5Settings:
     d_ff: int = field(128, ge=8, doc="tiny model only")
     num_layers: int = field(2, ge=1, doc="tiny model only: encoder and decoder layers each")
     num_heads: int = field(4, ge=1, doc="tiny model only")
+    d_kv: int = field(0, ge=0, doc="tiny model only: size of one attention head; 0 = d_model // num_heads")
+    vocab_size: int = field(0, ge=0, doc="tiny model only: output vocabulary; 0 = the tokenizer's (T5 v1.1: 32128, "
+                                         "for random weights of the paper's shapes)")
     tasks: list[str] = field(["rte", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "cola"])
     max_source_len: int = field(128, ge=8)
     max_target_len: int = field(16, ge=2)
@@ -119,8 +135,13 @@ class T5Glue(Setting):
 
     def build_model(self, routing: RoutingConfig) -> nn.Module:
         t = self.t5cfg
+        vocab = len(self.tokenizer)
+        if t.vocab_size and t.vocab_size < vocab:
+            raise ConfigError(f"t5.vocab_size={t.vocab_size} is smaller than the tokenizer's {vocab} tokens; "
+                              f"valid: 0 (the tokenizer's) or >= {vocab}")
         tiny = {"d_model": t.d_model, "d_ff": t.d_ff, "num_layers": t.num_layers, "num_decoder_layers": t.num_layers,
-                "num_heads": t.num_heads, "d_kv": max(1, t.d_model // t.num_heads), "vocab_size": len(self.tokenizer)}
+                "num_heads": t.num_heads, "d_kv": t.d_kv or max(1, t.d_model // t.num_heads),
+                "vocab_size": t.vocab_size or vocab}
         model = build_routed_t5(routing, num_tasks=len(self.group_names), source=t.model, tiny=tiny)
         if t.rte_to_mnli and routing.method == "tag" and {"rte", "mnli"} <= set(self.group_names):  # reference: RTE uses MNLI's expert, encoder only
             from smear.routing import routing_blocks
@@ -132,9 +153,13 @@ class T5Glue(Setting):
         return model
 
     def dataset(self, split: str) -> Dataset:
+        """The split's GlueMixture; evaluation splits in order of source length, longest first (issue 13), so that
+        each evaluation batch pads (dynamic padding) to a length close to its examples' own and the first batch
+        is the largest. Items keep their example ids, and :meth:`metrics` does not depend on the order."""
         limit = self.t5cfg.eval_limit if split != "train" and self.t5cfg.eval_limit else None
-        split = {"val": "validation"}.get(split, split)
-        return GlueMixture(self.root, self.group_names, split, heldout=self.t5cfg.val_holdout, limit=limit)
+        mixture = GlueMixture(self.root, self.group_names, {"val": "validation"}.get(split, split),
+                              heldout=self.t5cfg.val_holdout, limit=limit)
+        return mixture if split == "train" else by_source_length(mixture)
 
     def batch_to_model(self, batch, device) -> Batch:
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
@@ -159,12 +184,14 @@ class T5Glue(Setting):
         return [parse_prediction(self.group_names[g], t) for g, t in zip(batch.groups.tolist(), texts)]
 
     def metrics(self, preds: list, targets: list, groups: list[int], prefix: str) -> dict[str, float]:
+        """Per task its GLUE metrics, on the (prediction, gold) pairs in a canonical order, so that the values do
+        not depend on the order of evaluation (the sums inside a correlation would round differently)."""
         out, scores = {}, []
         for i, task in enumerate(self.group_names):
-            p = [x for x, g in zip(preds, groups) if g == i]
-            if not p:
+            pairs = sorted(((x, y) for x, y, g in zip(preds, targets, groups) if g == i), key=_canonical)
+            if not pairs:
                 continue
-            m = glue_task_metrics(task, p, [y for y, g in zip(targets, groups) if g == i])
+            m = glue_task_metrics(task, [x for x, _ in pairs], [y for _, y in pairs])
             out.update({f"{prefix}/{task}/{k}": v for k, v in m.items()})
             scores.append(glue_score(m))
             out[f"{prefix}/{task}/score"] = scores[-1]

@@ -1,0 +1,469 @@
+"""One trial's end-to-end training throughput, measured through the trial's own code path (issue 13).
+
+:func:`measure` builds a trial exactly as ``trainables.loop.train_loop`` does (the setting's datasets and
+routed model, ``place_model``, the optimiser, the loop's DataLoader, ``batch_to_model``, ``training_loss``
+under the resolved precision, backward, clipping, the optimiser step) and times ``steps`` optimiser steps
+after ``warmup`` untimed ones. It reports steps/s, the work per second (images for ResNet, non-padding
+source tokens for T5), the fraction of step time spent waiting for the next batch (time blocked in the
+DataLoader's ``next``), and peak memory (CUDA ``max_memory_allocated``; on the CPU the process's peak RSS).
+On CUDA each step ends with ``torch.cuda.synchronize()``, so a step's time is the device's time for it
+plus whatever the data path adds; the training loop itself never syncs per step.
+
+:func:`measure_packed` runs ``k`` such trials in ``k`` processes on one device (as Ray packs trials with
+``resources.gpu: 1/k``), lined up by a barrier so that their timed steps overlap, and sums their
+throughput. Each measurement runs in a fresh process, so peak memory is that trial's alone.
+
+:func:`calibration_config` turns a declared trial config into one that runs on this machine at the same
+shapes (generated data in the real format where the declared data is not here, random weights of the
+declared architecture where they would be downloaded); ``benchmarks/trial_throughput.py`` and
+``service/estimate.py`` (``launch.py --dry-run --estimate``) both measure through this module.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import os
+import queue
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+import smear.routing as routing
+from smear.configs import ConfigError
+from trainables import loop
+from trainables.config import make_config
+from trainables.precision import resolve_precision
+from trainables.settings import get_setting
+
+# T5 v1.1 shapes (the published configs of google/t5-v1_1-*), so that a declared hub model can be measured
+# offline with random weights of its architecture
+T5_V1_1 = {
+    "google/t5-v1_1-small": dict(d_model=512, d_ff=1024, num_layers=8, num_heads=6, d_kv=64, vocab_size=32128),
+    "google/t5-v1_1-base": dict(d_model=768, d_ff=2048, num_layers=12, num_heads=12, d_kv=64, vocab_size=32128),
+    "google/t5-v1_1-large": dict(d_model=1024, d_ff=2816, num_layers=24, num_heads=16, d_kv=64, vocab_size=32128),
+}
+# the paper's shapes (methods.md section 2): ResNet-18 at batch 128, 224 px; T5 v1.1-base, batch 128, 128 source tokens
+PAPER_SHAPES: dict[str, dict[str, Any]] = {
+    "resnet_domainnet": {"batch_size": 128, "data": {"resolution": 224, "augment": "paper"}},
+    "t5_glue": {"batch_size": 128, "t5": {"model": "google/t5-v1_1-base", "max_source_len": 128}},
+}
+UNITS = {"resnet_domainnet": "images", "t5_glue": "tokens"}  # what "work" counts in each setting
+
+
+@dataclass
+class Measurement:
+    """One trial's (or, packed, one process's) timed steps."""
+
+    setting: str
+    method: str
+    device: str
+    precision: str            # what ran: "bf16" or "fp32"
+    batch_size: int
+    loader_workers: int
+    steps: int                # timed steps
+    warmup: int
+    seconds: float            # wall time of the timed steps
+    data_wait_s: float        # of which blocked in the DataLoader's next()
+    work: float               # images or source tokens over the timed steps
+    unit: str
+    peak_mem_mb: float
+    peak_mem_kind: str        # "cuda_max_allocated" or "cpu_peak_rss"
+    final_loss: float
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.steps / self.seconds
+
+    @property
+    def work_per_s(self) -> float:
+        return self.work / self.seconds
+
+    @property
+    def data_wait_fraction(self) -> float:
+        return self.data_wait_s / self.seconds
+
+
+@dataclass
+class Packed:
+    """``k`` trials measured together on one device: their per-process measurements and the sums."""
+
+    runs: list[Measurement]
+
+    @property
+    def k(self) -> int:
+        return len(self.runs)
+
+    @property
+    def steps_per_s(self) -> float:        # summed over the packed trials
+        return sum(r.steps_per_s for r in self.runs)
+
+    @property
+    def work_per_s(self) -> float:
+        return sum(r.work_per_s for r in self.runs)
+
+    @property
+    def data_wait_fraction(self) -> float:  # mean over the packed trials
+        return sum(r.data_wait_fraction for r in self.runs) / self.k
+
+    @property
+    def peak_mem_mb(self) -> float:         # the largest trial's
+        return max(r.peak_mem_mb for r in self.runs)
+
+    def as_dict(self) -> dict[str, Any]:
+        first = self.runs[0]
+        return {"setting": first.setting, "method": first.method, "device": first.device,
+                "precision": first.precision, "batch_size": first.batch_size, "loader_workers": first.loader_workers,
+                "pack": self.k, "steps": first.steps, "warmup": first.warmup, "unit": first.unit,
+                "steps_per_s": self.steps_per_s, "work_per_s": self.work_per_s,
+                "data_wait_fraction": self.data_wait_fraction, "peak_mem_mb": self.peak_mem_mb,
+                "peak_mem_kind": first.peak_mem_kind, "runs": [asdict(r) for r in self.runs]}
+
+
+# ------------------------------------------------------------------------------------------ data in the real format
+
+def _image_pool(n: int, rng: np.random.Generator, sides: tuple[int, int]) -> list[bytes]:
+    """``n`` distinct JPEGs of photo-like content (smooth colour fields plus grain), sides in ``sides`` px."""
+    from PIL import Image
+
+    out = []
+    for _ in range(n):
+        w, h = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        pixels = np.asarray(coarse, np.int16) + rng.integers(-12, 13, (h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def write_domainnet_jpegs(root: str | os.PathLike, train_lines: int, *, test_lines: int = 64,
+                          sides: tuple[int, int] = (300, 500), classes: int = 345, seed: int = 0) -> Path:
+    """A root in DomainNet's official layout (``<domain>/<class>/<file>.jpg``, ``<domain>_{train,test}.txt``,
+    345 classes, the six domains) with ``train_lines`` training lines in all, each its own JPEG file (copies
+    of 64 distinct photo-like images, sides drawn in ``sides``; DomainNet's photos are a few hundred pixels a
+    side). Idempotent for the same arguments."""
+    from smear.data.domainnet import DOMAINS
+
+    root = Path(root)
+    stamp = f"{train_lines} {test_lines} {sides} {classes} {seed}"
+    marker = root / "THROUGHPUT_ROOT_OK"
+    if marker.exists() and marker.read_text() == stamp:
+        return root
+    rng = np.random.default_rng(seed)
+    pool = _image_pool(64, rng, sides)
+    written = 0
+    for di, domain in enumerate(DOMAINS):
+        for split, total in (("train", train_lines), ("test", test_lines)):
+            k = math.ceil(total / len(DOMAINS))
+            lines = []
+            for i in range(k):
+                c = (i * 7 + di) % classes
+                rel = f"{domain}/c{c:03d}/{domain}_{split}_{i:06d}.jpg"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                (root / rel).write_bytes(pool[written % len(pool)])
+                written += 1
+                lines.append(f"{rel} {c}\n")
+            if split == "train":  # every class in the train lists: num_classes() = 345 as in DomainNet
+                lines[-1] = f"{lines[-1].rsplit(None, 1)[0]} {classes - 1}\n"
+            (root / f"{domain}_{split}.txt").write_text("".join(lines))
+    marker.write_text(stamp)
+    return root
+
+
+_WORDS = ("the", "a", "river", "quiet", "engine", "market", "council", "studied", "report", "between", "under",
+          "north", "seven", "bright", "measured", "policy", "garden", "signal", "across", "winter", "library")
+
+
+def write_glue_long(root: str | os.PathLike, examples: int, *, chars: int = 400, seed: int = 0) -> Path:
+    """A GLUE root in the Hub's layout (``<task>/<split>-00000-of-00001.parquet``, the Hub's columns and dtypes)
+    for the eight tasks, ``examples`` training rows each, every text field about ``chars`` characters: every
+    source is at least ``max_source_len`` tokens, so a batch is the full 128 source tokens. Idempotent."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    from smear.data.glue import COLUMNS, LABEL_NAMES, TASKS, source_splits
+
+    root = Path(root)
+    marker = root / "THROUGHPUT_ROOT_OK"
+    stamp = f"{examples} {chars} {seed}"
+    if marker.exists() and marker.read_text() == stamp:
+        return root
+    rng = np.random.default_rng(seed)
+
+    def text() -> str:
+        words = []
+        while sum(len(w) + 1 for w in words) < chars:
+            words.append(_WORDS[int(rng.integers(len(_WORDS)))])
+        return " ".join(words) + "."
+
+    for task in TASKS:
+        names = LABEL_NAMES[task]
+        label = Value("float32") if names is None else ClassLabel(names=list(names))
+        feats = Features({c: label if c == "label" else Value("int32") if c == "idx" else Value("string")
+                          for c in COLUMNS[task]})
+        (root / task).mkdir(parents=True, exist_ok=True)
+        for split in source_splits(task):
+            n = examples if split == "train" else 16
+            cols: dict[str, list] = {c: [] for c in COLUMNS[task]}
+            for i in range(n):
+                for c in COLUMNS[task]:
+                    cols[c].append(i if c == "idx" else (float(i % 26) / 5 if names is None else i % len(names))
+                                   if c == "label" else text())
+            Dataset.from_dict(cols, features=feats).to_parquet(str(root / task / f"{split}-00000-of-00001.parquet"))
+    marker.write_text(stamp)
+    return root
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+def _t5_shape(model: str) -> dict[str, int] | None:
+    """The architecture of a declared T5 (name or local path), for random weights of that shape; None = 'tiny'."""
+    if model == "tiny":
+        return None
+    if model in T5_V1_1:
+        return dict(T5_V1_1[model])
+    try:
+        from transformers import T5Config
+
+        c = T5Config.from_pretrained(model, local_files_only=True)
+    except Exception:
+        raise ConfigError(f"t5.model={model!r}: its shape is unknown offline (no local config); valid: "
+                          f"{', '.join(T5_V1_1)}, 'tiny', or a local model folder") from None
+    if c.num_decoder_layers != c.num_layers:
+        raise ConfigError(f"t5.model={model!r} has {c.num_layers} encoder and {c.num_decoder_layers} decoder layers; "
+                          "the random stand-in needs equal counts")
+    return dict(d_model=c.d_model, d_ff=c.d_ff, num_layers=c.num_layers, num_heads=c.num_heads, d_kv=c.d_kv,
+                vocab_size=c.vocab_size)
+
+
+def data_lines(config: dict[str, Any], steps: int) -> int:
+    """Training examples a root needs so that ``steps`` batches fit in one epoch (validation takes 20% of
+    DomainNet's train lists, and up to a fifth of the large GLUE tasks' training rows)."""
+    return math.ceil(config["batch_size"] * (steps + 1) / 0.8) + 8
+
+
+def calibration_config(config: dict[str, Any], *, device: str, data_dir: str | os.PathLike, steps: int,
+                       batch_size: int | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``config`` (a resolved trial config) made runnable here at the same shapes, for ``steps`` steps.
+
+    - Data: a declared root that exists on this machine is used; otherwise (a cluster path, the hub, or the
+      offline stand-in, which is for smoke runs, not bills) data in the real format is generated under
+      ``data_dir``: DomainNet JPEGs (:func:`write_domainnet_jpegs`) or long GLUE texts (:func:`write_glue_long`).
+    - Weights: ImageNet ResNet-18 -> random (same shapes); a T5 name -> random weights of its architecture
+      (:data:`T5_V1_1` or its local config) with ByT5's tokenizer (no download).
+    - ``device`` cpu|cuda sets ``use_gpu``; ``batch_size`` overrides the declared one (``service/estimate.py``
+      scales the time back); ``overrides`` (nested) go on last.
+    """
+    cfg = copy.deepcopy(config)
+    cfg["use_gpu"] = device == "cuda"
+    cfg["steps"] = cfg["eval_every"] = steps
+    if batch_size:
+        cfg["batch_size"] = batch_size
+    setting = cfg["setting"]
+    root = cfg.get("data", {}).get("root", "")
+    local = root not in ("", "hub") and Path(root).exists()
+    if setting == "resnet_domainnet":
+        cfg["pretrained"] = "none"
+        if not local:
+            cfg["data"]["root"] = str(write_domainnet_jpegs(Path(data_dir) / "domainnet", data_lines(cfg, steps)))
+    elif setting == "t5_glue":
+        shape = _t5_shape(cfg["t5"]["model"])
+        if shape is not None:
+            cfg["t5"].update(model="tiny", tokenizer="byt5", **shape)
+        elif cfg["t5"].get("tokenizer") != "byt5":
+            cfg["t5"]["tokenizer"] = "byt5"
+        if not local:
+            per_task = math.ceil(data_lines(cfg, steps) * 1.25 / len(cfg["t5"]["tasks"]))
+            cfg["data"]["root"] = str(write_glue_long(Path(data_dir) / "glue", per_task))
+    else:
+        raise ConfigError(f"setting={setting!r}: no calibration recipe; valid: resnet_domainnet, t5_glue")
+    for k, v in (overrides or {}).items():
+        if isinstance(v, dict):
+            cfg.setdefault(k, {}).update(v)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def paper_config(setting: str, method: str, **overrides: Any) -> dict[str, Any]:
+    """A trial config of ``setting`` at the paper's shapes (:data:`PAPER_SHAPES`) for ``method``."""
+    cfg = make_config({"setting": setting, **copy.deepcopy(PAPER_SHAPES[setting]), "routing": {"method": method}})
+    from smear.configs import to_dict
+
+    out = to_dict(cfg)
+    for k, v in overrides.items():
+        if isinstance(v, dict):
+            out[k].update(v)
+        else:
+            out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+class _Timed:
+    """The DataLoader's iterator, with the time spent blocked in ``next`` added up."""
+
+    def __init__(self, it: Iterator):
+        self.it, self.waited = it, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.waited += time.perf_counter() - t
+
+
+def _work(setting: str, raw, batch_size: int) -> float:
+    """Images (the batch) or non-padding source tokens of one raw (CPU) batch: no device read."""
+    if setting == "t5_glue":
+        return float(raw["attention_mask"].sum())
+    return float(batch_size)
+
+
+def measure(config: dict[str, Any], *, steps: int, warmup: int = 1, barrier=None) -> Measurement:
+    """Time ``steps`` training steps of the trial ``config`` (after ``warmup`` untimed ones) in this process,
+    through the train loop's own pieces. ``barrier`` (packed runs) is waited on between warm-up and timing."""
+    cfg = make_config(config)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    loop.seed_everything(cfg.seed)
+    device = loop._device(cfg)
+    precision = resolve_precision(cfg.precision, device)
+    setting = get_setting(cfg.setting)(cfg)
+    setting.verify_data()
+    session = loop.LocalSession(root=os.devnull)
+    (train_ds, _, _), built = loop.build_data_and_model(setting, cfg)
+    core = setting.place_model(built, device)
+    opt, sched = loop._optimizer(core, cfg)
+    two_passes = routing.needs_two_passes(core)
+    order = routing.epoch_sampler(core, len(train_ds), cfg.seed)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def batches() -> Iterator:
+        epoch = 0
+        while True:
+            yield from loop._loader(train_ds, cfg, session, train=True, epoch=epoch, order=order, collate=setting.collate)
+            epoch += 1
+
+    timed = _Timed(batches())
+    step, work, loss = 0, 0.0, torch.zeros(())
+    start, waited0 = time.perf_counter(), 0.0
+    for raw in timed:
+        if step == warmup:
+            if barrier is not None:
+                barrier.wait()
+            start, waited0, work = time.perf_counter(), timed.waited, 0.0
+        work += _work(cfg.setting, raw, cfg.batch_size)
+        b = setting.batch_to_model(raw, device)
+        routing.set_context(core, task_ids=b.groups, example_ids=b.ids, step=step)
+        loss = loop.training_loss(setting, core, core, b, cfg, two_passes=two_passes, precision=precision)
+        if order is not None:
+            order.observe(routing.routing_blocks(core), b.ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        step += 1
+        if step == warmup + steps:
+            break
+    seconds = time.perf_counter() - start
+    if cuda:
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
+    final = float(loss)
+    if not math.isfinite(final):
+        raise loop.NonFiniteLoss(f"non-finite training loss {final} in the throughput measurement")
+    return Measurement(setting=cfg.setting, method=cfg.routing.method, device=device.type,
+                       precision="bf16" if precision.bf16 else "fp32", batch_size=cfg.batch_size,
+                       loader_workers=cfg.data.loader_workers, steps=steps, warmup=warmup, seconds=seconds,
+                       data_wait_s=timed.waited - waited0, work=work, unit=UNITS.get(cfg.setting, "examples"),
+                       peak_mem_mb=peak, peak_mem_kind=kind, final_loss=final)
+
+
+def _child(config, steps, warmup, barrier, out) -> None:
+    try:
+        out.put(("ok", measure(config, steps=steps, warmup=warmup, barrier=barrier)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        if barrier is not None:
+            barrier.abort()
+        out.put(("error", f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"))
+
+
+class MeasurementFailed(RuntimeError):
+    """A measuring process failed, timed out or died; the message says which and why."""
+
+
+def measure_packed(config: dict[str, Any], *, k: int = 1, steps: int, warmup: int = 1,
+                   timeout: float | None = None) -> Packed:
+    """``k`` copies of the trial (seeds ``seed``..``seed+k-1``) in ``k`` fresh processes on one device, their
+    timed steps lined up by a barrier; ``k = 1`` is one trial alone in a clean process."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    barrier = ctx.Barrier(k) if k > 1 else None
+    procs = []
+    for i in range(k):
+        c = copy.deepcopy(config)
+        c["seed"] = int(c.get("seed", 0)) + i
+        p = ctx.Process(target=_child, args=(c, steps, warmup, barrier, out))
+        p.start()
+        procs.append(p)
+    runs, errors = [], []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while len(runs) + len(errors) < k:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise MeasurementFailed(f"measuring {config['setting']}/{config['routing']['method']} took over "
+                                        f"{timeout:.0f} s")
+            try:
+                status, value = out.get(timeout=min(left, 5.0) if left is not None else 5.0)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead and out.empty():
+                    raise MeasurementFailed(f"a measuring process died (exit code {dead[0].exitcode})") from None
+                continue
+            (runs if status == "ok" else errors).append(value)
+        if errors:
+            raise MeasurementFailed(errors[0])
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return Packed(runs)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """Within: torch intra-op threads = ``n`` in this process (spawned measurements read cfg.torch_threads)."""
+    if not n:
+        yield
+        return
+    was = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
