@@ -22,6 +22,7 @@ import time  # noqa: E402
 
 from smear.configs import ConfigError  # noqa: E402
 from smear.data.domainnet import DataError  # noqa: E402
+from service import estimate  # noqa: E402  (light: torch only when it calibrates)
 from service.report import resolve_tracking_uri  # noqa: E402  (light: mlflow + matplotlib)
 from service.spaces import Sweep, load_sweep  # noqa: E402
 
@@ -59,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-system-metrics", action="store_true", help="do not log CPU / memory / GPU metrics of trials")
     p.add_argument("--check-images", action="store_true",
                    help="decode every image of the data before the sweep (parallel; default: headers only)")
+    estimate.add_arguments(p)  # --estimate, --price-per-gpu-hour, --calibration-steps, --calibration-batch
     args = p.parse_args(argv)
+    estimate.check_arguments(p, args)
     for flag, low in (("cpus_per_trial", 0), ("gpus_per_trial", 0), ("max_concurrent_trials", 0), ("num_samples", 1)):
         v = getattr(args, flag)
         if v is not None and v < low:
@@ -238,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         return _bad(str(e))
     if args.dry_run:
         print_trials(sweep)
-        return 0
+        try:  # --estimate: the projected device-hours and cost, from a short calibration (service/estimate.py)
+            return estimate.run(sweep, args) if args.estimate else 0
+        except (ConfigError, DataError) as e:
+            return _bad(str(e))
     try:
         return run_sweep(args, sweep)
     except KeyboardInterrupt:  # SIGTERM (`ray job stop`, kill) or Ctrl-C: every run of the sweep is KILLED

@@ -75,6 +75,15 @@ CASES = [
     (GOOD.replace("eval_every: 1", "eval_every: 1, eval_every: 5"), [], "key 'eval_every' is written twice"),
     ("", [], "the declaration is empty"),
     (ALIAS_BOMB, [], "expands to more than 100,000 YAML nodes"),
+    # issue 13: --estimate
+    (GOOD, ["--estimate"], "--estimate needs --dry-run"),
+    (GOOD, ["--dry-run", "--estimate", "--price-per-gpu-hour", "-1"], "--price-per-gpu-hour=-1.0 is not valid; valid: a price >= 0"),
+    (GOOD, ["--dry-run", "--estimate", "--price-per-gpu-hour", "nan"], "--price-per-gpu-hour=nan is not valid"),
+    (GOOD, ["--dry-run", "--price-per-gpu-hour", "2"], "--price-per-gpu-hour needs --estimate"),
+    (GOOD, ["--dry-run", "--estimate", "--calibration-steps", "0"], "--calibration-steps=0 is not valid; valid: >= 1"),
+    (GOOD, ["--dry-run", "--estimate", "--calibration-batch", "0"], "--calibration-batch=0 is not valid; valid: >= 1"),
+    (GOOD.replace("data.resolution: 16", "setting: t5_glue, t5.model: acme/t5-huge"), ["--dry-run", "--estimate"],
+     "t5.model='acme/t5-huge': its shape is unknown offline"),
 ]
 
 

@@ -165,14 +165,13 @@ def write_domainnet_jpegs(root: str | os.PathLike, train_lines: int, *, test_lin
             k = math.ceil(total / len(DOMAINS))
             lines = []
             for i in range(k):
-                c = (i * 7 + di) % classes
+                # the last train line of a domain has the last class: num_classes() = 345, as in DomainNet
+                c = classes - 1 if split == "train" and i == k - 1 else (i * 7 + di) % classes
                 rel = f"{domain}/c{c:03d}/{domain}_{split}_{i:06d}.jpg"
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 (root / rel).write_bytes(pool[written % len(pool)])
                 written += 1
                 lines.append(f"{rel} {c}\n")
-            if split == "train":  # every class in the train lists: num_classes() = 345 as in DomainNet
-                lines[-1] = f"{lines[-1].rsplit(None, 1)[0]} {classes - 1}\n"
             (root / f"{domain}_{split}.txt").write_text("".join(lines))
     marker.write_text(stamp)
     return root
@@ -188,7 +187,7 @@ def write_glue_long(root: str | os.PathLike, examples: int, *, chars: int = 400,
     source is at least ``max_source_len`` tokens, so a batch is the full 128 source tokens. Idempotent."""
     from datasets import ClassLabel, Dataset, Features, Value
 
-    from smear.data.glue import COLUMNS, LABEL_NAMES, TASKS, source_splits
+    from smear.data.glue import COLUMNS, LABEL_NAMES, TASKS, _quiet_datasets, source_splits
 
     root = Path(root)
     marker = root / "THROUGHPUT_ROOT_OK"
@@ -216,7 +215,8 @@ def write_glue_long(root: str | os.PathLike, examples: int, *, chars: int = 400,
                 for c in COLUMNS[task]:
                     cols[c].append(i if c == "idx" else (float(i % 26) / 5 if names is None else i % len(names))
                                    if c == "label" else text())
-            Dataset.from_dict(cols, features=feats).to_parquet(str(root / task / f"{split}-00000-of-00001.parquet"))
+            with _quiet_datasets():
+                Dataset.from_dict(cols, features=feats).to_parquet(str(root / task / f"{split}-00000-of-00001.parquet"))
     marker.write_text(stamp)
     return root
 
@@ -280,7 +280,7 @@ def calibration_config(config: dict[str, Any], *, device: str, data_dir: str | o
         elif cfg["t5"].get("tokenizer") != "byt5":
             cfg["t5"]["tokenizer"] = "byt5"
         if not local:
-            per_task = math.ceil(data_lines(cfg, steps) * 1.25 / len(cfg["t5"]["tasks"]))
+            per_task = max(64, math.ceil(data_lines(cfg, steps) * 1.25 / len(cfg["t5"]["tasks"])))
             cfg["data"]["root"] = str(write_glue_long(Path(data_dir) / "glue", per_task))
     else:
         raise ConfigError(f"setting={setting!r}: no calibration recipe; valid: resnet_domainnet, t5_glue")
@@ -360,13 +360,14 @@ def measure(config: dict[str, Any], *, steps: int, warmup: int = 1, barrier=None
             epoch += 1
 
     timed = _Timed(batches())
-    step, work, loss = 0, 0.0, torch.zeros(())
+    work, loss = 0.0, torch.zeros(())
     start, waited0 = time.perf_counter(), 0.0
-    for raw in timed:
-        if step == warmup:
+    for step in range(warmup + steps):
+        if step == warmup:  # the timed steps start here, with the wait for their first batch
             if barrier is not None:
                 barrier.wait()
             start, waited0, work = time.perf_counter(), timed.waited, 0.0
+        raw = next(timed)
         work += _work(cfg.setting, raw, cfg.batch_size)
         b = setting.batch_to_model(raw, device)
         routing.set_context(core, task_ids=b.groups, example_ids=b.ids, step=step)
@@ -381,15 +382,12 @@ def measure(config: dict[str, Any], *, steps: int, warmup: int = 1, barrier=None
         sched.step()
         if cuda:
             torch.cuda.synchronize(device)
-        step += 1
-        if step == warmup + steps:
-            break
     seconds = time.perf_counter() - start
     if cuda:
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
-    final = float(loss)
+    final = float(loss.detach())
     if not math.isfinite(final):
         raise loop.NonFiniteLoss(f"non-finite training loss {final} in the throughput measurement")
     return Measurement(setting=cfg.setting, method=cfg.routing.method, device=device.type,
@@ -456,14 +454,19 @@ def measure_packed(config: dict[str, Any], *, k: int = 1, steps: int, warmup: in
 
 
 @contextlib.contextmanager
-def cpu_threads(n: int | None):
-    """Within: torch intra-op threads = ``n`` in this process (spawned measurements read cfg.torch_threads)."""
-    if not n:
-        yield
-        return
-    was = torch.get_num_threads()
-    torch.set_num_threads(n)
+def scratch_data(folder: str | os.PathLike) -> Iterator[Path]:
+    """Within: the offline stand-ins, the data-check markers and the datasets cache live under ``folder``
+    (and so in the measuring processes, which inherit the environment), so that a measurement leaves
+    nothing in the user's caches."""
+    folder = Path(folder)
+    names = {"SMEAR_DATA_DIR": folder / "home", "SMEAR_CACHE_DIR": folder / "cache", "HF_DATASETS_CACHE": folder / "hf"}
+    was = {k: os.environ.get(k) for k in names}
+    os.environ.update({k: str(v) for k, v in names.items()})
     try:
-        yield
+        yield folder
     finally:
-        torch.set_num_threads(was)
+        for k, v in was.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

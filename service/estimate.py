@@ -1,0 +1,217 @@
+"""The projected device-hours and cost of a declaration, from a short calibration on this machine (issue 13).
+
+    python service/launch.py --sweep NAME --dry-run --estimate [--price-per-gpu-hour USD]
+                             [--calibration-steps N] [--calibration-batch B]
+
+For each distinct (setting, method) of the sweep, the first such trial's config is measured for
+``--calibration-steps`` steps after one warm-up step, through the trial's own code path
+(``trainables.throughput``: random weights of the declared architecture, data in the real format where the
+declared data is not on this machine). Then, per row:
+
+- trial-hours = sum over its trials of steps / (steps/s of one trial) / 3600;
+- device-hours = trial-hours x the device share of a trial: ``resources.gpu`` (0.25 = four trials share a
+  GPU; x ``num_workers`` for data-parallel trials), or 1 for CPU-only trials (then the "device" is the
+  trial's CPUs);
+- cost = device-hours x ``--price-per-gpu-hour``.
+
+On a GPU with packed trials (``resources.gpu`` < 1) the calibration runs the K = 1/gpu trials together on
+the one GPU, so that the rate is the one a packed trial gets. On a CPU it measures one trial alone, and
+packing is assumed free: a CPU bill is an upper bound in hours and says so. ``--calibration-batch B`` runs
+the calibration at batch B and scales the step time by declared batch / B (fine on a CPU, which is
+compute-bound; not on a GPU). Early stopping (ASHA) only shortens trials: the bill is then an upper bound.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.spaces import Sweep
+
+WARMUP = 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """launch.py's flags of the estimate."""
+    p.add_argument("--estimate", action="store_true",
+                   help="with --dry-run: calibrate each (setting, method) on this machine for a few steps and print "
+                        "the sweep's projected device-hours and cost")
+    p.add_argument("--price-per-gpu-hour", type=float, default=None, help="USD per device-hour, for the cost column")
+    p.add_argument("--calibration-steps", type=int, default=3, help="timed steps per (setting, method), after one "
+                                                                     "warm-up step (default 3)")
+    p.add_argument("--calibration-batch", type=int, default=None,
+                   help="calibrate at this batch and scale the step time to the declared batch (a slow CPU)")
+
+
+def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line errors (``p.error``: exit 2) for flags of the estimate that cannot work."""
+    if args.estimate and not args.dry_run:
+        p.error("--estimate needs --dry-run: it prints a bill and starts no sweep")
+    estimate_only = [f for f in ("price_per_gpu_hour", "calibration_batch") if getattr(args, f) is not None]
+    if estimate_only and not args.estimate:
+        p.error(f"--{estimate_only[0].replace('_', '-')} needs --estimate")
+    price = args.price_per_gpu_hour
+    if price is not None and not (math.isfinite(price) and price >= 0):
+        p.error(f"--price-per-gpu-hour={price} is not valid; valid: a price >= 0 (USD per GPU-hour)")
+    if args.calibration_steps < 1:
+        p.error(f"--calibration-steps={args.calibration_steps} is not valid; valid: >= 1")
+    if args.calibration_batch is not None and args.calibration_batch < 1:
+        p.error(f"--calibration-batch={args.calibration_batch} is not valid; valid: >= 1")
+
+
+@dataclass
+class Row:
+    setting: str
+    method: str
+    trials: int
+    steps: list[int]              # each trial's steps
+    steps_per_s: float            # one trial's (a packed trial's, when packing was measured)
+    data_wait: float              # fraction of step time waiting for data
+    gpu: float                    # resources.gpu of a trial's worker (0: a CPU-only trial)
+    workers: int                  # num_workers (data-parallel workers of a trial)
+    packed: int                   # trials measured together (1 = alone)
+
+    @property
+    def share(self) -> float:
+        """The device share of one trial: resources.gpu x workers, or 1 (its CPUs) for a CPU-only trial."""
+        return self.gpu * self.workers if self.gpu > 0 else 1.0
+
+    @property
+    def per_gpu(self) -> str:
+        if self.gpu == 0:
+            return "CPU trial"
+        return f"{1 / self.share:.4g}" if self.share <= 1 else f"{self.share:.4g} GPUs per trial"
+
+    @property
+    def trial_hours(self) -> float:
+        return sum(self.steps) / self.steps_per_s / 3600
+
+    @property
+    def device_hours(self) -> float:
+        return self.trial_hours * self.share
+
+
+@dataclass
+class Bill:
+    sweep: str
+    device: str                   # "cuda" or "cpu": where the calibration ran
+    device_name: str
+    steps: int
+    batch_note: str
+    price: float | None
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def device_hours(self) -> float:
+        return sum(r.device_hours for r in self.rows)
+
+    @property
+    def trial_hours(self) -> float:
+        return sum(r.trial_hours for r in self.rows)
+
+
+def _device_for(config: dict) -> str:
+    import torch
+
+    return "cuda" if config.get("use_gpu") and torch.cuda.is_available() else "cpu"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def calibrate(sweep: Sweep, *, steps: int = 3, batch: int | None = None, price: float | None = None,
+              timeout: float | None = None) -> Bill:
+    """Measure each distinct (setting, method) of ``sweep`` and project its trials (see the module doc)."""
+    import torch
+
+    from trainables.config import make_config
+    from trainables.throughput import calibration_config, measure_packed, scratch_data
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for t in sweep.trials:
+        groups.setdefault((t.config["setting"], t.config["routing"]["method"]), []).append(t.config)
+    scale = sweep.num_trials / len(sweep.trials)   # optuna: the example trials stand for num_samples x seeds
+    devices = {_device_for(c) for cs in groups.values() for c in cs}
+    device = "cuda" if "cuda" in devices else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{_cpu_name()}, {len(os.sched_getaffinity(0))} cores"
+    bill = Bill(sweep.name, device, name, steps, f"at batch {batch}, scaled to the declared batch" if batch
+                else "at the declared batch", price)
+    scratch = Path(tempfile.mkdtemp(prefix="smear-estimate-"))
+    try:
+        with scratch_data(scratch):
+            for (setting, method), configs in groups.items():
+                first = configs[0]
+                dev = _device_for(first)
+                res = sweep.resources[setting]
+                workers = make_config(first).num_workers
+                gpu = float(res.get("gpu", 0) or 0)
+                k = max(1, int(1 / gpu + 1e-9)) if dev == "cuda" and 0 < gpu < 1 else 1
+                cfg = calibration_config(first, device=dev, data_dir=scratch, steps=steps + WARMUP, batch_size=batch)
+                packed = measure_packed(cfg, k=k, steps=steps, warmup=WARMUP, timeout=timeout)
+                rate = packed.steps_per_s / k * (cfg["batch_size"] / first["batch_size"])
+                bill.rows.append(Row(setting, method, round(len(configs) * scale), [c["steps"] for c in configs],
+                                     rate, packed.data_wait_fraction, gpu, workers, k))
+                if scale != 1:
+                    bill.rows[-1].steps = [s * scale for s in bill.rows[-1].steps]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if device == "cpu":
+        bill.notes.append("calibrated on CPU: GPU hours will be far lower; run on a GPU node for a real bill")
+        if any(0 < r.share < 1 for r in bill.rows):
+            bill.notes.append("packing not measured on a CPU: packed trials are assumed to keep one trial's speed")
+    if sweep.scheduler == "asha":
+        bill.notes.append("ASHA stops poor trials early: every trial is counted in full, so this is an upper bound")
+    if sweep.search == "optuna":
+        bill.notes.append(f"optuna: {sweep.num_trials} trials projected from the space's example trials")
+    return bill
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.4g}"
+
+
+def format_bill(bill: Bill) -> str:
+    """The bill as text: a header, a markdown table (one row per (setting, method), then the total), notes."""
+    priced = bill.price is not None
+    out = [f"estimate for sweep {bill.sweep!r}: {sum(r.trials for r in bill.rows)} trials, calibrated on "
+           f"{bill.device.upper()} ({bill.device_name}) with {bill.steps} timed steps after {WARMUP} warm-up per "
+           f"(setting, method), {bill.batch_note}"]
+    out += [n for n in bill.notes if n.startswith("calibrated on CPU")]
+    out += ["", "| setting | method | trials | steps per trial | steps/s per trial | data wait | trials per GPU | "
+                "trial-hours | device-hours | cost USD |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in bill.rows:
+        steps = sorted(set(r.steps))
+        out.append(f"| {r.setting} | {r.method} | {r.trials} | {'/'.join(_num(s) for s in steps)} | "
+                   f"{r.steps_per_s:.4g} | {100 * r.data_wait:.1f}% | {r.per_gpu} | {_num(r.trial_hours)} | "
+                   f"{_num(r.device_hours)} | {_num(r.device_hours * bill.price) if priced else '-'} |")
+    out.append(f"| total | | {sum(r.trials for r in bill.rows)} | | | | | {_num(bill.trial_hours)} | "
+               f"{_num(bill.device_hours)} | {_num(bill.device_hours * bill.price) if priced else '-'} |")
+    out.append("")
+    out.append("device-hours = trials x steps / (steps/s per trial) / 3600 x the device share of a trial "
+               "(resources.gpu; 1 for a CPU-only trial)" +
+               (f"; cost = device-hours x ${bill.price:g} per GPU-hour" if priced
+                else "; pass --price-per-gpu-hour USD for the cost"))
+    out += [f"note: {n}" for n in bill.notes if not n.startswith("calibrated on CPU")]
+    return "\n".join(out)
+
+
+def run(sweep: Sweep, args: argparse.Namespace) -> int:
+    """``--dry-run --estimate``: calibrate, print the bill. A config that cannot be calibrated here is a
+    ConfigError (launch.py: one line, exit 2)."""
+    bill = calibrate(sweep, steps=args.calibration_steps, batch=args.calibration_batch, price=args.price_per_gpu_hour)
+    print()
+    print(format_bill(bill), flush=True)
+    return 0
