@@ -139,8 +139,9 @@ def ratios(results: list[dict]) -> list[str]:
     for (s, m, p, k), r in by.items():
         if p == "bf16" and (s, m, "fp32", k) in by:
             f = by[(s, m, "fp32", k)]
+            compute = (1 - f["data_wait_fraction"]) / f["steps_per_s"] / ((1 - r["data_wait_fraction"]) / r["steps_per_s"])
             out.append(f"{s} {m} pack {k}: bf16 / fp32 throughput (= fp32 / bf16 step time) = "
-                       f"{r['work_per_s'] / f['work_per_s']:.2f}x")
+                       f"{r['work_per_s'] / f['work_per_s']:.2f}x; without the data wait: {compute:.2f}x")
         if k > 1 and (s, m, p, 1) in by:
             one = by[(s, m, p, 1)]
             out.append(f"{s} {m} {p}: {k} packed trials / one trial, summed throughput = "

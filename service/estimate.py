@@ -138,7 +138,7 @@ def calibrate(sweep: Sweep, *, steps: int = 3, batch: int | None = None, price: 
     import torch
 
     from trainables.config import make_config
-    from trainables.throughput import calibration_config, measure_packed, scratch_data
+    from trainables.throughput import calibration_config, measure_series, scratch_data
 
     groups: dict[tuple[str, str], list[dict]] = {}
     for t in sweep.trials:
@@ -152,20 +152,20 @@ def calibrate(sweep: Sweep, *, steps: int = 3, batch: int | None = None, price: 
     scratch = Path(tempfile.mkdtemp(prefix="smear-estimate-"))
     try:
         with scratch_data(scratch):
-            for (setting, method), configs in groups.items():
-                first = configs[0]
-                dev = _device_for(first)
-                res = sweep.resources[setting]
-                workers = make_config(first).num_workers
-                gpu = float(res.get("gpu", 0) or 0)
-                k = max(1, int(1 / gpu + 1e-9)) if dev == "cuda" and 0 < gpu < 1 else 1
-                cfg = calibration_config(first, device=dev, data_dir=scratch, steps=steps + WARMUP, batch_size=batch)
-                packed = measure_packed(cfg, k=k, steps=steps, warmup=WARMUP, timeout=timeout)
-                rate = packed.steps_per_s / k * (cfg["batch_size"] / first["batch_size"])
-                bill.rows.append(Row(setting, method, round(len(configs) * scale), [c["steps"] for c in configs],
-                                     rate, packed.data_wait_fraction, gpu, workers, k))
-                if scale != 1:
-                    bill.rows[-1].steps = [s * scale for s in bill.rows[-1].steps]
+            for setting in dict.fromkeys(s for s, _ in groups):   # one series of processes per setting
+                keys = [key for key in groups if key[0] == setting]
+                firsts = [groups[key][0] for key in keys]
+                dev = _device_for(firsts[0])
+                gpu = float(sweep.resources[setting].get("gpu", 0) or 0)
+                k = max(1, int(1 / gpu + 1e-9)) if dev == "cuda" and 0 < gpu < 1 else 1  # packed, as Ray packs them
+                cfgs = [calibration_config(c, device=dev, data_dir=scratch, steps=steps + WARMUP, batch_size=batch)
+                        for c in firsts]
+                for key, first, cfg, packed in zip(keys, firsts, cfgs, measure_series(cfgs, k=k, steps=steps,
+                                                                                     warmup=WARMUP, timeout=timeout)):
+                    configs = groups[key]
+                    rate = packed.steps_per_s / k * (cfg["batch_size"] / first["batch_size"])
+                    bill.rows.append(Row(setting, key[1], round(len(configs) * scale), [c["steps"] * scale for c in configs],
+                                         rate, packed.data_wait_fraction, gpu, make_config(first).num_workers, k))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if device == "cpu":

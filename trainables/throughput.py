@@ -397,60 +397,72 @@ def measure(config: dict[str, Any], *, steps: int, warmup: int = 1, barrier=None
                        peak_mem_mb=peak, peak_mem_kind=kind, final_loss=final)
 
 
-def _child(config, steps, warmup, barrier, out) -> None:
+def _child(configs, steps, warmup, barrier, out) -> None:
+    i = 0
     try:
-        out.put(("ok", measure(config, steps=steps, warmup=warmup, barrier=barrier)))
+        for i, config in enumerate(configs):
+            out.put(("ok", i, measure(config, steps=steps, warmup=warmup, barrier=barrier)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         if barrier is not None:
             barrier.abort()
-        out.put(("error", f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"))
+        method = configs[i].get("routing", {}).get("method")
+        out.put(("error", i, f"{configs[i]['setting']}/{method}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"))
 
 
 class MeasurementFailed(RuntimeError):
     """A measuring process failed, timed out or died; the message says which and why."""
 
 
-def measure_packed(config: dict[str, Any], *, k: int = 1, steps: int, warmup: int = 1,
-                   timeout: float | None = None) -> Packed:
-    """``k`` copies of the trial (seeds ``seed``..``seed+k-1``) in ``k`` fresh processes on one device, their
-    timed steps lined up by a barrier; ``k = 1`` is one trial alone in a clean process."""
+def measure_series(configs: list[dict[str, Any]], *, k: int = 1, steps: int, warmup: int = 1,
+                   timeout: float | None = None) -> list[Packed]:
+    """Each of ``configs`` in turn, in ``k`` fresh processes on one device (copies with seeds ``seed``..
+    ``seed+k-1``), the processes' timed steps lined up by a barrier; one :class:`Packed` per config. A series
+    shares its processes' start-up (imports, CUDA context): the estimate measures all of a setting's methods
+    in one series. ``timeout``: seconds for the whole series."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     barrier = ctx.Barrier(k) if k > 1 else None
     procs = []
-    for i in range(k):
-        c = copy.deepcopy(config)
-        c["seed"] = int(c.get("seed", 0)) + i
-        p = ctx.Process(target=_child, args=(c, steps, warmup, barrier, out))
+    for j in range(k):
+        mine = [copy.deepcopy(c) for c in configs]
+        for c in mine:
+            c["seed"] = int(c.get("seed", 0)) + j
+        p = ctx.Process(target=_child, args=(mine, steps, warmup, barrier, out))
         p.start()
         procs.append(p)
-    runs, errors = [], []
+    runs: list[list[Measurement]] = [[] for _ in configs]
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        while len(runs) + len(errors) < k:
+        while sum(map(len, runs)) < k * len(configs):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise MeasurementFailed(f"measuring {config['setting']}/{config['routing']['method']} took over "
-                                        f"{timeout:.0f} s")
+                raise MeasurementFailed(f"measuring {len(configs)} config(s) x {k} process(es) took over {timeout:.0f} s")
             try:
-                status, value = out.get(timeout=min(left, 5.0) if left is not None else 5.0)
+                status, i, value = out.get(timeout=min(left, 5.0) if left is not None else 5.0)
             except queue.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead and out.empty():
                     raise MeasurementFailed(f"a measuring process died (exit code {dead[0].exitcode})") from None
                 continue
-            (runs if status == "ok" else errors).append(value)
-        if errors:
-            raise MeasurementFailed(errors[0])
+            if status != "ok":
+                raise MeasurementFailed(value)
+            runs[i].append(value)
     finally:
         for p in procs:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
                 p.join()
-    return Packed(runs)
+    return [Packed(r) for r in runs]
+
+
+def measure_packed(config: dict[str, Any], *, k: int = 1, steps: int, warmup: int = 1,
+                   timeout: float | None = None) -> Packed:
+    """One config in ``k`` fresh processes (:func:`measure_series`); ``k = 1``: one trial alone in a clean process,
+    so that its peak memory is its own."""
+    return measure_series([config], k=k, steps=steps, warmup=warmup, timeout=timeout)[0]
 
 
 @contextlib.contextmanager
