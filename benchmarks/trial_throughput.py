@@ -128,8 +128,12 @@ HEADER = ("| setting | method | precision | pack | batch | loader workers | step
 
 def _row(r: dict) -> str:
     return (f"| {r['setting']} | {r['method']} | {r['precision']} | {r['pack']} | {r['batch_size']} | "
-            f"{r['loader_workers']} | {r['steps_per_s']:.3f} | {r['work_per_s']:,.0f} {r['unit']}/s | "
+            f"{r['loader_workers']} | {r['steps_per_s']:.3g} | {_n(r['work_per_s'])} {r['unit']}/s | "
             f"{100 * r['data_wait_fraction']:.1f}% | {r['peak_mem_mb']:,.0f} | {r['loadavg_1min']:.1f} |")
+
+
+def _n(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def ratios(results: list[dict]) -> list[str]:

@@ -398,6 +398,10 @@ def measure(config: dict[str, Any], *, steps: int, warmup: int = 1, barrier=None
 
 
 def _child(configs, steps, warmup, barrier, out) -> None:
+    import multiprocessing as mp
+
+    if "fork" in mp.get_all_start_methods():  # a spawned process defaults to spawn; a Ray trial's loader forks
+        mp.set_start_method("fork", force=True)
     i = 0
     try:
         for i, config in enumerate(configs):
