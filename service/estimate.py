@@ -75,6 +75,7 @@ class Row:
     gpu: float                    # resources.gpu of a trial's worker (0: a CPU-only trial)
     workers: int                  # num_workers (data-parallel workers of a trial)
     packed: int                   # trials measured together (1 = alone)
+    weight: float = 1.0           # trials each listed one stands for (optuna: num_trials / example trials)
 
     @property
     def share(self) -> float:
@@ -89,7 +90,7 @@ class Row:
 
     @property
     def trial_hours(self) -> float:
-        return sum(self.steps) / self.steps_per_s / 3600
+        return sum(self.steps) * self.weight / self.steps_per_s / 3600
 
     @property
     def device_hours(self) -> float:
@@ -164,8 +165,9 @@ def calibrate(sweep: Sweep, *, steps: int = 3, batch: int | None = None, price: 
                                                                                      warmup=WARMUP, timeout=timeout)):
                     configs = groups[key]
                     rate = packed.steps_per_s / k * (cfg["batch_size"] / first["batch_size"])
-                    bill.rows.append(Row(setting, key[1], round(len(configs) * scale), [c["steps"] * scale for c in configs],
-                                         rate, packed.data_wait_fraction, gpu, make_config(first).num_workers, k))
+                    bill.rows.append(Row(setting, key[1], round(len(configs) * scale), [c["steps"] for c in configs],
+                                         rate, packed.data_wait_fraction, gpu, make_config(first).num_workers, k,
+                                         scale))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if device == "cpu":
