@@ -147,8 +147,11 @@ def load_yaml(text: str):
         loader.dispose()
 
 
-def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | None = None) -> Sweep:
-    """Load, validate and resolve a declaration; any problem is one ConfigError line naming the file."""
+def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | None = None,
+               seeds: list[int] | None = None) -> Sweep:
+    """Load, validate and resolve a declaration; any problem is one ConfigError line naming the file.
+
+    ``seeds`` replaces the grid's seeds (``launch.py --extend``: the same grid at new seeds)."""
     path = find_declaration(name_or_path)
     text = path.read_text()
     try:
@@ -159,14 +162,22 @@ def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | Non
         if not raw:
             raise ConfigError("the declaration is empty; valid: at least a description and a base or grid "
                               "(an empty one would run the paper's full defaults)")
-        return _resolve(path, text, parse_declaration(raw), smoke=smoke, num_samples=num_samples)
+        return _resolve(path, text, parse_declaration(raw), smoke=smoke, num_samples=num_samples, seeds=seeds)
     except ConfigError as e:
         raise ConfigError(f"{path.name}: {e}") from None
 
 
-def _resolve(path: Path, text: str, decl: Declaration, *, smoke: bool, num_samples: int | None) -> Sweep:
+def _resolve(path: Path, text: str, decl: Declaration, *, smoke: bool, num_samples: int | None,
+             seeds: list[int] | None = None) -> Sweep:
     methods = available_methods()
     grid = expand_grid(decl.smoke_grid if smoke and decl.smoke_grid else decl.grid, methods)
+    if seeds is not None:
+        if decl.search == "optuna":
+            raise ConfigError("--seeds (--extend) needs search: grid or random; an optuna sweep's points are "
+                              "its own (run a new sweep with more grid.seed)")
+        if "seed" in decl.space:
+            raise ConfigError("--seeds (--extend) needs the seed in grid, not in space")
+        grid = {**grid, "seed": list(seeds)}
     num_samples = num_samples or decl.num_samples
     space = decl.distributions()
     seeds = list(grid.get("seed", [])) if decl.search == "optuna" else []
@@ -187,11 +198,14 @@ def _resolve(path: Path, text: str, decl: Declaration, *, smoke: bool, num_sampl
         for k, d in space.items():
             for v in d.examples()[1:]:
                 _build(fixed({**samples[0], k: v}))
-    keys = list(grid)
+    # seed-major: every other combination at the first seed, then at the next, ... so that the first
+    # results of a sweep (Tune runs the grid in this order) cover every method
+    keys = sorted(grid, key=lambda k: k != "seed")
     trials = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         for sample in samples:
-            overrides = {**dict(zip(keys, combo)), **sample}
+            chosen = dict(zip(keys, combo))
+            overrides = {**{k: chosen[k] for k in grid}, **sample}  # shown in the declaration's key order
             cfg = _build(fixed(overrides))
             trials.append(Trial(len(trials), overrides, cfg))
     if not trials:
