@@ -50,9 +50,10 @@ class ParentRun:
             client.log_dict(run_id, [{"index": t.index, **t.overrides} for t in sweep.trials], "trials.json")
         return cls(client, exp_id, run_id, name)
 
-    def finish(self, status: str, summary: str | None = None, metrics: dict[str, float] | None = None) -> None:
+    def finish(self, status: str, summary: str | None = None, metrics: dict[str, float] | None = None,
+               summary_name: str = "summary.md") -> None:
         if summary is not None:
-            self.client.log_text(self.run_id, summary, "summary.md")
+            self.client.log_text(self.run_id, summary, summary_name)
         for k, v in (metrics or {}).items():
             self.client.log_metric(self.run_id, k, v)
         self.client.set_terminated(self.run_id, status)

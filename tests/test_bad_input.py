@@ -75,6 +75,18 @@ CASES = [
     (GOOD.replace("eval_every: 1", "eval_every: 1, eval_every: 5"), [], "key 'eval_every' is written twice"),
     ("", [], "the declaration is empty"),
     (ALIAS_BOMB, [], "expands to more than 100,000 YAML nodes"),
+    # issue 14: --extend
+    (GOOD, ["--extend", "--seeds", "1"], "--extend needs --name, the run name of the finished sweep"),
+    (GOOD, ["--extend", "--name", "t"], "--extend needs --seeds, the new seeds (e.g. --seeds 3,4)"),
+    (GOOD, ["--name", "t", "--seeds", "1"], "--seeds needs --extend"),
+    (GOOD, ["--extend", "--name", "t", "--seeds", "1", "--resume"], "--extend and --resume cannot be combined"),
+    (GOOD, ["--extend", "--name", "t", "--seeds", "1", "--dry-run"], "--extend and --dry-run cannot be combined"),
+    (GOOD, ["--extend", "--name", "t", "--seeds", "1,x"], "--seeds='1,x': 'x' is not an integer; valid: comma"),
+    (GOOD, ["--extend", "--name", "t", "--seeds", "2,2"], "--seeds='2,2': 2 is given twice; valid: distinct"),
+    (GOOD, ["--extend", "--name", "t", "--seeds", "-1"], "--seeds='-1': -1 is negative"),
+    (GOOD, ["--extend", "--name", "nope", "--seeds", "1"], "no sweep 'nope' to extend: no MLflow store at"),
+    (GOOD.replace("routing.method: [smear], ", "") + "search: optuna\nspace: {lr: {loguniform: [0.001, 0.1]}}\n",
+     ["--extend", "--name", "t", "--seeds", "1"], "--seeds (--extend) needs search: grid or random"),
 ]
 
 
