@@ -43,7 +43,8 @@ def groups_of(trials: list[Trial]) -> list[str]:
 
 
 def seed_scores(trials: list[Trial], value=lambda t: t.test) -> dict[str, dict[str, float | None]]:
-    """``{method: {seed: score}}`` for the statistics over seeds (:mod:`service.stats`), methods best first.
+    """``{method: {seed: score}}`` for the statistics over seeds (:mod:`service.stats`), methods best first,
+    seeds in ascending order.
 
     A method with several trials at one seed (a sweep that also varies hyper-parameters) counts that seed
     once, with the mean of its trials' values; a seed none of whose trials has a value is None (missing)."""
@@ -53,7 +54,8 @@ def seed_scores(trials: list[Trial], value=lambda t: t.test) -> dict[str, dict[s
         for t in trials:
             if t.method == m:
                 by_seed.setdefault(str(t.seed), []).append(value(t))
-        out[m] = {seed: (ms[0] if (ms := mean_std(vs)) else None) for seed, vs in by_seed.items()}
+        out[m] = {seed: (ms[0] if (ms := mean_std(by_seed[seed])) else None)  # seeds in order: a bootstrap
+                  for seed in sorted(by_seed, key=_seed_key)}                  # does not depend on read order
     return out
 
 

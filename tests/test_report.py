@@ -327,3 +327,35 @@ def test_report_of_a_real_sweep(tmp_path, env_with_venv):
         assert_png(report / png)
     assert "### Statistics over seeds (reference `smear`)" in text and "### Learning curves" in text
     assert "### Compute" in text and "routing GFLOPs / example" in text
+
+
+def test_cli_bootstrap_interval_and_reference(tmp_path, capsys):
+    """report.py --ci bootstrap --n-boot N --reference METHOD; an unknown reference or N < 1: exit 2, one line."""
+    from service.report import main
+    from service.stats import bootstrap_interval
+
+    db = tmp_path / "mlflow.db"
+    _fake_sweep(db, "boot", methods=[("smear", 0, 0.50), ("smear", 1, 0.52), ("smear", 2, 0.54),
+                                     ("tag", 0, 0.53), ("tag", 1, 0.56), ("tag", 2, 0.59)], heatmap=False)
+    common = ["--tracking-uri", f"sqlite:///{db}", "--storage", str(tmp_path / "r")]
+    assert main(["boot", *common, "--ci", "bootstrap", "--n-boot", "500", "--reference", "tag"]) == 0
+    text = (tmp_path / "r" / "boot" / "report" / "summary.md").read_text()
+    assert "[95% percentile-bootstrap interval, 500 resamples]" in text and "reference `tag`" in text
+    lo, hi = bootstrap_interval([0.50, 0.52, 0.54], n_boot=500)                 # smear, resampled with seed 0
+    rows = {r[0]: r for r in _table_rows(text)[2:]}
+    assert rows["smear"][-1] == f"52.00 [{lo * 100:.2f}, {hi * 100:.2f}] (n=3)*"  # vs tag: p .0202 (one test)
+    assert rows["tag"][-1].startswith("**56.00 [") and not rows["tag"][-1].endswith("*")
+    csv = (tmp_path / "r" / "boot" / "report" / "table.csv").read_text().splitlines()
+    smear = next(r for r in csv if r.startswith("smear,")).split(",")
+    assert [float(v) for v in smear[4:6]] == pytest.approx([lo, hi])
+    capsys.readouterr()
+    for bad, expected in ((["--reference", "smaer"], "--reference='smaer' is not a method of sweep 'boot'; "
+                                                    "valid: smear, tag"),
+                          (["--n-boot", "0"], "--n-boot=0 must be >= 1"),
+                          (["--ci", "normal"], "argument --ci: invalid choice: 'normal'")):
+        try:
+            rc = main(["boot", *common, *bad])
+        except SystemExit as e:
+            rc = e.code
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and expected in err, err
