@@ -61,8 +61,9 @@ def check_tracking_store(uri: str) -> None:
 
 
 def probe_tracking_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """An http(s) tracking server answers within ``timeout`` seconds (any HTTP status counts: a server
-    that asks for credentials answers). A plain request, not MLflow's client, which retries for minutes."""
+    """An http(s) tracking server answers within ``timeout`` seconds (any HTTP status counts, a request
+    for credentials too, but not a gateway's 502 / 503 / 504 for a server behind it). A plain request, not
+    MLflow's client, which retries for minutes."""
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -70,12 +71,15 @@ def probe_tracking_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
 
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
         return
+    except urllib.error.HTTPError as e:
+        if e.code not in (502, 503, 504):
+            return
+        reason = f"HTTP {e.code}"
     except (OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise ConfigError(f"tracking URI {uri!r} does not answer within {timeout:g} s ({reason}); valid: a running "
-                          "MLflow server (mlflow server --host ... --port ...), or a sqlite:/// store") from None
+        reason = str(getattr(e, "reason", e))
+    raise ConfigError(f"tracking URI {uri!r} does not answer within {timeout:g} s ({reason}); valid: a running "
+                      "MLflow server (mlflow server --host ... --port ...), or a sqlite:/// store")
 
 
 def trial_needs(sweep, config: dict[str, Any]) -> tuple[float, float]:
