@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep = load_sweep(args.sweep, smoke=args.smoke, num_samples=args.num_samples)
         apply_overrides(sweep, args)
+        if not args.dry_run:  # this machine and its services (service/preflight.py), before the data check's minute
+            check_environment(sweep, storage=args.storage or "results", tracking_uri=resolve_tracking_uri(args.tracking_uri))
         resolve_data(sweep, args.data_root, create=not args.dry_run, images="full" if args.check_images else "header")
         check_resources(sweep)
     except (ConfigError, DataError) as e:
@@ -243,10 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print_trials(sweep)
         return 0
-    try:  # this machine and its services: storage, tracking store / server, resources, weights
-        check_environment(sweep, storage=args.storage or "results", tracking_uri=resolve_tracking_uri(args.tracking_uri))
-    except ConfigError as e:
-        return _bad(str(e))
     try:
         return run_sweep(args, sweep)
     except KeyboardInterrupt:  # SIGTERM (`ray job stop`, kill) or Ctrl-C: every run of the sweep is KILLED
