@@ -216,3 +216,42 @@ def test_dry_run_prints_trials_and_writes_nothing(tmp_path, env_with_venv):
     assert "sweep 'default': 6 trials" in proc.stdout
     assert proc.stdout.count("routing.method=") == 6
     assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_in_the_local_caches_are_accepted(tmp_path, monkeypatch):
+    """The weights check looks where the loaders will: a file in torch hub's cache, a local model folder
+    (whose config.json also gives the width the rank is checked against); only a miss is refused."""
+    import torch.hub
+
+    from smear.backbones.resnet import check_imagenet_weights, imagenet_weights
+    from smear.configs import ConfigError, to_dict
+    from trainables.config import make_config
+    from trainables.settings import get_setting
+
+    for k, v in _offline_env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    url, path = imagenet_weights()
+    assert path.parent.parent == __import__("pathlib").Path(torch.hub.get_dir())  # $TORCH_HOME/hub/checkpoints
+    with pytest.raises(ConfigError, match="pretrained='imagenet' needs .*resnet18-"):
+        check_imagenet_weights()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"weights")
+    check_imagenet_weights()
+
+    folder = tmp_path / "t5-local"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"d_model": 32}')
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "spiece.model").write_bytes(b"")
+
+    def cfg(rank):
+        return to_dict(make_config({"setting": "t5_glue", "t5": {"model": str(folder), "tokenizer": str(folder)},
+                                    "routing": {"rank": rank}}))
+
+    t5 = get_setting("t5_glue")
+    t5.check_reachable([cfg(24)])
+    with pytest.raises(ConfigError, match="routing.rank=48 exceeds the blocks' width d_model=32 of t5.model="):
+        t5.check_reachable([cfg(24), cfg(48)])
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="t5.model='.*t5-local' is a folder without config.json and one of model.safetensors"):
+        t5.check_reachable([cfg(24)])

@@ -11,6 +11,7 @@ replaced by a :class:`RoutedSublayer` holding the original.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -69,7 +70,6 @@ def pretrained_config(source: str, what: str = "model") -> dict | None:
     Face cache), without a download: the model's config.json as a dict ({} for a tokenizer), or None when
     a needed file is missing. ``what``: "model" (config + weights) or "tokenizer"."""
     import json
-    from pathlib import Path
 
     from smear.hub import hf_cached_file
 
@@ -92,9 +92,13 @@ def check_pretrained(source: str, what: str = "model") -> dict:
     found = pretrained_config(source, what)
     if found is not None:
         return found
+    key = "t5.model" if what == "model" else "t5.tokenizer"
+    if Path(source).expanduser().is_dir():
+        needs = "config.json and one of " + ", ".join(WEIGHT_FILES) if what == "model" else "one of " + ", ".join(TOKENIZER_FILES)
+        raise ConfigError(f"{key}={source!r} is a folder without {needs}; valid: a folder from save_pretrained or "
+                          "a Hugging Face download")
     url = f"https://huggingface.co/{source}/resolve/main/{(MODEL_FILES if what == 'model' else TOKENIZER_FILES)[0]}"
     if hf_offline() or not url_reachable(url):
-        key = "t5.model" if what == "model" else "t5.tokenizer"
         tiny = "'tiny'" if what == "model" else "'byt5'"
         raise ConfigError(f"{key}={source!r} is neither a local folder nor in the Hugging Face cache "
                           f"({hf_hub_cache()}), and huggingface.co cannot be reached; valid: {tiny}, a local folder "
