@@ -23,6 +23,7 @@ import time  # noqa: E402
 
 from smear.configs import ConfigError  # noqa: E402
 from smear.data.domainnet import DataError  # noqa: E402
+from service.preflight import check_environment  # noqa: E402
 from service.report import resolve_tracking_uri  # noqa: E402  (light: mlflow + matplotlib)
 from service.spaces import Sweep, load_sweep  # noqa: E402
 
@@ -63,12 +64,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _extend_arguments(p)
     args = p.parse_args(argv)
     _check_extend(p, args)
-    for flag, low in (("cpus_per_trial", 0), ("gpus_per_trial", 0), ("max_concurrent_trials", 0), ("num_samples", 1)):
+    for flag, low in (("cpus_per_trial", 0), ("gpus_per_trial", 0), ("max_concurrent_trials", 1), ("num_samples", 1)):
         v = getattr(args, flag)
         if v is not None and v < low:
             p.error(f"--{flag.replace('_', '-')}={v} must be >= {low}")
     if args.resume and not args.name:
         p.error("--resume needs --name, the run name of the sweep to continue")
+    if args.resume and args.max_concurrent_trials is not None:  # Tune restores the saved sweep's TuneConfig
+        p.error(f"--max-concurrent-trials={args.max_concurrent_trials} cannot be combined with --resume: the resumed "
+                "sweep keeps the limit it started with; valid: --resume without it")
     if args.resume and args.dry_run:
         p.error("--dry-run and --resume cannot be combined: a dry run starts nothing, so there is nothing to resume")
     if args.name is not None and (not SAFE_NAME.fullmatch(args.name) or args.name in (".", "..")):
@@ -291,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         sweep = load_sweep(args.sweep, smoke=args.smoke, num_samples=args.num_samples, seeds=args.seeds)
         ext = plan_extension(args, sweep) if args.extend else None  # issue 14: checked before anything starts
         apply_overrides(sweep, args)
+        if not args.dry_run:  # this machine and its services (service/preflight.py), before the data check's minute
+            check_environment(sweep, storage=args.storage or "results", tracking_uri=resolve_tracking_uri(args.tracking_uri))
         resolve_data(sweep, args.data_root, create=not args.dry_run, images="full" if args.check_images else "header")
         check_resources(sweep)
     except (ConfigError, DataError) as e:

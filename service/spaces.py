@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from service.declaration import Declaration, Distribution, expand_grid, parse_declaration
+from service.declaration import Declaration, Distribution, check_trial_count, expand_grid, parse_declaration
 from smear.configs import ConfigError, to_dict, unflatten
 from smear.routing import available_methods
 from trainables.config import make_config
@@ -45,7 +45,7 @@ class Sweep:
     description: str
     trials: list[Trial]         # grid / random: every trial; optuna: example trials (the space's midpoints x seeds)
     resources: dict[str, dict[str, float]]  # setting -> {cpu, gpu} per trial (per worker)
-    max_concurrent_trials: int
+    max_concurrent_trials: int | None  # None: as many as the cluster fits
     max_failures: int
     search: str = "grid"
     space: dict[str, Distribution] = field(default_factory=dict)
@@ -178,7 +178,11 @@ def _resolve(path: Path, text: str, decl: Declaration, *, smoke: bool, num_sampl
         if "seed" in decl.space:
             raise ConfigError("--seeds (--extend) needs the seed in grid, not in space")
         grid = {**grid, "seed": list(seeds)}
+    if num_samples is not None and decl.search == "grid":
+        raise ConfigError(f"--num-samples={num_samples} needs search: random or optuna (the declaration's search is "
+                          "grid: the grid alone sets the trials)")
     num_samples = num_samples or decl.num_samples
+    check_trial_count(grid, num_samples, decl.search)
     space = decl.distributions()
     seeds = list(grid.get("seed", [])) if decl.search == "optuna" else []
 
@@ -210,6 +214,8 @@ def _resolve(path: Path, text: str, decl: Declaration, *, smoke: bool, num_sampl
             trials.append(Trial(len(trials), overrides, cfg))
     if not trials:
         raise ConfigError("the declaration resolves to no trials")
+    if decl.search != "optuna":
+        _refuse_identical(trials)
     settings = available_settings()
     resources = {t.config["setting"]: decl.resources_for(t.config["setting"], settings) for t in trials}
     sweep = Sweep(name=path.stem, path=path, description=decl.description, trials=trials,
@@ -226,6 +232,23 @@ def _resolve(path: Path, text: str, decl: Declaration, *, smoke: bool, num_sampl
                                   f"evaluations; valid: 1 to {a['max_t']}")
             sweep.asha["grace_period"] = a["max_t"]  # --smoke shrinks the budget: ASHA's first rung shrinks too
     return sweep
+
+
+def _refuse_identical(trials: list[Trial]) -> None:
+    """Two trials with the same resolved config would run the same thing twice (e.g. ``smoke`` fixing a key
+    the grid varies, or random draws of a ``choice`` space that repeat)."""
+    import json
+
+    seen: dict[str, Trial] = {}
+    for t in trials:
+        key = json.dumps(t.config, sort_keys=True, default=str)
+        if key in seen:
+            a = seen[key]
+            raise ConfigError(f"trials {a.index} and {t.index} are identical "
+                              f"({' '.join(f'{k}={v}' for k, v in t.overrides.items())} resolves like "
+                              f"{' '.join(f'{k}={v}' for k, v in a.overrides.items())}); valid: distinct trials "
+                              "(what varies must not be fixed again by smoke, and a random space needs draws that differ)")
+        seen[key] = t
 
 
 def param_space(sweep: Sweep) -> dict[str, Any]:

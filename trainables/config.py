@@ -23,7 +23,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     setting: str = field("resnet_domainnet", doc="registry key of the setting (trainables/settings/)")
-    seed: int = field(42, ge=0)
+    seed: int = field(42, ge=0, le=2**32 - 1, doc="0 to 2**32 - 1 (numpy's seed range; torch's generators are "
+                                                    "seeded with multiples of it)")
     steps: int = field(100_000, ge=1, doc="optimizer steps (paper: 100k ResNet)")
     eval_every: int = field(1_000, ge=1, doc="steps between validation + checkpoint (paper: 1k ResNet)")
     batch_size: int = field(128, ge=1, doc="global batch size, split over data-parallel workers")

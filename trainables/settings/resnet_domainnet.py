@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from smear.backbones.resnet import build_routed_resnet18
+from smear.backbones.resnet import RESNET18_WIDTHS, build_routed_resnet18, check_imagenet_weights
 from smear.configs import ConfigError, field
 from smear.data import offline_digits_domainnet
 from smear.data.check import check_domainnet, check_domainnet_once
@@ -38,6 +38,9 @@ class DomainNetData(DataConfig):
             raise ConfigError(f"data.domains has unknown domain {bad[0]!r}; valid: {', '.join(DOMAINS)}")
         if not self.domains:
             raise ConfigError(f"data.domains is empty; valid: {', '.join(DOMAINS)}")
+        dup = next((d for i, d in enumerate(self.domains) if d in self.domains[:i]), None)
+        if dup is not None:
+            raise ConfigError(f"data.domains has {dup!r} twice; valid: each domain once")
 
 
 @dataclass
@@ -46,6 +49,13 @@ class ResNetConfig(TrainConfig):
     backbone_bn: str = field("update", choices=("update", "frozen"),
                              doc="frozen backbone's BN running stats: update in training (reference) or frozen")
     data: DomainNetData = dc_field(default_factory=DomainNetData)
+
+    def validate(self) -> None:
+        super().validate()
+        narrowest = min(RESNET18_WIDTHS)
+        if self.routing.rank > narrowest:  # an expert's bottleneck wider than the block it adapts
+            raise ConfigError(f"routing.rank={self.routing.rank} exceeds the narrowest routing block's width "
+                              f"{narrowest} (ResNet-18 layer1); valid: 1 to {narrowest}")
 
 
 def _progress(done: int, total: int) -> None:
@@ -97,6 +107,11 @@ class ResNetDomainNet(Setting):
                                  progress=_progress if images == "full" else None)
         else:  # --dry-run: the same check, but nothing written (no marker)
             check_domainnet(root, config["data"]["domains"], decode=images)
+
+    @classmethod
+    def check_reachable(cls, configs: list[dict[str, Any]]) -> None:
+        if any(c["pretrained"] == "imagenet" for c in configs):
+            check_imagenet_weights()
 
     def verify_data(self) -> None:
         check_domainnet_once(self.root, self.cfg.data.domains)
