@@ -221,11 +221,10 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
         ext.start(parent, sweep)
     tracker = MLflowTracker(uri, parent.experiment_id, parent.run_id, name,
                             {**code, **({"extension": ext.experiment} if ext else {})}, configs=sweep.configs)
-    again = (f"--extend --seeds {','.join(map(str, ext.seeds))}{' --smoke' if args.smoke else ''}" if ext
-             else "--resume")
+    again = f"--extend --seeds {','.join(map(str, ext.seeds))}" if ext else "--resume"
     print(f"sweep {name}: {sweep.num_trials} {'new ' if ext else ''}trials; if interrupted, "
           f"continue with: python service/launch.py --sweep {args.sweep} --name {name} --storage {storage} "
-          f"--tracking-uri {uri} {again}", flush=True)
+          f"--tracking-uri {uri}{_same_trials(args)} {again}", flush=True)
     status, t0 = "FAILED", time.time()
     try:
         connect_ray()
@@ -270,6 +269,16 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
     print(f"\nMLflow: experiment {experiment_name(sweep)!r}, parent run '{name}' in {uri}")
     print(f"Browse: {ui_command(uri)}")
     return 0 if n_err == 0 else 1
+
+
+def _same_trials(args) -> str:
+    """The flags that shape the trials, for the printed --resume / --extend command (the same sweep again)."""
+    flags = " --smoke" if args.smoke else ""
+    if args.num_samples is not None:
+        flags += f" --num-samples {args.num_samples}"
+    if args.data_root is not None:
+        flags += f" --data-root {Path(args.data_root).resolve()}"
+    return flags
 
 
 def _bad(message: str) -> int:

@@ -267,3 +267,16 @@ def test_weights_in_the_local_caches_are_accepted(tmp_path, monkeypatch):
     (folder / "model.safetensors").unlink()
     with pytest.raises(ConfigError, match="t5.model='.*t5-local' is a folder without config.json and one of model.safetensors"):
         t5.check_reachable([cfg(24)])
+
+
+def test_printed_continue_command_carries_the_flags_that_shape_the_trials(tmp_path):
+    """The --resume / --extend command printed at the start names --smoke, --num-samples and --data-root when
+    given: without them a resume would load other trials (the smoke budget, another sample count, data)."""
+    import shlex
+
+    from service.launch import _same_trials, parse_args
+
+    args = parse_args(["--smoke", "--num-samples", "3", "--data-root", str(tmp_path), "--name", "r"])
+    again = parse_args(shlex.split(_same_trials(args)) + ["--name", "r", "--resume"])
+    assert (again.smoke, again.num_samples, again.data_root) == (True, 3, str(tmp_path.resolve()))
+    assert _same_trials(parse_args([])) == ""
