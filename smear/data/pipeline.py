@@ -152,9 +152,10 @@ def to_model_input(images: torch.Tensor | list[torch.Tensor], draws: torch.Tenso
     d = draws.to(device, non_blocking=True)
     flip = ((d >= 0) & (d % 2 == 1)).view(-1, 1, 1, 1)                                 # (b, 1, 1, 1)
     x = torch.where(flip, x.flip(-1), x)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
-    return ((x.float() - mean) / std).contiguous(memory_format=memory_format)        # ToTensor + Normalize
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    # ToTensor + Normalize: (x / 255 - mean) / std, as one scale and one shift, in place (one float buffer)
+    x = x.float().mul_(1 / (255 * std)).add_(-mean / std)
+    return x.contiguous(memory_format=memory_format)
 
 
 # ------------------------------------------------------------------------------------------------ draws
