@@ -214,6 +214,20 @@ def test_decoding_on_the_device_equals_decoding_in_the_workers(mixed_root, split
     assert (batches["workers"][4] >= 0).all() == expect_random and (batches["workers"][4] < 0).all() != expect_random
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG); the CPU run is above")
+def test_decoding_on_a_gpu_matches_the_workers(mixed_root):
+    ds = {on: DomainNetDataset(mixed_root, ["clipart", "sketch"], "test", resolution=24, augment="paper", decode_on=on)
+          for on in ("workers", "device")}
+    keys = [(i, 1000 + 7 * i) for i in range(5)]
+    cpu = pipeline.collate([ds["workers"][k] for k in keys])
+    gpu = pipeline.collate_raw([ds["device"][k] for k in keys])
+    out_cpu = pipeline.to_model_input(cpu[0], cpu[4], "cpu", 24, "paper")
+    out_gpu = pipeline.to_model_input(gpu[0], gpu[4], "cuda", 24, "paper", torch.channels_last)
+    assert out_gpu.is_cuda and out_gpu.is_contiguous(memory_format=torch.channels_last)
+    # nvJPEG's IDCT and upsampling differ from libjpeg-turbo's by a few levels; the crops are the same
+    assert (out_gpu.cpu() - out_cpu).abs().mean() < 4 * LEVEL
+
+
 def test_the_trial_loader_gives_the_same_batches_with_any_worker_count(digits_root):
     from trainables.config import make_config
     from trainables.loop import LocalSession, _loader, _set_epoch

@@ -215,11 +215,12 @@ class _Shuffle(Sampler):
 
 def _loader(ds: Dataset, cfg: TrainConfig, session: Session, *, train: bool, epoch: int = 0,
             order: routing.EpochSampler | None = None, collate: Callable | None = None,
-            device: torch.device | None = None) -> DataLoader:
+            device: torch.device | None = None, workers: int | None = None) -> DataLoader:
     """A split's DataLoader. Built once per trial and split: its workers (``data.loader_workers``, resolved with
-    the session's CPUs) persist across epochs, and :func:`_set_epoch` moves a training loader to the next
-    epoch. A dataset with ``seeded_draws`` gets ``(index, draw)`` keys (``smear.data.pipeline.DrawSampler``).
-    On CUDA the batches are pinned, so that the copies to the device do not block."""
+    the session's CPUs; ``workers`` overrides it, e.g. 0 for a one-batch loader) persist across epochs, and
+    :func:`_set_epoch` moves a training loader to the next epoch. A dataset with ``seeded_draws`` gets
+    ``(index, draw)`` keys (``smear.data.pipeline.DrawSampler``). On CUDA the batches are pinned, so that the
+    copies to the device do not block."""
     bs = (cfg.batch_size // session.world_size) if train else cfg.eval_batch_size
     if train and order is not None:  # a method orders the epoch (adaptive gating's curriculum; single worker)
         sampler = order
@@ -230,7 +231,7 @@ def _loader(ds: Dataset, cfg: TrainConfig, session: Session, *, train: bool, epo
         sampler = _Shuffle(len(ds), cfg.seed) if train else SequentialSampler(ds)
     if getattr(ds, "seeded_draws", False):
         sampler = DrawSampler(sampler, len(ds), cfg.seed)
-    workers = cfg.data.workers(getattr(session, "cpus", None))
+    workers = cfg.data.workers(getattr(session, "cpus", None)) if workers is None else workers
     # the generator only seeds the workers' RNGs: the global RNG (dropout, routing noise) is left untouched
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     loader = DataLoader(ds, batch_size=bs, sampler=sampler, drop_last=train, num_workers=workers, generator=gen,
@@ -357,7 +358,7 @@ def _measure_compute(setting: Setting, core: nn.Module, train_ds: Dataset, cfg: 
     from trainables import accounting
 
     with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
-        raw = next(iter(_loader(train_ds, cfg, session, train=True, epoch=0, collate=setting.collate)))
+        raw = next(iter(_loader(train_ds, cfg, session, train=True, epoch=0, collate=setting.collate, workers=0)))
     return accounting.measure(setting, core, setting.batch_to_model(raw, device), cfg)
 
 

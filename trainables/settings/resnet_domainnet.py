@@ -17,9 +17,8 @@ from torch.utils.data import Dataset
 
 from smear.backbones.resnet import build_routed_resnet18
 from smear.configs import ConfigError, field
-from smear.data import offline_digits_domainnet
+from smear.data import offline_digits_domainnet, pipeline
 from smear.data.check import check_domainnet, check_domainnet_once
-from smear.data import pipeline
 from smear.data.domainnet import DOMAINS, DomainNetDataset, num_classes
 from smear.routing import RoutingConfig
 from trainables.config import DataConfig, TrainConfig
