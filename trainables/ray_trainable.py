@@ -33,10 +33,19 @@ def trial_config(config: dict[str, Any], configs: list[dict[str, Any]] | None) -
     return config
 
 
+def _assigned_cpus() -> float | None:
+    """The CPUs Ray reserved for this trial or worker (``data.loader_workers: -1`` resolves against them)."""
+    return ray.get_runtime_context().get_assigned_resources().get("CPU")
+
+
 class TuneSession:
     """The train loop reports to Ray Tune (single-worker trials)."""
 
     world_rank, world_size = 0, 1
+
+    @property
+    def cpus(self) -> float | None:
+        return _assigned_cpus()
 
     def report(self, metrics, checkpoint_dir):
         ckpt = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -53,6 +62,7 @@ class TrainSession:
     def __init__(self):
         ctx = ray.train.get_context()
         self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.cpus = _assigned_cpus()
 
     def report(self, metrics, checkpoint_dir):
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None

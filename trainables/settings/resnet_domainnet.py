@@ -1,6 +1,8 @@
 """The ResNet-DomainNet setting: routed ResNet-18 on DomainNet images, task id = domain id (methods.md
 section 2). Its config: the common ``TrainConfig`` plus ``data.domains`` / ``resolution`` / ``augment`` /
-``cache``, ``pretrained`` and ``backbone_bn``."""
+``cache`` / ``decode_on``, ``pretrained`` and ``backbone_bn``. Its data path is ``smear.data.pipeline``: the
+loader workers hand uint8 crops (or, decoding on the device, file bytes) to :meth:`batch_to_model`, which
+flips and normalises on the model's device."""
 from __future__ import annotations
 
 import sys
@@ -15,7 +17,7 @@ from torch.utils.data import Dataset
 
 from smear.backbones.resnet import RESNET18_WIDTHS, build_routed_resnet18, check_imagenet_weights
 from smear.configs import ConfigError, field
-from smear.data import offline_digits_domainnet
+from smear.data import offline_digits_domainnet, pipeline
 from smear.data.check import check_domainnet, check_domainnet_once
 from smear.data.domainnet import DOMAINS, DomainNetDataset, num_classes
 from smear.routing import RoutingConfig
@@ -30,7 +32,13 @@ class DomainNetData(DataConfig):
     resolution: int = field(224, ge=8, doc="image side in pixels (paper 224)")
     augment: str = field("paper", choices=("paper", "none"),
                          doc="paper: RandomResizedCrop+flip / Resize+CenterCrop; none: resize only")
-    cache: bool = field(False, doc="keep decoded images in memory (small datasets)")
+    cache: bool = field(False, doc="keep decoded images in memory (small datasets), per loader worker")
+    loader_workers: int = field(-1, ge=-1, doc="as the common data.loader_workers; here -1 by default: the trial's "
+                                                "CPUs minus one decode and crop")
+    decode_on: str = field("auto", choices=("auto", "workers", "device"),
+                           doc="where JPEGs are decoded and cropped: workers (torchvision on the CPU), device (the "
+                               "model's device, batched: nvJPEG on a GPU; workers only read bytes); auto = device "
+                               "when the trial uses a GPU, else workers. Flip and normalisation run on the device")
 
     def validate(self) -> None:
         bad = [d for d in self.domains if d not in DOMAINS]
@@ -121,6 +129,9 @@ class ResNetDomainNet(Setting):
         self.root = cfg.data.root or offline_digits_domainnet()  # "" = the offline stand-in, made on this node
         self.group_names = list(cfg.data.domains)
         self.num_classes = num_classes(self.root, cfg.data.domains)
+        d = cfg.data
+        self.decode_on = d.decode_on if d.decode_on != "auto" else "device" if cfg.use_gpu else "workers"
+        self.collate = pipeline.collate if self.decode_on == "workers" else pipeline.collate_raw
 
     def build_model(self, routing: RoutingConfig) -> nn.Module:
         return build_routed_resnet18(routing, num_classes=self.num_classes, num_tasks=len(self.group_names),
@@ -128,7 +139,8 @@ class ResNetDomainNet(Setting):
 
     def dataset(self, split: str) -> Dataset:
         d = self.cfg.data
-        return DomainNetDataset(self.root, d.domains, split, resolution=d.resolution, augment=d.augment, cache=d.cache)
+        return DomainNetDataset(self.root, d.domains, split, resolution=d.resolution, augment=d.augment,
+                                decode_on=self.decode_on, cache=d.cache)
 
     def place_model(self, model: nn.Module, device) -> nn.Module:
         """On CUDA the convolutions run channels_last (NHWC), with the input; the routing blocks' (b, h*w, c)
@@ -136,13 +148,14 @@ class ResNetDomainNet(Setting):
         model = model.to(device)
         return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
 
-    collate = None  # torch's default collate
-
     def batch_to_model(self, batch, device) -> Batch:
-        images, labels, domains, ids = batch
+        """uint8 crops (or bytes / pixels to decode and crop here) -> flipped, normalised float images on
+        ``device`` (``smear.data.pipeline.to_model_input``), channels_last on CUDA."""
+        images, labels, domains, ids, draws = batch
         fmt = torch.channels_last if torch.device(device).type == "cuda" else torch.preserve_format
-        return Batch({"images": images.to(device, non_blocking=True, memory_format=fmt)}, labels.to(device),
-                     domains.to(device), ids.to(device))
+        x = pipeline.to_model_input(images, draws, device, self.cfg.data.resolution, self.cfg.data.augment, fmt)
+        return Batch({"images": x}, labels.to(device, non_blocking=True), domains.to(device, non_blocking=True),
+                     ids.to(device, non_blocking=True))
 
     def per_example_loss(self, model, batch: Batch):
         logits = model(batch.inputs["images"])                                            # (b, classes)
