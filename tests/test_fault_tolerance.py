@@ -1,4 +1,5 @@
-"""Fault injection with real processes: a killed trial worker, a killed driver + --resume, a NaN loss."""
+"""Fault injection with real processes: a killed trial worker, a killed driver + --resume, SIGTERM, a NaN loss,
+an MLflow server outage, a storage disk that fills up."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import REPO
+from tests.helpers import REPO, MlflowServer
 from tests.helpers import child_runs
 
 pytestmark = pytest.mark.slow
@@ -30,11 +31,12 @@ max_failures: 2
 """
 
 
-def _launch(tmp_path, env, decl: str, *extra: str) -> subprocess.Popen:
+def _launch(tmp_path, env, decl: str, *extra: str, tracking: str | None = None,
+            storage: Path | None = None) -> subprocess.Popen:
     (tmp_path / "space.yaml").write_text(textwrap.dedent(decl))
     cmd = [sys.executable, str(REPO / "service" / "launch.py"), "--sweep", str(tmp_path / "space.yaml"),
-           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "results"),
-           "--name", "ft", *extra]
+           "--tracking-uri", tracking or f"sqlite:///{tmp_path}/mlflow.db",
+           "--storage", str(storage or tmp_path / "results"), "--name", "ft", *extra]
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=open(tmp_path / f"out{len(extra)}.txt", "a"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -195,3 +197,100 @@ def test_nan_loss_fails_only_that_trial_with_the_reason(tmp_path, env_with_venv)
     assert parent.info.status == "FAILED"
     # retries of the diverged trial fail at once: no second round of training
     assert not any(r.info.status == "RUNNING" for r in children)
+
+
+OUTAGE = """
+description: trials that start and finish while the tracking server is down
+base: {steps: 60, eval_every: 10, batch_size: 16, torch_threads: 1, data.resolution: 16, data.augment: none,
+       data.domains: [real, sketch], routing.method: smear}
+grid: {seed: [0, 1, 2, 3]}
+resources: {cpu: 1}
+max_concurrent_trials: 2
+"""
+
+
+def test_mlflow_server_outage_of_a_minute_loses_nothing_and_blocks_no_trial(tmp_path, env_with_venv):
+    """The tracking server is killed once the first trial's run exists and comes back 60 s later on the same
+    port and store. Trials finish meanwhile (their system-metrics monitors cannot reach it); the sweep still
+    ends 0, with exactly one FINISHED run per trial, every step once, and says what happened."""
+    server = MlflowServer(tmp_path / "mlflow.db", env_with_venv).start()
+    proc = _launch(tmp_path, env_with_venv, OUTAGE, tracking=server.url)
+    client = MlflowClient(server.url)
+    try:
+        def first_run() -> bool:
+            exp = client.get_experiment_by_name("smear-sweep/space")
+            return exp is not None and any("trial_id" in r.data.tags for r in client.search_runs([exp.experiment_id]))
+
+        _wait_for(first_run, 240, "the first trial's run", proc)
+        server.kill()
+        down_at = time.time()
+        time.sleep(60)
+        assert proc.poll() is None, "the sweep ended while the tracking server was down"
+        server.start()
+        rc = proc.wait(timeout=300)
+        out = (tmp_path / "out0.txt").read_text()
+        assert rc == 0, out[-4000:]
+        exp = client.get_experiment_by_name("smear-sweep/space")
+        runs = client.search_runs([exp.experiment_id])
+        (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert parent.info.status == "FINISHED"
+        assert len(children) == 4 and len({r.data.tags["trial_id"] for r in children}) == 4
+        assert [r.info.status for r in children] == ["FINISHED"] * 4
+        for r in children:                                   # every step once, none lost
+            assert "test/accuracy" in r.data.metrics
+            for key in ("val/accuracy", "train/loss", "val/best_accuracy"):
+                steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
+                assert sorted(steps) == list(range(10, 61, 10)), (key, steps)
+        # a trial finished while the server was down (the case that used to block its process and hang Tune)
+        ends = [t["rows"][-1]["timestamp"] for t in _tune_trials(tmp_path).values()]
+        assert any(down_at < end < down_at + 60 for end in ends), (down_at, ends)
+        assert "unreachable" in out and "answers again after" in out, out[-4000:]
+        assert "Could not re-use actor" not in out and "ERROR" not in out.split("Trial status")[-1]
+        note = parent.data.tags.get("tracking_note", "")
+        assert "1 tracking outage(s)" in note and "every queued call was written" in note, note
+        assert note in out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        server.kill()
+
+
+FILLS = """
+description: checkpoints that do not fit on the storage disk
+base: {steps: 60, eval_every: 10, batch_size: 16, torch_threads: 1, data.resolution: 16, data.augment: none,
+       data.domains: [real, sketch], routing.method: smear}
+grid: {seed: [0, 1]}
+resources: {cpu: 1}
+max_concurrent_trials: 2
+max_failures: 1
+"""
+
+
+def test_a_storage_disk_that_fills_ends_the_sweep_with_a_one_line_reason(tmp_path, env_with_venv):
+    """--storage on a 3 MiB tmpfs: the first checkpoints fill it. The sweep ends with exit 3 and one line naming
+    the full storage, on the console and on the parent run; every run ended FAILED, none RUNNING, no traceback."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    assert mounted.returncode == 0, f"this test mounts a small tmpfs and needs root: {mounted.stderr.strip()}"
+    try:
+        proc = _launch(tmp_path, env_with_venv, FILLS, storage=disk)
+        try:
+            rc = proc.wait(timeout=400)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        out = (tmp_path / "out0.txt").read_text()
+        assert rc == 3, out[-4000:]
+        (line,) = [x for x in out.splitlines() if x.startswith("launch.py: sweep ft")]
+        assert f"(exit 3): storage {disk} is full (No space left on device)" in line, line
+        tail = out[out.index(line):]
+        assert "Traceback" not in tail and "pickle data was truncated" not in out and "EOFError" not in tail
+        parent, children = child_runs(f"{tmp_path}/mlflow.db", experiment="smear-sweep/space")
+        assert parent.info.status == "FAILED"
+        assert "is full (No space left on device)" in parent.data.tags["sweep_error"]
+        assert len(children) == 2 and [r.info.status for r in children] == ["FAILED", "FAILED"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
