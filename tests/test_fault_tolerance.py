@@ -117,11 +117,32 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, env_with_v
                for t in trials.values() if t["num_failures"] == 0 for r in t["rows"])
 
 
-def test_killed_driver_then_resume_completes_with_one_run_per_trial(tmp_path, env_with_venv):
-    proc = _launch(tmp_path, env_with_venv, LONG)
+SHORT_AND_LONG = """
+description: one short trial and one long one, side by side
+base: {eval_every: 10, batch_size: 16, torch_threads: 1, data.resolution: 16, data.augment: none,
+       data.domains: [real, sketch], routing.method: smear, seed: 0}
+grid: {steps: [60, 300]}
+resources: {cpu: 1}
+max_concurrent_trials: 2
+max_failures: 2
+"""
+
+
+def test_driver_killed_right_after_a_trial_finished_then_resume(tmp_path, env_with_venv):
+    """The driver and its Ray die (SIGKILL) just after the short trial's run is FINISHED. --resume then: the
+    finished trial is not re-run (its run keeps its end time, gets no step), the unfinished one continues right
+    after its newest complete checkpoint on disk, one run per trial, no step logged twice."""
+    from trainables.checkpoints import checkpoint_step
+
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = _launch(tmp_path, env_with_venv, SHORT_AND_LONG)
+
+    def finished_runs():
+        exp = MlflowClient(db).get_experiment_by_name("smear-sweep/space")
+        return [] if exp is None else [r for r in MlflowClient(db).search_runs([exp.experiment_id])
+                                       if "trial_id" in r.data.tags and r.info.status == "FINISHED"]
     try:
-        _wait_for(lambda: len(_checkpoints(tmp_path)) >= 2, 240, "the first checkpoints", proc)
-        time.sleep(11)                                               # Tune snapshots experiment state every ~10 s
+        _wait_for(lambda: finished_runs(), 300, "the short trial's FINISHED run", proc)
         for p in psutil.Process(proc.pid).children(recursive=True):  # the driver and its local Ray die hard
             p.kill()
         proc.kill()
@@ -129,11 +150,37 @@ def test_killed_driver_then_resume_completes_with_one_run_per_trial(tmp_path, en
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    client = MlflowClient(db)
+    (short,) = finished_runs()
+    assert short.data.params["steps"] == "60"
+    short_history = {k: [(m.step, m.value) for m in client.get_metric_history(short.info.run_id, k)]
+                     for k in ("val/accuracy", "test/accuracy")}
     _, children = child_runs(f"{tmp_path}/mlflow.db", experiment="smear-sweep/space")
-    assert any(r.info.status == "RUNNING" for r in children)           # what a dead driver leaves behind
-    resumed = _launch(tmp_path, env_with_venv, LONG, "--resume")
+    (long,) = [r for r in children if r.data.params["steps"] == "300"]
+    assert long.info.status == "RUNNING"                                 # what a dead driver leaves behind
+    long_folder = next((tmp_path / "results" / "ft").glob(f"*{long.data.tags['trial_id']}"))
+    newest = max(filter(None, (checkpoint_step(f) for f in long_folder.glob("checkpoint_*"))))
+
+    resumed = _launch(tmp_path, env_with_venv, SHORT_AND_LONG, "--resume")
     assert resumed.wait(timeout=400) == 0, (tmp_path / "out1.txt").read_text()[-3000:]
-    _assert_one_finished_run_per_trial(tmp_path, 2)
+    parent, children = child_runs(f"{tmp_path}/mlflow.db", experiment="smear-sweep/space")
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert all(r.info.status == "FINISHED" for r in children), [r.info.status for r in children]
+    again = client.get_run(short.info.run_id)                            # the finished trial: untouched
+    assert again.info.end_time == short.info.end_time
+    assert {k: [(m.step, m.value) for m in client.get_metric_history(short.info.run_id, k)]
+            for k in short_history} == short_history
+    for key in ("val/accuracy", "train/loss", "val/best_accuracy"):      # the resumed one: every step once
+        steps = [m.step for m in client.get_metric_history(long.info.run_id, key)]
+        assert sorted(steps) == list(range(10, 301, 10)), (key, steps)
+    assert len(client.get_metric_history(long.info.run_id, "test/accuracy")) == 1
+    # what the resumed trial trained: its first report is the evaluation right after the newest checkpoint
+    rows = _tune_trials(tmp_path)[long.data.tags["trial_id"]]["rows"]
+    first = [r for r in rows if r["iterations_since_restore"] == 1][-1]
+    assert first["step"] == newest + 10, (newest, [(r["iterations_since_restore"], r["step"]) for r in rows])
+    short_rows = _tune_trials(tmp_path)[short.data.tags["trial_id"]]["rows"]   # never trained again
+    reports = [(r["step"], "test/accuracy" in r) for r in short_rows if "step" in r]
+    assert len(reports) == len(set(reports)), reports
 
 
 def test_sigterm_ends_every_run_killed_then_resume_finishes_without_a_duplicated_step(tmp_path, env_with_venv):
