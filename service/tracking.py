@@ -96,13 +96,14 @@ class MLflowTracker(Callback):
     def _reset_runtime(self) -> None:
         self._last_step: dict[str, int] = {}  # trial_id -> newest evaluation step in its run (see _result)
         self._finished: dict[str, bool] = {}  # trial_id -> its run had ended FINISHED when first seen here
+        self._ended: set[str] = set()  # trials whose end this process has queued
         self._client: MlflowClient | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._give_up = threading.Event()  # the sweep is ending and the wait for the server is over
 
-    _RUNTIME = ("_client", "_queue", "_thread", "_lock", "_last_step", "_give_up", "_finished")
+    _RUNTIME = ("_client", "_queue", "_thread", "_lock", "_last_step", "_give_up", "_finished", "_ended")
     RETRY_S = 5.0  # between two tries of a call while the tracking server is down
     FLUSH_WAIT_S = 300.0  # at the sweep's end, how long to wait for the server to write what is queued
 
@@ -318,11 +319,13 @@ class MLflowTracker(Callback):
         plt.close(fig)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended.add(trial.trial_id)
         ckpt = getattr(trial, "checkpoint", None)  # the latest checkpoint holds best.pt, the best-validation weights
         self._submit(self._end, trial.trial_id, self._cfg(trial), "FINISHED",
                      {"best_checkpoint": f"{ckpt.path}/best.pt"} if ckpt is not None else {})
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended.add(trial.trial_id)
         err = getattr(trial, "error_file", None)
         msg = Path(err).read_text(errors="replace")[-4000:] if err and Path(err).is_file() else ""
         lines = [line.strip() for line in msg.splitlines() if line.strip()]
@@ -337,11 +340,22 @@ class MLflowTracker(Callback):
             self._safe("end run", self.client.set_terminated, run_id, status)
 
     def on_experiment_end(self, trials, **info):
+        # a trial Tune ended before the driver died, whose end the old driver never wrote: end its run now
+        for t in trials:
+            if t.status in ("TERMINATED", "ERROR") and t.trial_id in self.runs and t.trial_id not in self._ended:
+                self._submit(self._end_if_running, self.runs[t.trial_id],
+                             "FINISHED" if t.status == "TERMINATED" else "FAILED")
         self.flush()
 
+    def _end_if_running(self, run_id: str, status: str) -> None:
+        run = self._safe("get run", self.client.get_run, run_id)
+        if run is not None and run.info.status == "RUNNING":
+            self._safe("end run", self.client.set_terminated, run_id, status)
+
     def close_unfinished(self, status: str = "KILLED") -> None:
-        """Log what is queued, then end every run of this sweep still RUNNING (sweep interrupted or crashed)."""
-        self.flush()
+        """Log what is queued, then end every run of this sweep still RUNNING (sweep interrupted or crashed).
+        Interrupted (KILLED), the wait for a tracking server that is down is short: the user asked to stop."""
+        self.flush(timeout=30 if status == "KILLED" else None)
         for run_id in list(self.runs.values()):
             run = self._safe("get run", self.client.get_run, run_id)
             if run is not None and run.info.status == "RUNNING":

@@ -184,3 +184,21 @@ def test_an_unreachable_tracking_server_holds_the_queue_then_says_what_was_not_w
     note = tracker.record_summary()
     assert note.startswith("MLflow:") and "calls could not be written" in note, note
     assert not tracker.outages                                     # it never came back
+
+
+def test_a_trial_tune_ended_before_the_driver_died_gets_its_run_ended_on_resume(tmp_path):
+    """Tune's saved state holds a trial TERMINATED, but the dead driver never wrote its run's end: the resumed
+    sweep's end writes it (nothing left RUNNING), and leaves a run this process ended alone."""
+    client, exp, parent, tracker, (a, b) = _sweep(tmp_path, 2)
+    for t in (a, b):
+        tracker.on_trial_start(0, [], t)
+    tracker.flush()                                               # the driver dies here
+    restored = pickle.loads(pickle.dumps(tracker))
+    restored.on_trial_restore(0, [], b)
+    restored.on_trial_complete(0, [], b)
+    a.set_status(Trial.TERMINATED)
+    b.set_status(Trial.TERMINATED)
+    restored.on_experiment_end([a, b])
+    runs = {r.data.tags["trial_id"]: r for r in client.search_runs([exp])
+            if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert runs["t_00000"].info.status == "FINISHED" and runs["t_00001"].info.status == "FINISHED"
