@@ -252,7 +252,9 @@ def sweep_failure(exc: BaseException | None, storage: str, trial_errors) -> str:
 
 
 def _chain(exc: BaseException | None):
-    while exc is not None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
         yield exc
         exc = exc.__cause__ or exc.__context__
 

@@ -41,6 +41,9 @@ FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_B
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
+_DOWN = object()  # _safe: the call failed and the tracking server does not answer
+
+
 def fail_fast_http() -> None:
     """Set FAIL_FAST_HTTP in this process (the driver, after Ray started: trial processes keep MLflow's)."""
     for k, v in FAIL_FAST_HTTP.items():
@@ -184,18 +187,20 @@ class MLflowTracker(Callback):
                 result = fn(*args, **kwargs)
             except Exception as e:
                 reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-                if not server_answers(self.tracking_uri):
-                    if down_since is None:
-                        down_since = time.monotonic()
-                        log.warning("MLflow server %s unreachable (%s); holding %d queued calls and retrying "
-                                    "every %.0f s", self.tracking_uri, what, self._pending(), self.RETRY_S)
-                    self._give_up.wait(self.RETRY_S)
-                    continue
-                log.warning("MLflow %s failed (%s); continuing without it", what, reason)
-                self.unwritten.append(f"{what}: {reason}")
-                return None
+                if server_answers(self.tracking_uri):
+                    log.warning("MLflow %s failed (%s); continuing without it", what, reason)
+                    self.unwritten.append(f"{what}: {reason}")
+                    return None
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("MLflow server %s unreachable (%s); holding %d queued calls and retrying "
+                                "every %.0f s", self.tracking_uri, what, self._pending(), self.RETRY_S)
+                result = _DOWN
             finally:
                 self.seconds += time.perf_counter() - t0  # time spent logging (BENCHMARKS.md)
+            if result is _DOWN:
+                self._give_up.wait(self.RETRY_S)  # an outage: not time spent logging
+                continue
             if down_since is not None:
                 self.outages.append(time.monotonic() - down_since)
                 log.warning("MLflow server %s answers again after %.0f s; writing the %d queued calls",
