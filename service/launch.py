@@ -200,7 +200,7 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
     from service.tables import console_table
     from service.runner import build_tuner, can_resume, connect_ray
     from service.provenance import provenance
-    from service.tracking import MLflowTracker
+    from service.tracking import MLflowTracker, fail_fast_http
     from trainables.ray_trainable import trial_config
     from trainables.settings import get_setting
 
@@ -225,10 +225,11 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
     print(f"sweep {name}: {sweep.num_trials} {'new ' if ext else ''}trials; if interrupted, "
           f"continue with: python service/launch.py --sweep {args.sweep} --name {name} --storage {storage} "
           f"--tracking-uri {uri}{_same_trials(args)} {again}", flush=True)
-    status, t0 = "FAILED", time.time()
+    status, t0, reason = "FAILED", time.time(), None
     try:
         connect_ray()
         signal.signal(signal.SIGTERM, _interrupt)  # ray.init() installs its own SIGTERM handler: ours again
+        fail_fast_http()  # the driver's MLflow calls: the tracker retries an outage itself (service/tracking.py)
         tuner, tracker = build_tuner(sweep, name=ext.experiment if ext else name, storage=storage, tracker=tracker,
                                      resume=args.resume or (ext is not None and ext.resume),
                                      tracking=None if args.no_system_metrics else (uri, parent.experiment_id))
@@ -240,10 +241,17 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as e:  # Tune itself failed (e.g. its experiment state on a full disk): one line, no traceback
+        reason = sweep_failure(e, storage, tracker.errors.values())
+        print(f"launch.py: sweep {name} failed (exit {EXIT_SWEEP_FAILED}): {reason}", file=sys.stderr)
+        return EXIT_SWEEP_FAILED
     finally:
         if status != "FINISHED":
             tracker.close_unfinished("KILLED" if status == "KILLED" else "FAILED")
-            parent.finish(status)
+            note = tracker.record_summary()
+            if note:
+                print(note, file=sys.stderr)
+            parent.finish(status, tags={k: v for k, v in (("sweep_error", reason), ("tracking_note", note)) if v})
     wall = time.time() - t0
     metric = get_setting(sweep.setting).primary_metric
     rows = []
@@ -253,14 +261,22 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
                      "test": m.get(f"test/{metric}"), "status": "ERROR" if r.error else "OK"})
     table = console_table(rows, metric)
     n_err = sum(r["status"] != "OK" for r in rows)
+    note = tracker.record_summary()  # what a tracking outage cost the record, if there was one
+    reason = sweep_failure(None, storage, tracker.errors.values()) if n_err else None
     what = f"sweep/{'extend_' if ext else ''}"  # an extension keeps the sweep's own summary.md and wall time
     parent.finish("FINISHED" if n_err == 0 else "FAILED",
                   summary=f"# {ext.experiment if ext else name}\n\n{sweep.description}\n\nwall time {wall:.0f} s"
-                          f"\n\n{table}\n",
+                          f"\n\n{table}\n" + "".join(f"\n{x}\n" for x in (reason, note) if x),
                   metrics={f"{what}wall_s": wall, f"{what}tracking_s": tracker.seconds},
-                  summary_name=f"summary-{ext.experiment}.md" if ext else "summary.md")
+                  summary_name=f"summary-{ext.experiment}.md" if ext else "summary.md",
+                  tags={k: v for k, v in (("sweep_error", reason), ("tracking_note", note)) if v})
     print(f"\nsweep {name}: {len(rows)} {'new ' if ext else ''}trials, {n_err} failed, wall {wall:.0f} s\n")
     print(table)
+    code = 0 if n_err == 0 else EXIT_SWEEP_FAILED if reason.startswith("storage ") else 1
+    if reason:
+        print(f"launch.py: sweep {name}: {n_err} of {len(rows)} trials failed (exit {code}): {reason}", file=sys.stderr)
+    if note:
+        print(note)
     try:  # the paper-style report: summary.md + plots under <storage>/<sweep>/report, logged to the parent run
         print(f"\nReport: {write_report(uri, name, storage, experiment=experiment_name(sweep))}")
     except Exception as e:  # a report failure never fails the sweep
@@ -268,7 +284,39 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
               f"retry with: python service/report.py {name} --tracking-uri {uri} --storage {storage}")
     print(f"\nMLflow: experiment {experiment_name(sweep)!r}, parent run '{name}' in {uri}")
     print(f"Browse: {ui_command(uri)}")
-    return 0 if n_err == 0 else 1
+    return code
+
+
+EXIT_SWEEP_FAILED = 3  # the sweep itself could not go on (storage full or unwritable, Tune failed, ...)
+
+
+def sweep_failure(exc: BaseException | None, storage: str, trial_errors) -> str:
+    """One line on why a sweep failed: a full or unwritable storage named as such (Tune's own exception is
+    then often a consequence, e.g. a truncated pickle), else the exception, else the trials' first error."""
+    import os
+    import shutil
+
+    seen = [f"{type(e).__name__}: {e}" for e in _chain(exc)] + list(trial_errors)
+    local = "://" not in storage and Path(storage).is_dir()
+    if any("No space left on device" in t or "Errno 28" in t for t in seen):
+        free = shutil.disk_usage(storage).free if local else 0
+        if free < 64 * 2**20:
+            return (f"storage {storage} is full (No space left on device); free space there, then continue the "
+                    "sweep with the --resume command printed above")
+        return (f"a disk is full (No space left on device), though storage {storage} has {free / 2**30:.1f} GiB "
+                "free: check the trial nodes' /tmp (Ray's session folder)")
+    if local and not os.access(storage, os.W_OK):
+        return f"storage {storage} is not writable (permission denied)"
+    first = seen[0] if seen else "unknown error"
+    return first.splitlines()[0][:300] if first.strip() else "unknown error"
+
+
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def _same_trials(args) -> str:

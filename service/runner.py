@@ -108,9 +108,12 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
 
     exp_path = experiment_path(storage, name)
     by_setting = sweep.resources
+    # on resume, the trials the record holds as FINISHED report their final metrics and end: Tune's saved
+    # state can predate their end (a driver killed right after it), and they must not train or log again
+    finished = tracker.finished_trials() if resume else None
     trainable = tune.with_resources(
         tune.with_parameters(trial, train_storage=f"{exp_path}/_train", resources=by_setting, configs=sweep.configs,
-                             tracking=tracking),
+                             tracking=tracking, experiment_path=exp_path, finished=finished),
         lambda config: trial_resource_request(sweep, config))
     if resume:
         MLflowTracker.restored = None
