@@ -115,7 +115,7 @@ class Declaration:
     smoke: dict = field({}, doc="--smoke overrides, over the setting's smoke profile")
     smoke_grid: dict = field({}, doc="the grid of --smoke")
     resources: dict = field({}, doc="{cpu, gpu}, or per setting: {setting: {cpu, gpu}}")
-    max_concurrent_trials: int = field(0, ge=0, doc="0 = as many as the cluster fits")
+    max_concurrent_trials: int | None = field(None, ge=1, doc="left out = as many as the cluster fits")
     max_failures: int = field(1, ge=0)
 
     def validate(self) -> None:
@@ -131,6 +131,16 @@ class Declaration:
                     dup = next((v for i, v in enumerate(vals) if v in vals[:i]), None)
                     if dup is not None:
                         raise ConfigError(f"{gname}.{k} has {dup!r} twice; valid: distinct values (each trial differs)")
+        for gname in ("grid", "smoke_grid", "space"):
+            over = next((k for k in getattr(self, gname) if k in self.base), None)
+            if over is not None:
+                raise ConfigError(f"base.{over} is overridden by {gname}.{over}; valid: set it in one place")
+        over = next((k for k in self.space if k in self.grid), None)
+        if over is not None:
+            raise ConfigError(f"grid.{over} is overridden by space.{over}; valid: set it in one place")
+        if self.search == "grid" and not self.grid and "seed" not in self.base:
+            raise ConfigError("grid is empty: the sweep would be one trial at the default seed; valid: list the "
+                              "seeds, e.g. grid: {seed: [0, 1, 2]} (or state one in base.seed)")
         if self.search == "grid" and self.num_samples != 1:
             raise ConfigError(f"num_samples={self.num_samples} needs search: random or optuna (search is grid: "
                               "the grid alone sets the trials)")
@@ -190,8 +200,27 @@ def parse_declaration(decl: Any) -> Declaration:
     for key in ("num_samples", "search_seed", "max_concurrent_trials", "max_failures"):
         v, low = values.get(key), Declaration.__dataclass_fields__[key].metadata["ge"]
         if key in values and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            raise ConfigError(f"{key}={v!r} must be an integer >= {low:g}")
+            hint = "; leave it out for as many as the cluster fits" if key == "max_concurrent_trials" else ""
+            raise ConfigError(f"{key}={v!r} must be an integer >= {low:g}{hint}")
     return build(Declaration, values)
+
+
+MAX_TRIALS = 10_000  # more is a typo (a list pasted twice, a stray range), not a sweep anyone meant to run
+
+
+def check_trial_count(grid: dict[str, list], num_samples: int, search: str) -> int:
+    """The number of trials ``grid`` (expanded) and ``num_samples`` resolve to, refused above MAX_TRIALS
+    before any trial config is built."""
+    n = 1
+    for vals in grid.values():
+        n *= len(vals)
+    if search != "grid":
+        n *= num_samples
+    if n > MAX_TRIALS:
+        shape = " x ".join([*(f"{len(v)} {k}" for k, v in grid.items()),
+                            *([f"{num_samples} samples"] if search != "grid" else [])])
+        raise ConfigError(f"the declaration resolves to {n:,} trials ({shape}); valid: at most {MAX_TRIALS:,}")
+    return n
 
 
 def expand_grid(grid: dict[str, Any], methods: list[str]) -> dict[str, list]:

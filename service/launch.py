@@ -2,6 +2,7 @@
 
     python service/launch.py [--sweep NAME|PATH] [--smoke] [--dry-run] [--tracking-uri URI]
                              [--storage DIR] [--name RUN_NAME] [--data-root DIR]
+    python service/launch.py --sweep NAME --extend --name RUN_NAME --seeds 3,4   # more seeds, same sweep
 
 Local Ray is started for the sweep unless RAY_ADDRESS names a cluster (``ray job submit`` sets it).
 MLflow goes to ``sqlite:///$PWD/mlflow.db`` unless ``--tracking-uri`` or MLFLOW_TRACKING_URI says
@@ -23,6 +24,7 @@ import time  # noqa: E402
 from smear.configs import ConfigError  # noqa: E402
 from smear.data.domainnet import DataError  # noqa: E402
 from service import estimate  # noqa: E402  (light: torch only when it calibrates)
+from service.preflight import check_environment  # noqa: E402
 from service.report import resolve_tracking_uri  # noqa: E402  (light: mlflow + matplotlib)
 from service.spaces import Sweep, load_sweep  # noqa: E402
 
@@ -61,14 +63,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-images", action="store_true",
                    help="decode every image of the data before the sweep (parallel; default: headers only)")
     estimate.add_arguments(p)  # --estimate, --price-per-gpu-hour, --calibration-steps, --calibration-batch
+    _extend_arguments(p)
     args = p.parse_args(argv)
     estimate.check_arguments(p, args)
-    for flag, low in (("cpus_per_trial", 0), ("gpus_per_trial", 0), ("max_concurrent_trials", 0), ("num_samples", 1)):
+    _check_extend(p, args)
+    for flag, low in (("cpus_per_trial", 0), ("gpus_per_trial", 0), ("max_concurrent_trials", 1), ("num_samples", 1)):
         v = getattr(args, flag)
         if v is not None and v < low:
             p.error(f"--{flag.replace('_', '-')}={v} must be >= {low}")
     if args.resume and not args.name:
         p.error("--resume needs --name, the run name of the sweep to continue")
+    if args.resume and args.max_concurrent_trials is not None:  # Tune restores the saved sweep's TuneConfig
+        p.error(f"--max-concurrent-trials={args.max_concurrent_trials} cannot be combined with --resume: the resumed "
+                "sweep keeps the limit it started with; valid: --resume without it")
     if args.resume and args.dry_run:
         p.error("--dry-run and --resume cannot be combined: a dry run starts nothing, so there is nothing to resume")
     if args.name is not None and (not SAFE_NAME.fullmatch(args.name) or args.name in (".", "..")):
@@ -82,6 +89,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if scheme is not None and scheme not in schemes:
             p.error(f"--{flag.replace('_', '-')}={v!r} has an unknown scheme {scheme!r}; valid: {', '.join(schemes)}")
     return args
+
+
+# issue 14: --extend (service/extend.py)
+def _extend_arguments(p: argparse.ArgumentParser) -> None:
+    from service.extend import parse_seeds
+
+    def seeds(text: str) -> list[int]:
+        try:
+            return parse_seeds(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    p.add_argument("--extend", action="store_true",
+                   help="add the declaration's grid at --seeds to the finished sweep --name: same MLflow parent "
+                        "run, its trials kept and never re-run, the report over every seed")
+    p.add_argument("--seeds", type=seeds, default=None, help="with --extend: the new seeds, e.g. 3,4")
+
+
+def _check_extend(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.seeds is not None and not args.extend:
+        p.error("--seeds needs --extend (a new sweep takes its seeds from the declaration's grid)")
+    if not args.extend:
+        return
+    for bad, why in (("resume", "an interrupted extension continues with the same --extend command"),
+                     ("dry_run", "a dry run starts nothing")):
+        if getattr(args, bad):
+            p.error(f"--extend and --{bad.replace('_', '-')} cannot be combined: {why}")
+    if not args.name:
+        p.error("--extend needs --name, the run name of the finished sweep to extend")
+    if args.seeds is None:
+        p.error("--extend needs --seeds, the new seeds (e.g. --seeds 3,4)")
+
+
+def plan_extension(args: argparse.Namespace, sweep: Sweep):
+    """--extend: the checked Extension (service/extend.py), or a ConfigError before anything starts."""
+    from service.extend import plan
+
+    return plan(resolve_tracking_uri(args.tracking_uri), resolve_storage(args.storage), args.name, sweep,
+                args.smoke, args.seeds)
+
+
+def resolve_storage(arg: str | None) -> str:
+    """``--storage`` (default ./results) as an absolute path; s3://, gs://, ... go to Tune unchanged
+    (multi-node sweeps need shared storage)."""
+    storage = arg or "results"
+    return storage if "://" in storage else str(Path(storage).resolve())
 
 
 def apply_overrides(sweep: Sweep, args: argparse.Namespace) -> None:
@@ -142,21 +195,20 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
 
 
-def run_sweep(args, sweep: Sweep) -> int:
-    """Run a validated sweep: the parent run (service.record), the Tuner (service.runner), the report."""
+def run_sweep(args, sweep: Sweep, ext=None) -> int:
+    """Run a validated sweep: the parent run (service.record), the Tuner (service.runner), the report.
+    ``ext`` (--extend): the sweep's new seeds as their own Tune experiment under its parent run."""
     from service.record import NoParentRun, ParentRun, experiment_name
     from service.report import write_report
     from service.tables import console_table
     from service.runner import build_tuner, can_resume, connect_ray
     from service.provenance import provenance
-    from service.tracking import MLflowTracker
+    from service.tracking import MLflowTracker, fail_fast_http
     from trainables.ray_trainable import trial_config
     from trainables.settings import get_setting
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    storage = args.storage or "results"
-    if "://" not in storage:  # s3://, gs://, ... go to Tune unchanged (multi-node sweeps need shared storage)
-        storage = str(Path(storage).resolve())
+    storage = resolve_storage(args.storage)
     name = args.name or f"{sweep.name}{'-smoke' if args.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.resume and not can_resume(storage, name):
         found = (sorted(p.name for p in Path(storage).glob("*") if (p / "tuner.pkl").exists())
@@ -164,31 +216,45 @@ def run_sweep(args, sweep: Sweep) -> int:
         return _bad(f"no sweep {name!r} to resume under {storage}; found: {', '.join(found) or 'none'}")
     code = provenance(REPO)  # git commit and dirty flag, also under `ray job submit` (service/provenance.py)
     try:
-        parent = ParentRun.open(uri, sweep, name, resume=args.resume,
+        parent = ParentRun.open(uri, sweep, name, resume=args.resume or ext is not None,
                                 tags={**code, "smoke": str(args.smoke)})
     except NoParentRun as e:
         return _bad(str(e))
-    tracker = MLflowTracker(uri, parent.experiment_id, parent.run_id, name, code,
-                            configs=sweep.configs)
-    print(f"sweep {name}: {sweep.num_trials} trials; if interrupted, "
+    if ext is not None:
+        ext.start(parent, sweep)
+    tracker = MLflowTracker(uri, parent.experiment_id, parent.run_id, name,
+                            {**code, **({"extension": ext.experiment} if ext else {})}, configs=sweep.configs)
+    again = f"--extend --seeds {','.join(map(str, ext.seeds))}" if ext else "--resume"
+    print(f"sweep {name}: {sweep.num_trials} {'new ' if ext else ''}trials; if interrupted, "
           f"continue with: python service/launch.py --sweep {args.sweep} --name {name} --storage {storage} "
-          f"--tracking-uri {uri} --resume", flush=True)
-    status, t0 = "FAILED", time.time()
+          f"--tracking-uri {uri}{_same_trials(args)} {again}", flush=True)
+    status, t0, reason = "FAILED", time.time(), None
     try:
         connect_ray()
         signal.signal(signal.SIGTERM, _interrupt)  # ray.init() installs its own SIGTERM handler: ours again
-        tuner, tracker = build_tuner(sweep, name=name, storage=storage, tracker=tracker, resume=args.resume,
+        fail_fast_http()  # the driver's MLflow calls: the tracker retries an outage itself (service/tracking.py)
+        tuner, tracker = build_tuner(sweep, name=ext.experiment if ext else name, storage=storage, tracker=tracker,
+                                     resume=args.resume or (ext is not None and ext.resume),
                                      tracking=None if args.no_system_metrics else (uri, parent.experiment_id))
         grid = tuner.fit()
         tracker.flush()  # normally a no-op: Tune's on_experiment_end has flushed it
+        if ext is not None:
+            ext.done(parent)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as e:  # Tune itself failed (e.g. its experiment state on a full disk): one line, no traceback
+        reason = sweep_failure(e, storage, tracker.errors.values())
+        print(f"launch.py: sweep {name} failed (exit {EXIT_SWEEP_FAILED}): {reason}", file=sys.stderr)
+        return EXIT_SWEEP_FAILED
     finally:
         if status != "FINISHED":
             tracker.close_unfinished("KILLED" if status == "KILLED" else "FAILED")
-            parent.finish(status)
+            note = tracker.record_summary()
+            if note:
+                print(note, file=sys.stderr)
+            parent.finish(status, tags={k: v for k, v in (("sweep_error", reason), ("tracking_note", note)) if v})
     wall = time.time() - t0
     metric = get_setting(sweep.setting).primary_metric
     rows = []
@@ -198,11 +264,22 @@ def run_sweep(args, sweep: Sweep) -> int:
                      "test": m.get(f"test/{metric}"), "status": "ERROR" if r.error else "OK"})
     table = console_table(rows, metric)
     n_err = sum(r["status"] != "OK" for r in rows)
+    note = tracker.record_summary()  # what a tracking outage cost the record, if there was one
+    reason = sweep_failure(None, storage, tracker.errors.values()) if n_err else None
+    what = f"sweep/{'extend_' if ext else ''}"  # an extension keeps the sweep's own summary.md and wall time
     parent.finish("FINISHED" if n_err == 0 else "FAILED",
-                  summary=f"# {name}\n\n{sweep.description}\n\nwall time {wall:.0f} s\n\n{table}\n",
-                  metrics={"sweep/wall_s": wall, "sweep/tracking_s": tracker.seconds})
-    print(f"\nsweep {name}: {len(rows)} trials, {n_err} failed, wall {wall:.0f} s\n")
+                  summary=f"# {ext.experiment if ext else name}\n\n{sweep.description}\n\nwall time {wall:.0f} s"
+                          f"\n\n{table}\n" + "".join(f"\n{x}\n" for x in (reason, note) if x),
+                  metrics={f"{what}wall_s": wall, f"{what}tracking_s": tracker.seconds},
+                  summary_name=f"summary-{ext.experiment}.md" if ext else "summary.md",
+                  tags={k: v for k, v in (("sweep_error", reason), ("tracking_note", note)) if v})
+    print(f"\nsweep {name}: {len(rows)} {'new ' if ext else ''}trials, {n_err} failed, wall {wall:.0f} s\n")
     print(table)
+    code = 0 if n_err == 0 else EXIT_SWEEP_FAILED if reason.startswith("storage ") else 1
+    if reason:
+        print(f"launch.py: sweep {name}: {n_err} of {len(rows)} trials failed (exit {code}): {reason}", file=sys.stderr)
+    if note:
+        print(note)
     try:  # the paper-style report: summary.md + plots under <storage>/<sweep>/report, logged to the parent run
         print(f"\nReport: {write_report(uri, name, storage, experiment=experiment_name(sweep))}")
     except Exception as e:  # a report failure never fails the sweep
@@ -210,7 +287,49 @@ def run_sweep(args, sweep: Sweep) -> int:
               f"retry with: python service/report.py {name} --tracking-uri {uri} --storage {storage}")
     print(f"\nMLflow: experiment {experiment_name(sweep)!r}, parent run '{name}' in {uri}")
     print(f"Browse: {ui_command(uri)}")
-    return 0 if n_err == 0 else 1
+    return code
+
+
+EXIT_SWEEP_FAILED = 3  # the sweep itself could not go on (storage full or unwritable, Tune failed, ...)
+
+
+def sweep_failure(exc: BaseException | None, storage: str, trial_errors) -> str:
+    """One line on why a sweep failed: a full or unwritable storage named as such (Tune's own exception is
+    then often a consequence, e.g. a truncated pickle), else the exception, else the trials' first error."""
+    import os
+    import shutil
+
+    seen = [f"{type(e).__name__}: {e}" for e in _chain(exc)] + list(trial_errors)
+    local = "://" not in storage and Path(storage).is_dir()
+    if any("No space left on device" in t or "Errno 28" in t for t in seen):
+        free = shutil.disk_usage(storage).free if local else 0
+        if free < 64 * 2**20:
+            return (f"storage {storage} is full (No space left on device); free space there, then continue the "
+                    "sweep with the --resume command printed above")
+        return (f"a disk is full (No space left on device), though storage {storage} has {free / 2**30:.1f} GiB "
+                "free: check the trial nodes' /tmp (Ray's session folder)")
+    if local and not os.access(storage, os.W_OK):
+        return f"storage {storage} is not writable (permission denied)"
+    first = seen[0] if seen else "unknown error"
+    return first.splitlines()[0][:300] if first.strip() else "unknown error"
+
+
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _same_trials(args) -> str:
+    """The flags that shape the trials, for the printed --resume / --extend command (the same sweep again)."""
+    flags = " --smoke" if args.smoke else ""
+    if args.num_samples is not None:
+        flags += f" --num-samples {args.num_samples}"
+    if args.data_root is not None:
+        flags += f" --data-root {Path(args.data_root).resolve()}"
+    return flags
 
 
 def _bad(message: str) -> int:
@@ -233,8 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, kill: end MLflow runs as KILLED, like Ctrl-C
     args = parse_args(argv)
     try:
-        sweep = load_sweep(args.sweep, smoke=args.smoke, num_samples=args.num_samples)
+        sweep = load_sweep(args.sweep, smoke=args.smoke, num_samples=args.num_samples, seeds=args.seeds)
+        ext = plan_extension(args, sweep) if args.extend else None  # issue 14: checked before anything starts
         apply_overrides(sweep, args)
+        if not args.dry_run:  # this machine and its services (service/preflight.py), before the data check's minute
+            check_environment(sweep, storage=args.storage or "results", tracking_uri=resolve_tracking_uri(args.tracking_uri))
         resolve_data(sweep, args.data_root, create=not args.dry_run, images="full" if args.check_images else "header")
         check_resources(sweep)
     except (ConfigError, DataError) as e:
@@ -246,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, DataError) as e:
             return _bad(str(e))
     try:
-        return run_sweep(args, sweep)
+        return run_sweep(args, sweep, ext)
     except KeyboardInterrupt:  # SIGTERM (`ray job stop`, kill) or Ctrl-C: every run of the sweep is KILLED
         term = signal.SIGTERM in _received
         print(f"launch.py: interrupted ({'SIGTERM' if term else 'SIGINT'}): the sweep's MLflow runs are KILLED; "

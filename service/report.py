@@ -1,14 +1,17 @@
 """The report of a finished sweep, read back from MLflow: the paper-style table and three plots.
 
     python service/report.py SWEEP_RUN_NAME [--tracking-uri URI] [--storage DIR] [--experiment NAME]
+                             [--reference METHOD] [--ci t|bootstrap] [--n-boot N]
 
 Finds the sweep's parent run (tag ``sweep=<name>``, in the experiments ``smear-sweep/*`` unless
 ``--experiment`` names one), reads its child runs (one per trial) and writes under
 ``<storage>/<sweep>/report/``:
 
 - ``summary.md``: method x domain (ResNet-DomainNet: test accuracy per domain) or method x task
-  (T5-GLUE: test score per task), plus the overall primary metric, mean +- std over seeds (x100),
-  methods best first; the statistics over seeds (``service.stats``: 95% CIs, the paired difference to
+  (T5-GLUE: test score per task), plus the overall primary metric, each cell the mean over seeds (x100)
+  with its 95% CI and seed count, ``*`` where the paired difference to ``--reference`` is significant
+  (Holm within the column), methods best first; the statistics over seeds (``service.stats``: 95% CIs,
+  Student t or with ``--ci bootstrap`` a percentile bootstrap over seeds; the paired difference to
   ``--reference``, default smear, with a Holm-corrected paired test); then one line per trial;
 - ``table.tex`` (booktabs) and ``table.csv``: the statistics table, paper-ready;
 - ``scores.png``: the overall test metric per method, one point per seed and the mean as a bar;
@@ -36,7 +39,9 @@ import time  # noqa: E402
 from service.sections import (  # noqa: E402
     HEATMAP_ARTIFACT, heatmap_figure, heatmap_of, learning_curves, routing_diagnostics, save, sensitivity_section,
 )
-from service.tables import compute_table, method_order, method_table, trial_table  # noqa: E402
+from service.tables import (  # noqa: E402
+    column_statistics, compute_table, method_order, method_table, seed_scores, trial_table,
+)
 from service.trials import ReportError, Trial, find_sweep, read_trials, score_key  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -65,21 +70,22 @@ def _settings(trials: list[Trial]) -> list[str]:
     return out
 
 
-def seed_statistics(ts: list[Trial], reference: str, out_dir: Path, suffix: str) -> tuple[list[str], list[Path]]:
+def seed_statistics(ts: list[Trial], reference: str, out_dir: Path, suffix: str, interval: str = "t",
+                    n_boot: int = 10_000) -> tuple[list[str], list[Path]]:
     """The statistics over seeds (service.stats) of one setting's trials: per method the mean and its 95%
-    CI, against ``reference`` the paired difference over shared seeds, its CI and a Holm-corrected test;
-    markdown lines for summary.md, and the same table as LaTeX (booktabs) and CSV files."""
-    from service.stats import compare, format_markdown, summarize, to_csv, to_latex_booktabs
+    CI (``interval``: "t" or "bootstrap" with ``n_boot`` resamples), against ``reference`` the paired
+    difference over shared seeds, its CI and a Holm-corrected test; markdown lines for summary.md, and the
+    same table as LaTeX (booktabs) and CSV files."""
+    from service.stats import format_markdown, to_csv, to_latex_booktabs
 
-    scores = {m: {t.seed: t.test for t in ts if t.method == m} for m in method_order(ts)}
     primary = ts[0].primary
-    if reference in scores:
-        summaries, comparisons = compare(scores, reference=reference)
+    by_method, by_comparison = column_statistics(seed_scores(ts), reference, interval, n_boot)
+    summaries, comparisons = list(by_method.values()), list(by_comparison.values())
+    if comparisons:
         intro = (f"Test {primary} (not x100) per method over its seeds, and each method minus `{reference}` over "
                  f"the seeds both have (paired t-test below 6 pairs, Wilcoxon signed-rank from 6; p-values "
                  f"Holm-corrected across the methods compared).")
     else:
-        summaries, comparisons = [summarize(m, v) for m, v in scores.items()], []
         intro = f"Test {primary} per method over its seeds; no `{reference}` trial, so no paired comparison."
     files = []
     for name, text in ((f"table{suffix}.tex", to_latex_booktabs(summaries, comparisons)),
@@ -94,7 +100,7 @@ def seed_statistics(ts: list[Trial], reference: str, out_dir: Path, suffix: str)
 
 
 def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
-                 reference: str = SMEAR) -> tuple[str, list[Path]]:
+                 reference: str = SMEAR, interval: str = "t", n_boot: int = 10_000) -> tuple[str, list[Path]]:
     """Write the plots and tables into ``out_dir``; return summary.md's text and the files written."""
     from service.plots import score_per_method, score_vs_cost
 
@@ -120,12 +126,16 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
             continue
         primary, kind, gm = ts[0].primary, ts[0].group_kind, ts[0].group_metric
         suffix = "" if len(settings) == 1 else f"_{setting}"
+        ci = ("± half-width of its 95% t-interval" if interval == "t"
+              else f"[95% percentile-bootstrap interval, {n_boot:,} resamples]")
         lines += [f"## {setting}: test {gm} per {kind} and overall {primary}", "",
-                  f"Test metrics x100 of each trial's best-validation weights, mean +- std over seeds "
-                  f"(sample std; 0 for one seed); methods best first by {primary}; best mean in bold. "
+                  f"Test metrics x100 of each trial's best-validation weights: mean over seeds {ci}, "
+                  f"(n=) the seeds it rests on (one seed: no interval). `*`: the paired difference to "
+                  f"`{reference}` in that column is significant (Holm-adjusted over the column's methods, "
+                  f"p < 0.05; see the statistics below). Methods best first by {primary}; best mean in bold. "
                   f"`seeds` = trials with a test {primary} / trials.", "",
-                  method_table(ts), ""]
-        stat_lines, stat_files = seed_statistics(ts, reference, out_dir, suffix)
+                  method_table(ts, reference=reference, interval=interval, n_boot=n_boot), ""]
+        stat_lines, stat_files = seed_statistics(ts, reference, out_dir, suffix, interval, n_boot)
         lines += stat_lines
         if cost := compute_table(ts):
             lines += ["### Compute", "", "What one trial of each method costs (mean over its trials; FLOPs measured with "
@@ -208,7 +218,9 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
     return "\n".join(lines), files
 
 
-def _client(tracking_uri: str):
+def open_store(tracking_uri: str):
+    """An MlflowClient of a store that exists and answers; else ReportError (one line). A missing sqlite file
+    is not created (MLflow would create an empty store). Shared with launch.py --extend."""
     from mlflow.tracking import MlflowClient
 
     if tracking_uri.startswith("sqlite:///"):
@@ -227,15 +239,21 @@ def _client(tracking_uri: str):
 
 
 def write_report(tracking_uri: str, sweep_run_name: str, storage: str | Path, experiment: str | None = None,
-                 reference: str = SMEAR) -> Path:
+                 reference: str | None = None, interval: str = "t", n_boot: int = 10_000) -> Path:
     """Write ``<storage>/<sweep>/report/summary.md`` and its plots, log them to the parent run under
-    ``report/``, return summary.md's path. Raises ReportError if the sweep or the store is not found."""
-    client = _client(tracking_uri)
+    ``report/``, return summary.md's path. Raises ReportError if the sweep or the store is not found, or if
+    ``reference`` (default: smear, when the sweep has it) is not a method of the sweep."""
+    client = open_store(tracking_uri)
     parent, exp = find_sweep(client, sweep_run_name, experiment)
     trials = read_trials(client, parent)
+    methods = sorted({t.method for t in trials})
+    if reference is not None and reference not in methods:
+        raise ReportError(f"--reference={reference!r} is not a method of sweep {sweep_run_name!r}; valid: "
+                          f"{', '.join(methods) or 'none (no trial runs)'}")
     out_dir = Path(storage).resolve() / sweep_run_name / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    text, files = build_report(client, parent, exp, trials, out_dir, reference=reference)
+    text, files = build_report(client, parent, exp, trials, out_dir, reference=reference or SMEAR,
+                               interval=interval, n_boot=n_boot)
     summary = out_dir / "summary.md"
     summary.write_text(text)
     for f in [summary, *files]:
@@ -259,20 +277,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from service.stats import INTERVALS
+
     p = _Parser(description=__doc__.splitlines()[0])
     p.add_argument("sweep", help="the sweep's run name (launch.py --name; tag sweep=<name> on its parent run)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///$PWD/mlflow.db)")
     p.add_argument("--storage", default="results", help="the sweep's storage; the report goes to <storage>/<sweep>/report")
     p.add_argument("--experiment", default=None, help="the experiment to look in (default: every smear-sweep/* experiment)")
-    p.add_argument("--reference", default=SMEAR, help="the method every other is compared with, seed by seed "
-                                                       f"(default: {SMEAR})")
+    p.add_argument("--reference", default=None, help="the method every other is compared with, seed by seed "
+                                                      f"(default: {SMEAR})")
+    p.add_argument("--ci", choices=INTERVALS, default="t",
+                   help="confidence interval of a method's mean over seeds: t (Student) or bootstrap (percentile, "
+                        "resampling the seeds)")
+    p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples (with --ci bootstrap)")
     args = p.parse_args(argv)
+    if args.n_boot < 1:
+        p.error(f"--n-boot={args.n_boot} must be >= 1")
     # an unreachable server: fail in seconds with one line, not after minutes of retries
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     try:
         path = write_report(resolve_tracking_uri(args.tracking_uri), args.sweep, args.storage, args.experiment,
-                            reference=args.reference)
+                            reference=args.reference, interval=args.ci, n_boot=args.n_boot)
     except ReportError as e:
         print(f"report.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

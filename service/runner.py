@@ -9,7 +9,10 @@ import os
 import socket
 from typing import Any
 
+from ray.tune import Callback
+
 from service.spaces import Sweep, param_space
+from service.tables import progress_line
 from service.tracking import MLflowTracker, trial_run_name
 from trainables.config import make_config
 from trainables.ray_trainable import trial, trial_config, trial_resources
@@ -78,15 +81,39 @@ def _search_and_scheduler(sweep: Sweep):
     return search_alg, scheduler
 
 
+class ProgressLine(Callback):
+    """Prints one console line each time a trial ends (:func:`service.tables.progress_line`): trials done out
+    of the sweep's, and per method the running mean of ``metric`` (the primary validation metric) over the
+    trials that have reported it so far, finished or still running."""
+
+    def __init__(self, total: int, metric: str, configs: list[dict] | None):
+        self.total, self.metric, self.configs = total, metric, configs
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        done = sum(t.is_finished() or t is trial for t in trials)
+        scores: dict[str, list[float]] = {}
+        for t in trials:
+            values = scores.setdefault(trial_config(t.config, self.configs)["routing"]["method"], [])
+            v = (t.last_result or {}).get(self.metric)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                values.append(float(v))
+        print(progress_line(done, max(self.total, len(trials)), scores), flush=True)
+
+    on_trial_error = on_trial_complete
+
+
 def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker, tracking, resume: bool):
     """(Tuner, the tracker Tune will call). On resume, Tune restores the pickled tracker with its state."""
     from ray import tune
 
     exp_path = experiment_path(storage, name)
     by_setting = sweep.resources
+    # on resume, the trials the record holds as FINISHED report their final metrics and end: Tune's saved
+    # state can predate their end (a driver killed right after it), and they must not train or log again
+    finished = tracker.finished_trials() if resume else None
     trainable = tune.with_resources(
         tune.with_parameters(trial, train_storage=f"{exp_path}/_train", resources=by_setting, configs=sweep.configs,
-                             tracking=tracking),
+                             tracking=tracking, experiment_path=exp_path, finished=finished),
         lambda config: trial_resource_request(sweep, config))
     if resume:
         MLflowTracker.restored = None
@@ -110,7 +137,8 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
             trial_name_creator=run_name, trial_dirname_creator=run_name,
             max_concurrent_trials=None if search_alg is not None else (sweep.max_concurrent_trials or None)),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, callbacks=[tracker], verbose=1,
+            name=name, storage_path=storage, verbose=1,
+            callbacks=[tracker, ProgressLine(sweep.num_trials, sweep.metric, sweep.configs)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
     )

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from service.declaration import Declaration, Distribution, expand_grid, parse_declaration
+from service.declaration import Declaration, Distribution, check_trial_count, expand_grid, parse_declaration
 from smear.configs import ConfigError, to_dict, unflatten
 from smear.routing import available_methods
 from trainables.config import make_config
@@ -45,7 +45,7 @@ class Sweep:
     description: str
     trials: list[Trial]         # grid / random: every trial; optuna: example trials (the space's midpoints x seeds)
     resources: dict[str, dict[str, float]]  # setting -> {cpu, gpu} per trial (per worker)
-    max_concurrent_trials: int
+    max_concurrent_trials: int | None  # None: as many as the cluster fits
     max_failures: int
     search: str = "grid"
     space: dict[str, Distribution] = field(default_factory=dict)
@@ -147,8 +147,11 @@ def load_yaml(text: str):
         loader.dispose()
 
 
-def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | None = None) -> Sweep:
-    """Load, validate and resolve a declaration; any problem is one ConfigError line naming the file."""
+def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | None = None,
+               seeds: list[int] | None = None) -> Sweep:
+    """Load, validate and resolve a declaration; any problem is one ConfigError line naming the file.
+
+    ``seeds`` replaces the grid's seeds (``launch.py --extend``: the same grid at new seeds)."""
     path = find_declaration(name_or_path)
     text = path.read_text()
     try:
@@ -159,15 +162,27 @@ def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | Non
         if not raw:
             raise ConfigError("the declaration is empty; valid: at least a description and a base or grid "
                               "(an empty one would run the paper's full defaults)")
-        return _resolve(path, text, parse_declaration(raw), smoke=smoke, num_samples=num_samples)
+        return _resolve(path, text, parse_declaration(raw), smoke=smoke, num_samples=num_samples, seeds=seeds)
     except ConfigError as e:
         raise ConfigError(f"{path.name}: {e}") from None
 
 
-def _resolve(path: Path, text: str, decl: Declaration, *, smoke: bool, num_samples: int | None) -> Sweep:
+def _resolve(path: Path, text: str, decl: Declaration, *, smoke: bool, num_samples: int | None,
+             seeds: list[int] | None = None) -> Sweep:
     methods = available_methods()
     grid = expand_grid(decl.smoke_grid if smoke and decl.smoke_grid else decl.grid, methods)
+    if seeds is not None:
+        if decl.search == "optuna":
+            raise ConfigError("--seeds (--extend) needs search: grid or random; an optuna sweep's points are "
+                              "its own (run a new sweep with more grid.seed)")
+        if "seed" in decl.space:
+            raise ConfigError("--seeds (--extend) needs the seed in grid, not in space")
+        grid = {**grid, "seed": list(seeds)}
+    if num_samples is not None and decl.search == "grid":
+        raise ConfigError(f"--num-samples={num_samples} needs search: random or optuna (the declaration's search is "
+                          "grid: the grid alone sets the trials)")
     num_samples = num_samples or decl.num_samples
+    check_trial_count(grid, num_samples, decl.search)
     space = decl.distributions()
     seeds = list(grid.get("seed", [])) if decl.search == "optuna" else []
 
@@ -187,15 +202,20 @@ def _resolve(path: Path, text: str, decl: Declaration, *, smoke: bool, num_sampl
         for k, d in space.items():
             for v in d.examples()[1:]:
                 _build(fixed({**samples[0], k: v}))
-    keys = list(grid)
+    # seed-major: every other combination at the first seed, then at the next, ... so that the first
+    # results of a sweep (Tune runs the grid in this order) cover every method
+    keys = sorted(grid, key=lambda k: k != "seed")
     trials = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         for sample in samples:
-            overrides = {**dict(zip(keys, combo)), **sample}
+            chosen = dict(zip(keys, combo))
+            overrides = {**{k: chosen[k] for k in grid}, **sample}  # shown in the declaration's key order
             cfg = _build(fixed(overrides))
             trials.append(Trial(len(trials), overrides, cfg))
     if not trials:
         raise ConfigError("the declaration resolves to no trials")
+    if decl.search != "optuna":
+        _refuse_identical(trials)
     settings = available_settings()
     resources = {t.config["setting"]: decl.resources_for(t.config["setting"], settings) for t in trials}
     sweep = Sweep(name=path.stem, path=path, description=decl.description, trials=trials,
@@ -212,6 +232,23 @@ def _resolve(path: Path, text: str, decl: Declaration, *, smoke: bool, num_sampl
                                   f"evaluations; valid: 1 to {a['max_t']}")
             sweep.asha["grace_period"] = a["max_t"]  # --smoke shrinks the budget: ASHA's first rung shrinks too
     return sweep
+
+
+def _refuse_identical(trials: list[Trial]) -> None:
+    """Two trials with the same resolved config would run the same thing twice (e.g. ``smoke`` fixing a key
+    the grid varies, or random draws of a ``choice`` space that repeat)."""
+    import json
+
+    seen: dict[str, Trial] = {}
+    for t in trials:
+        key = json.dumps(t.config, sort_keys=True, default=str)
+        if key in seen:
+            a = seen[key]
+            raise ConfigError(f"trials {a.index} and {t.index} are identical "
+                              f"({' '.join(f'{k}={v}' for k, v in t.overrides.items())} resolves like "
+                              f"{' '.join(f'{k}={v}' for k, v in a.overrides.items())}); valid: distinct trials "
+                              "(what varies must not be fixed again by smoke, and a random space needs draws that differ)")
+        seen[key] = t
 
 
 def param_space(sweep: Sweep) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""The sweep's tables (markdown): per method x group with mean +- std over seeds, per trial, and the console
-table printed at the end of a sweep. The report (:mod:`service.report`) is their one user besides the
+"""The sweep's tables (markdown): per method x group with the statistics over seeds (:mod:`service.stats`), per
+trial, compute, the console table printed at the end of a sweep and its progress line. The report (:mod:`service.report`) is their one user besides the
 launcher's console line; nothing else keeps a summary.
 """
 from __future__ import annotations
@@ -42,38 +42,89 @@ def groups_of(trials: list[Trial]) -> list[str]:
     return out
 
 
-def _cell(ms, scale: float, best: bool = False) -> str:
-    if ms is None:
+def seed_scores(trials: list[Trial], value=lambda t: t.test) -> dict[str, dict[str, float | None]]:
+    """``{method: {seed: score}}`` for the statistics over seeds (:mod:`service.stats`), methods best first,
+    seeds in ascending order.
+
+    A method with several trials at one seed (a sweep that also varies hyper-parameters) counts that seed
+    once, with the mean of its trials' values; a seed none of whose trials has a value is None (missing)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for m in method_order(trials):
+        by_seed: dict[str, list] = {}
+        for t in trials:
+            if t.method == m:
+                by_seed.setdefault(str(t.seed), []).append(value(t))
+        out[m] = {seed: (ms[0] if (ms := mean_std(by_seed[seed])) else None)  # seeds in order: a bootstrap
+                  for seed in sorted(by_seed, key=_seed_key)}                  # does not depend on read order
+    return out
+
+
+def column_statistics(scores: dict[str, dict[str, float | None]], reference: str, interval: str = "t",
+                      n_boot: int = 10_000):
+    """One column of the method table: (summaries by method, paired comparisons with ``reference`` by method;
+    Holm over the methods of this column). No comparison when ``reference`` has no trial here."""
+    from service.stats import compare, summarize
+
+    if reference in scores:
+        summaries, comparisons = compare(scores, reference=reference, interval=interval, n_boot=n_boot)
+    else:
+        summaries, comparisons = [summarize(m, v, interval, n_boot=n_boot) for m, v in scores.items()], []
+    return {s.method: s for s in summaries}, {c.method: c for c in comparisons}
+
+
+def _stat_cell(s, c, scale: float, best: bool) -> str:
+    """mean ± CI half-width (t) or mean [low, high] (bootstrap), then (n=seeds); ``*``: significant vs the
+    reference; one seed: its value and "no CI"."""
+    if s is None or s.mean is None:
         return "-"
-    s = f"{ms[0] * scale:.2f} +- {ms[1] * scale:.2f}"
-    return f"**{s}**" if best else s
+    if s.n < 2:
+        num, n = f"{s.mean * scale:.2f}", "(n=1: no CI)"
+    elif s.interval == "t":
+        num, n = f"{s.mean * scale:.2f} ± {(s.ci_high - s.mean) * scale:.2f}", f"(n={s.n})"
+    else:
+        num, n = f"{s.mean * scale:.2f} [{s.ci_low * scale:.2f}, {s.ci_high * scale:.2f}]", f"(n={s.n})"
+    return f"{f'**{num}**' if best else num} {n}{'*' if c is not None and c.significant else ''}"
 
 
-def method_table(trials: list[Trial], scale: float = 100.0) -> str:
+def method_table(trials: list[Trial], scale: float = 100.0, reference: str = "smear", interval: str = "t",
+                 n_boot: int = 10_000) -> str:
     """Markdown: one row per method (best first), one column per domain/task, then the primary metric.
 
-    Cells are test metrics x ``scale``, mean +- std over the seeds that have a value; the best mean of each
-    column is bold; "seeds" counts trials with an overall value out of all the method's trials.
+    Each cell: the test metric x ``scale``, mean over the seeds that have a value with the half-width of its
+    95% confidence interval (``interval`` "t", or "bootstrap": the interval itself), and n = those seeds
+    (:mod:`service.stats`). ``*`` marks a method whose paired difference to ``reference`` in that column is
+    significant (Holm-adjusted over the column's methods, p < 0.05). One seed: its value, "no CI". The best
+    mean of each column is bold; "seeds" counts trials with an overall value out of all the method's trials.
     """
     primary = trials[0].primary if trials else "accuracy"
     groups = groups_of(trials)
     methods = method_order(trials)
-    cols: list[tuple[str, dict[str, object]]] = []
-    for g in groups:
-        cols.append((g, {m: mean_std([t.groups.get(g) for t in trials if t.method == m]) for m in methods}))
-    cols.append((f"{primary} (overall)", {m: mean_std([t.test for t in trials if t.method == m]) for m in methods}))
-    best = {name: max((ms[0] for ms in vals.values() if ms), default=None) for name, vals in cols}
+    cols = [(g, seed_scores(trials, lambda t, g=g: t.groups.get(g))) for g in groups]
+    cols.append((f"{primary} (overall)", seed_scores(trials)))
     head = ["method", "seeds", *[name for name, _ in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    stats = [column_statistics(scores, reference, interval, n_boot) for _, scores in cols]
+    best = [max((s.mean for s in summ.values() if s.mean is not None), default=None) for summ, _ in stats]
     for m in methods:
         ts = [t for t in trials if t.method == m]
-        n_ok = sum(t.test is not None for t in ts)
-        cells = [m, f"{n_ok}/{len(ts)}"]
-        for name, vals in cols:
-            ms = vals[m]
-            cells.append(_cell(ms, scale, best=ms is not None and len(methods) > 1 and ms[0] == best[name]))
+        cells = [m, f"{sum(t.test is not None for t in ts)}/{len(ts)}"]
+        for (summ, comp), top in zip(stats, best):
+            s = summ.get(m)
+            cells.append(_stat_cell(s, comp.get(m), scale,
+                                    best=s is not None and s.mean is not None and len(methods) > 1 and s.mean == top))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def progress_line(done: int, total: int, scores: dict[str, list[float]], digits: int = 3) -> str:
+    """The console line printed when a trial ends: trials done out of the sweep's, then per method (in the
+    given order) the running mean of its reported values and how many trials it rests on (``-`` for none),
+    e.g. ``progress: 4/6 done | smear 0.547 (2) adapter 0.540 (1) tag - (0)``."""
+    parts = []
+    for m, vs in scores.items():
+        ms = mean_std(vs)
+        parts.append(f"{m} {'-' if ms is None else f'{ms[0]:.{digits}f}'} ({0 if ms is None else ms[2]})")
+    return f"progress: {done}/{total} done" + (" | " + " ".join(parts) if parts else "")
 
 
 def console_table(rows: list[dict], metric: str = "accuracy") -> str:

@@ -5,12 +5,16 @@ runs RUNNING, makes two HTTP calls per metric, and does not nest. This callback 
 trial_id -> run_id map in its saved state (and finds runs by their ``trial_id`` tag when that state is
 lost), logs each result with one ``log_batch``, nests child runs under the parent
 (``mlflow.parentRunId``), ends runs FINISHED / FAILED, and keeps the sweep going through a tracking
-outage (results logged while the store is down are dropped with a warning, never the trial).
+outage: Tune's hooks only queue MLflow calls; while the server does not answer, the logging thread holds
+the queue (in order) and retries, then catches up when it is back. What it could not write (a call the
+server refused, or a queue still waiting when the sweep ends and the wait is over) is counted and said at
+the end (:meth:`MLflowTracker.record_summary`).
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -30,6 +34,33 @@ log = logging.getLogger(__name__)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 EVAL_KEY = "train/loss"  # in every evaluation report of the train loop, never in its final (test) report
 MAX_PARAM_LEN = 6000
+# The driver's MLflow HTTP calls fail within seconds when the server is down (MLflow's defaults retry each
+# call for ~4 min, 120 s timeout), so the tracker knows of an outage and retries itself (see _safe). The
+# user's own settings win.
+FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+_DOWN = object()  # _safe: the call failed and the tracking server does not answer
+
+
+def fail_fast_http() -> None:
+    """Set FAIL_FAST_HTTP in this process (the driver, after Ray started: trial processes keep MLflow's)."""
+    for k, v in FAIL_FAST_HTTP.items():
+        os.environ.setdefault(k, v)
+
+
+def server_answers(uri: str, timeout: float = 5.0) -> bool:
+    """Whether the tracking store answers: an HTTP server's /health, or True for a local store (sqlite, file:
+    a failure there is the store's own error, not an outage)."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import requests
+
+    try:
+        return requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).ok
+    except requests.RequestException:
+        return False
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
@@ -60,23 +91,31 @@ class MLflowTracker(Callback):
         self.sweep, self.tags = sweep, dict(tags)
         self.runs: dict[str, str] = {}   # trial_id -> run_id
         self.seconds = 0.0               # the logging thread's time in MLflow calls
+        self.unwritten: list[str] = []   # "<what>: <reason>" of each MLflow call given up
+        self.outages: list[float] = []   # seconds of each tracking outage seen (retried through)
+        self.errors: dict[str, str] = {}  # trial_id -> the last line of its error (trials that failed here)
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
         self._last_step: dict[str, int] = {}  # trial_id -> newest evaluation step in its run (see _result)
+        self._finished: dict[str, bool] = {}  # trial_id -> its run had ended FINISHED when first seen here
+        self._ended: set[str] = set()  # trials whose end this process has queued
         self._client: MlflowClient | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._give_up = threading.Event()  # the sweep is ending and the wait for the server is over
 
-    _RUNTIME = ("_client", "_queue", "_thread", "_lock", "_last_step")
+    _RUNTIME = ("_client", "_queue", "_thread", "_lock", "_last_step", "_give_up", "_finished", "_ended")
+    RETRY_S = 5.0  # between two tries of a call while the tracking server is down
+    FLUSH_WAIT_S = 300.0  # at the sweep's end, how long to wait for the server to write what is queued
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks: plain data only, never the client or the thread
         with self._lock:
             return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME} | {"runs": dict(self.runs)}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"unwritten": [], "outages": [], "errors": {}} | state)
         self._reset_runtime()
         MLflowTracker.restored = self  # Tuner.restore unpickles the sweep's tracker: the launcher uses this one
 
@@ -116,20 +155,72 @@ class MLflowTracker(Callback):
             finally:
                 self._queue.task_done()
 
-    def flush(self) -> None:
-        """Wait until every queued MLflow call has been made."""
-        if self._queue is not None and self._thread is not None and self._thread.is_alive():
-            self._queue.join()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued MLflow call has been made (at most ``timeout`` s, default FLUSH_WAIT_S).
+        If the wait is over, the rest is given up (counted in ``unwritten``, said by record_summary);
+        returns whether everything queued was written."""
+        if self._queue is None or self._thread is None or not self._thread.is_alive():
+            return True
+        deadline = time.monotonic() + (self.FLUSH_WAIT_S if timeout is None else timeout)
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._queue.unfinished_tasks:
+            log.warning("MLflow: %d queued calls still unwritten after waiting %.0f s for %s; giving them up",
+                        self._queue.unfinished_tasks, self.FLUSH_WAIT_S if timeout is None else timeout,
+                        self.tracking_uri)
+            self._give_up.set()
+            self._queue.join()  # quick now: every remaining call is counted as unwritten, none is tried
+            return False
+        return True
 
     def _safe(self, what: str, fn, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # tracking outage: keep the sweep running
-            log.warning("MLflow %s failed (%s); continuing without it", what, str(e).splitlines()[0][:200])
+        """Make one MLflow call. While the tracking server does not answer (an outage), wait and retry, so
+        that the queue behind this call waits too and nothing is reordered or lost. A call the server
+        answers with an error is given up at once (logged, counted in ``unwritten``): the sweep goes on."""
+        down_since = None
+        while True:
+            if self._give_up.is_set():
+                self.unwritten.append(f"{what}: not tried (tracking server unreachable at the end of the sweep)")
+                return None
+            t0 = time.perf_counter()
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:
+                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                if server_answers(self.tracking_uri):
+                    log.warning("MLflow %s failed (%s); continuing without it", what, reason)
+                    self.unwritten.append(f"{what}: {reason}")
+                    return None
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("MLflow server %s unreachable (%s); holding %d queued calls and retrying "
+                                "every %.0f s", self.tracking_uri, what, self._pending(), self.RETRY_S)
+                result = _DOWN
+            finally:
+                self.seconds += time.perf_counter() - t0  # time spent logging (BENCHMARKS.md)
+            if result is _DOWN:
+                self._give_up.wait(self.RETRY_S)  # an outage: not time spent logging
+                continue
+            if down_since is not None:
+                self.outages.append(time.monotonic() - down_since)
+                log.warning("MLflow server %s answers again after %.0f s; writing the %d queued calls",
+                            self.tracking_uri, self.outages[-1], self._pending())
+            return result
+
+    def _pending(self) -> int:
+        return self._queue.unfinished_tasks if self._queue is not None else 0
+
+    def record_summary(self) -> str | None:
+        """One line on what the tracking outages cost the record, or None if there was none."""
+        if not self.unwritten and not self.outages:
             return None
-        finally:
-            self.seconds += time.perf_counter() - t0  # time spent logging (BENCHMARKS.md)
+        line = (f"MLflow: {len(self.outages)} tracking outage(s), {sum(self.outages):.0f} s in all, retried through"
+                if self.outages else "MLflow:")
+        if self.unwritten:
+            kinds = sorted({u.split(":", 1)[0] for u in self.unwritten})
+            return f"{line}; {len(self.unwritten)} calls could not be written ({', '.join(kinds)}): " \
+                   f"{self.unwritten[0]}"
+        return f"{line}; every queued call was written"
 
     def _find_run(self, trial_id: str) -> str | None:
         runs = self.client.search_runs(
@@ -153,6 +244,7 @@ class MLflowTracker(Callback):
             if run is None:
                 return None
             run_id = run.info.run_id
+            self._finished[tid] = False
             params = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flatten(cfg).items())]
             for i in range(0, len(params), 100):
                 self._safe("log params", self.client.log_batch, run_id, params=params[i:i + 100])
@@ -172,8 +264,23 @@ class MLflowTracker(Callback):
 
     def _start(self, tid: str, cfg: dict) -> None:
         run_id = self._run_for(tid, cfg)
-        if run_id:
+        if run_id and not self._is_finished(tid, run_id):
             self._safe("set RUNNING", self.client.update_run, run_id, status="RUNNING")
+
+    def _is_finished(self, tid: str, run_id: str) -> bool:
+        """Whether the trial's run already ended FINISHED (a resumed sweep's finished trial): read from MLflow
+        once per trial and process; such a run keeps its steps and end time."""
+        if tid not in self._finished:
+            run = self._safe("get run", self.client.get_run, run_id)
+            self._finished[tid] = run is not None and run.info.status == "FINISHED"
+        return self._finished[tid]
+
+    def finished_trials(self) -> dict[str, dict[str, float]]:
+        """trial id -> latest metrics of every child run of the parent that ended FINISHED (for ``--resume``)."""
+        runs = self.client.search_runs(
+            [self.experiment_id], max_results=50000,
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and attributes.status = 'FINISHED'")
+        return {r.data.tags["trial_id"]: dict(r.data.metrics) for r in runs if "trial_id" in r.data.tags}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._submit(self._result, trial.trial_id, self._cfg(trial), dict(result), int(time.time() * 1000))
@@ -188,7 +295,7 @@ class MLflowTracker(Callback):
 
     def _result(self, tid: str, cfg: dict, result: dict, now: int) -> None:
         run_id = self._run_for(tid, cfg)
-        if run_id is None:
+        if run_id is None or self._is_finished(tid, run_id):
             return
         heat = result.get(ROUTING_HEATMAP)
         if isinstance(heat, dict) and heat.get("blocks"):
@@ -217,28 +324,43 @@ class MLflowTracker(Callback):
         plt.close(fig)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended.add(trial.trial_id)
         ckpt = getattr(trial, "checkpoint", None)  # the latest checkpoint holds best.pt, the best-validation weights
         self._submit(self._end, trial.trial_id, self._cfg(trial), "FINISHED",
                      {"best_checkpoint": f"{ckpt.path}/best.pt"} if ckpt is not None else {})
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended.add(trial.trial_id)
         err = getattr(trial, "error_file", None)
-        msg = Path(err).read_text()[-4000:] if err and Path(err).is_file() else ""
+        msg = Path(err).read_text(errors="replace")[-4000:] if err and Path(err).is_file() else ""
+        lines = [line.strip() for line in msg.splitlines() if line.strip()]
+        self.errors[trial.trial_id] = lines[-1] if lines else "trial failed"  # the reason, for the sweep's end
         self._submit(self._end, trial.trial_id, self._cfg(trial), "FAILED", {"error": msg or "trial failed"})
 
     def _end(self, tid: str, cfg: dict, status: str, tags: dict[str, str]) -> None:
         run_id = self._run_for(tid, cfg)
-        if run_id:
+        if run_id and not self._is_finished(tid, run_id):
             for k, v in tags.items():
                 self._safe(f"tag {k}", self.client.set_tag, run_id, k, v)
             self._safe("end run", self.client.set_terminated, run_id, status)
 
     def on_experiment_end(self, trials, **info):
+        # a trial Tune ended before the driver died, whose end the old driver never wrote: end its run now
+        for t in trials:
+            if t.status in ("TERMINATED", "ERROR") and t.trial_id in self.runs and t.trial_id not in self._ended:
+                self._submit(self._end_if_running, self.runs[t.trial_id],
+                             "FINISHED" if t.status == "TERMINATED" else "FAILED")
         self.flush()
 
+    def _end_if_running(self, run_id: str, status: str) -> None:
+        run = self._safe("get run", self.client.get_run, run_id)
+        if run is not None and run.info.status == "RUNNING":
+            self._safe("end run", self.client.set_terminated, run_id, status)
+
     def close_unfinished(self, status: str = "KILLED") -> None:
-        """Log what is queued, then end every run of this sweep still RUNNING (sweep interrupted or crashed)."""
-        self.flush()
+        """Log what is queued, then end every run of this sweep still RUNNING (sweep interrupted or crashed).
+        Interrupted (KILLED), the wait for a tracking server that is down is short: the user asked to stop."""
+        self.flush(timeout=30 if status == "KILLED" else None)
         for run_id in list(self.runs.values()):
             run = self._safe("get run", self.client.get_run, run_id)
             if run is not None and run.info.status == "RUNNING":

@@ -7,6 +7,7 @@ typed config; it raises :class:`ConfigError` with a one-line message naming the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -98,6 +99,8 @@ def build(cls: type[T], values: dict[str, Any] | None = None, *, prefix: str = "
         m = f.metadata
         if m.get("choices") is not None and v not in m["choices"]:
             raise ConfigError(f"{where}={v!r} is not valid; valid: {', '.join(map(str, m['choices']))}")
+        if isinstance(v, float) and not math.isfinite(v):  # .nan / .inf pass every comparison below
+            raise ConfigError(f"{where}={v!r} is not a finite number; valid: a finite number")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if m.get("ge") is not None and v < m["ge"]:
                 raise ConfigError(f"{where}={v!r} is out of range; must be >= {m['ge']}")

@@ -98,7 +98,8 @@ def test_smear_block_is_one_adapter_plus_the_router_and_the_merge():
 
 def _resnet(root, method: str) -> dict:
     return {"batch_size": 4, "torch_threads": 1, "routing": {"method": method},
-            "data": {"root": str(root), "resolution": 16, "augment": "none", "domains": ["real", "sketch"]}}
+            "data": {"root": str(root), "resolution": 16, "augment": "none", "domains": ["real", "sketch"],
+                     "loader_workers": 0}}
 
 
 def _t5(method: str) -> dict:

@@ -35,9 +35,9 @@ def test_split_sizes_follow_the_protocol(digits_root):
 
 def test_items_labels_and_domains(digits_root):
     ds = DomainNetDataset(digits_root, ["sketch", "real"], "test", resolution=24, augment="none")
-    img, label, domain, idx = ds[0]
-    assert img.shape == (3, 24, 24) and img.dtype == torch.float32
-    assert domain == 0 and idx == 0
+    img, label, domain, idx, draw = ds[0]
+    assert img.shape == (3, 24, 24) and img.dtype == torch.uint8     # the workers' crop; floats on the device
+    assert domain == 0 and idx == 0 and draw == -1                   # evaluation: no random draw
     rec = ds.records[0]
     assert rec.path.split("/")[1] == CLASS_NAMES[label]
     assert {r.domain for r in ds.records} == {0, 1}

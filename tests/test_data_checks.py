@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from smear.data.check import DataCheckError, check_domainnet
@@ -309,14 +310,15 @@ def test_bad_arguments(root):
 # ------------------------------------------------------------------------------------------- conversion
 
 def _rgb_via_dataset(tmp_path: Path, im: Image.Image) -> np.ndarray:
-    """Save ``im`` as a PNG in a one-image root and read it back through DomainNetDataset._image."""
+    """Save ``im`` as a PNG in a one-image root and read it back as a loader worker decodes it
+    (``DomainNetDataset._data``: the full (3, H, W) uint8 pixels), as (H, W, 3)."""
     im.save(tmp_path / "x.png")
     for s in ("train", "test"):
         (tmp_path / f"clipart_{s}.txt").write_text("x.png 0\n")
     ds = DomainNetDataset(tmp_path, ["clipart"], "test", resolution=2, augment="none")
-    out = ds._image(0)
-    assert out.mode == "RGB"
-    return np.asarray(out)
+    out = ds._data(0)
+    assert out.dtype == torch.uint8 and out.shape == (3, im.height, im.width)
+    return out.permute(1, 2, 0).numpy()
 
 
 def test_rgba_is_composited_on_white(tmp_path):

@@ -81,7 +81,8 @@ def test_precision_config_errors(over, msg):
 
 def _resnet(root, method: dict) -> dict:
     return {"steps": 3, "eval_every": 3, "batch_size": 8, "eval_batch_size": 64, "torch_threads": 1, "routing": method,
-            "data": {"root": str(root), "resolution": 16, "augment": "none", "domains": ["real", "sketch"]}}
+            "data": {"root": str(root), "resolution": 16, "augment": "none", "domains": ["real", "sketch"],
+                     "loader_workers": 0}}
 
 
 def _t5(method: dict) -> dict:

@@ -43,7 +43,7 @@ def _table_rows(md: str) -> list[list[str]]:
 
 # --- the table logic, on hand-made rows --------------------------------------------------------------
 
-def test_method_table_resnet_mean_std_order_and_missing_values():
+def test_method_table_resnet_mean_ci_order_and_missing_values():
     trials = [
         Trial("smear", "0", test=0.60, groups={"real": 0.70, "sketch": 0.50}, group_order=["real", "sketch"]),
         Trial("smear", "1", test=0.64, groups={"real": 0.74, "sketch": 0.54}, group_order=["real", "sketch"]),
@@ -57,9 +57,11 @@ def test_method_table_resnet_mean_std_order_and_missing_values():
     body = {r[0]: r for r in rows[2:]}
     # best first by the mean overall test accuracy; a method without any value last
     assert [r[0] for r in rows[2:]] == ["tag", "smear", "adapter", "hash"]
-    assert body["smear"][1:] == ["2/2", "72.00 +- 2.83", "52.00 +- 2.83", "62.00 +- 2.83"]
-    assert body["tag"][1:] == ["1/2", "**80.00 +- 0.00**", "**60.00 +- 0.00**", "**70.00 +- 0.00**"]
-    assert body["adapter"][1:] == ["1/1", "55.00 +- 0.00", "-", "50.00 +- 0.00"]
+    # smear: sd of (.70, .74) = .028284; 95% t half-width t_{.975,1} s / sqrt(2) = 12.706205 * .02 = .254124
+    assert body["smear"][1:] == ["2/2", "72.00 ± 25.41 (n=2)", "52.00 ± 25.41 (n=2)", "62.00 ± 25.41 (n=2)"]
+    # one seed: the value and no interval (and no paired test: one shared seed with smear, so no *)
+    assert body["tag"][1:] == ["1/2", "**80.00** (n=1: no CI)", "**60.00** (n=1: no CI)", "**70.00** (n=1: no CI)"]
+    assert body["adapter"][1:] == ["1/1", "55.00 (n=1: no CI)", "-", "50.00 (n=1: no CI)"]
     assert body["hash"][1:] == ["0/1", "-", "-", "-"]
 
 
@@ -70,7 +72,49 @@ def test_method_table_t5_columns_are_tasks_and_average():
     rows = _table_rows(method_table(trials))
     assert rows[0] == ["method", "seeds", "rte", "cola", "average (overall)"]
     assert [r[0] for r in rows[2:]] == ["smear", "adapter"]
-    assert rows[2][-1] == "**60.00 +- 14.14**"
+    assert rows[2][-1] == "**60.00 ± 127.06** (n=2)"       # 12.706205 * .141421 / sqrt(2) = 1.2706
+
+
+def _paired_trials() -> list[Trial]:
+    """Three methods x seeds 0-2. Overall (and real = overall + .1): tag - smear = +.03, +.04, +.05 (paired t
+    p = .020204) and adapter - smear = +.01, -.01, +.03 (p = .477767), worked in tests/test_stats.py; Holm
+    over the two: .040408 and .477767, so tag is significant, adapter is not. Sketch swaps the two: adapter's
+    differences are +.03, +.04, +.05 and tag's +.01, -.01, +.03."""
+    overall = {"smear": (.50, .52, .54), "tag": (.53, .56, .59), "adapter": (.51, .51, .57)}
+    sketch = {"smear": (.40, .42, .44), "tag": (.41, .41, .47), "adapter": (.43, .46, .49)}
+    return [Trial(m, str(s), test=overall[m][s], groups={"real": overall[m][s] + .1, "sketch": sketch[m][s]},
+                  group_order=["real", "sketch"]) for m in overall for s in range(3)]
+
+
+def test_method_table_marks_significant_differences_per_group_holm_within_the_column():
+    rows = _table_rows(method_table(_paired_trials()))
+    body = {r[0]: r for r in rows[2:]}
+    assert rows[0] == ["method", "seeds", "real", "sketch", "accuracy (overall)"]
+    # smear overall: mean .52, sd .02, half-width 4.302653 * .02 / sqrt(3) = .049683
+    assert body["smear"][1:] == ["3/3", "62.00 ± 4.97 (n=3)", "42.00 ± 4.97 (n=3)", "52.00 ± 4.97 (n=3)"]
+    # tag overall: mean .56, sd .03, half-width 4.302653 * .03 / sqrt(3) = .074524; significant in real and overall
+    assert body["tag"][2] == "**66.00 ± 7.45** (n=3)*" and body["tag"][4] == "**56.00 ± 7.45** (n=3)*"
+    # tag sketch: mean .43, sd .034641, half-width .086053: not significant (Holm p .4778)
+    assert body["tag"][3] == "43.00 ± 8.61 (n=3)"
+    # adapter: significant in sketch only (mean .46, sd .03), not in real / overall (mean .53, sd .034641)
+    assert body["adapter"][1:] == ["3/3", "63.00 ± 8.61 (n=3)", "**46.00 ± 7.45** (n=3)*", "53.00 ± 8.61 (n=3)"]
+    # against tag instead: smear's differences are the negatives (p .020204); adapter - tag: -.02, -.05, -.02
+    # (t = -3, p = .095466); Holm: .040408 and .095466, so smear is marked, adapter not, the reference never
+    body = {r[0]: r for r in _table_rows(method_table(_paired_trials(), reference="tag"))[2:]}
+    assert body["smear"][4] == "52.00 ± 4.97 (n=3)*" and body["adapter"][4] == "53.00 ± 8.61 (n=3)"
+    assert body["tag"][4] == "**56.00 ± 7.45** (n=3)"
+
+
+def test_method_table_bootstrap_interval_and_several_trials_per_seed():
+    from service.stats import bootstrap_interval
+
+    trials = _paired_trials()
+    # a second hyper-parameter setting of tag at seed 0 (.55 next to .53): seed 0 counts once, as their mean .54
+    trials.append(Trial("tag", "0", test=.55, groups={"real": .65, "sketch": .41}, group_order=["real", "sketch"]))
+    body = {r[0]: r for r in _table_rows(method_table(trials, interval="bootstrap", n_boot=2000))[2:]}
+    lo, hi = bootstrap_interval([.54, .56, .59], n_boot=2000)
+    assert body["tag"][1] == "4/4"
+    assert body["tag"][4] == f"**{(.54 + .56 + .59) / 3 * 100:.2f} [{lo * 100:.2f}, {hi * 100:.2f}]** (n=3)*"
 
 
 def test_mean_std_ignores_missing_and_non_finite():
@@ -147,7 +191,7 @@ def test_write_report_on_hand_made_record_with_a_failed_trial(tmp_path):
     assert summary == tmp_path / "results" / "fake" / "report" / "summary.md"
     text = summary.read_text()
     rows = {r[0]: r for r in _table_rows(text)[2:]}
-    assert rows["tag"][1:] == ["1/1", "**80.00 +- 0.00**", "**60.00 +- 0.00**", "**70.00 +- 0.00**"]
+    assert rows["tag"][1:] == ["1/1", "**80.00** (n=1: no CI)", "**60.00** (n=1: no CI)", "**70.00** (n=1: no CI)"]
     assert rows["adapter"][1:] == ["0/1", "-", "-", "-"]
     assert "1 not finished" in text and "1 without a test metric" in text
     for png in PLOTS:
@@ -264,8 +308,8 @@ def test_report_of_a_real_sweep(tmp_path, env_with_venv):
     for row, run in zip(table, expect):
         m = run.data.metrics
         assert row[1] == "1/1"
-        cells = [c.strip("*") for c in row[2:]]
-        assert cells == [f"{100 * m[k]:.2f} +- 0.00"
+        cells = [c.replace("**", "") for c in row[2:]]
+        assert cells == [f"{100 * m[k]:.2f} (n=1: no CI)"
                          for k in ("test/real/accuracy", "test/sketch/accuracy", "test/accuracy")], (row, m)
     for run in children:
         assert run.info.run_name in text  # the per-trial table
@@ -283,3 +327,35 @@ def test_report_of_a_real_sweep(tmp_path, env_with_venv):
         assert_png(report / png)
     assert "### Statistics over seeds (reference `smear`)" in text and "### Learning curves" in text
     assert "### Compute" in text and "routing GFLOPs / example" in text
+
+
+def test_cli_bootstrap_interval_and_reference(tmp_path, capsys):
+    """report.py --ci bootstrap --n-boot N --reference METHOD; an unknown reference or N < 1: exit 2, one line."""
+    from service.report import main
+    from service.stats import bootstrap_interval
+
+    db = tmp_path / "mlflow.db"
+    _fake_sweep(db, "boot", methods=[("smear", 0, 0.50), ("smear", 1, 0.52), ("smear", 2, 0.54),
+                                     ("tag", 0, 0.53), ("tag", 1, 0.56), ("tag", 2, 0.59)], heatmap=False)
+    common = ["--tracking-uri", f"sqlite:///{db}", "--storage", str(tmp_path / "r")]
+    assert main(["boot", *common, "--ci", "bootstrap", "--n-boot", "500", "--reference", "tag"]) == 0
+    text = (tmp_path / "r" / "boot" / "report" / "summary.md").read_text()
+    assert "[95% percentile-bootstrap interval, 500 resamples]" in text and "reference `tag`" in text
+    lo, hi = bootstrap_interval([0.50, 0.52, 0.54], n_boot=500)                 # smear, resampled with seed 0
+    rows = {r[0]: r for r in _table_rows(text)[2:]}
+    assert rows["smear"][-1] == f"52.00 [{lo * 100:.2f}, {hi * 100:.2f}] (n=3)*"  # vs tag: p .0202 (one test)
+    assert rows["tag"][-1].startswith("**56.00 [") and not rows["tag"][-1].endswith("*")
+    csv = (tmp_path / "r" / "boot" / "report" / "table.csv").read_text().splitlines()
+    smear = next(r for r in csv if r.startswith("smear,")).split(",")
+    assert [float(v) for v in smear[4:6]] == pytest.approx([lo, hi])
+    capsys.readouterr()
+    for bad, expected in ((["--reference", "smaer"], "--reference='smaer' is not a method of sweep 'boot'; "
+                                                    "valid: smear, tag"),
+                          (["--n-boot", "0"], "--n-boot=0 must be >= 1"),
+                          (["--ci", "normal"], "argument --ci: invalid choice: 'normal'")):
+        try:
+            rc = main(["boot", *common, *bad])
+        except SystemExit as e:
+            rc = e.code
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and expected in err, err

@@ -111,3 +111,39 @@ def test_smoke_variant_runs_end_to_end(name, tmp_path, env_with_venv):
             point = tuple(r.data.params[k] for k in sorted(sweep.space))
             points.setdefault(point, []).append(int(r.data.params["seed"]))
         assert len(points) == 2 and all(sorted(v) == sorted(sweep.seeds) for v in points.values()), points
+
+
+def _tune_order(sweep, tmp_path) -> list[dict]:
+    """The trial configs in the order Ray Tune creates (and, FIFO, starts) them for the sweep's param space."""
+    from ray.tune.experiment import Experiment
+    from ray.tune.search import BasicVariantGenerator
+
+    from service.spaces import param_space
+    from trainables.ray_trainable import trial_config
+
+    gen = BasicVariantGenerator()
+    gen.add_configurations([Experiment("order", run=lambda config: None, config=param_space(sweep),
+                                       storage_path=str(tmp_path))])
+    out = []
+    while (t := gen.next_trial()) is not None:
+        out.append(trial_config(t.config, sweep.configs))
+    return out
+
+
+def test_grid_runs_seed_major_so_early_results_cover_every_method(tmp_path, offline_data, monkeypatch, capsys):
+    """The default sweep lists routing.method before seed; Tune still starts every method at seed 0 first."""
+    sweep = load_sweep("default")
+    order = [(c["seed"], c["routing"]["method"]) for c in _tune_order(sweep, tmp_path)]
+    assert order == [(0, "smear"), (0, "tag"), (0, "adapter"), (1, "smear"), (1, "tag"), (1, "adapter")]
+    # a grid over a hyper-parameter and seeds: all of it at seed 0, then at seed 1, ...; the samples of a
+    # random search likewise
+    gumbel = _tune_order(load_sweep("gumbel-anneal"), tmp_path)
+    seeds = [c["seed"] for c in gumbel]
+    assert seeds == sorted(seeds) and len(gumbel) == 3 * seeds.count(0)
+    reinforce = [c["seed"] for c in _tune_order(load_sweep("reinforce-weights"), tmp_path)]
+    assert reinforce == [0] * 8 + [1] * 8 + [2] * 8
+    # --dry-run lists the trials in that order, each with the declaration's key order
+    monkeypatch.chdir(tmp_path)
+    assert main(["--sweep", "default", "--dry-run"]) == 0
+    listed = [line.split("]", 1)[1].split()[:2] for line in capsys.readouterr().out.splitlines() if "  [" in line]
+    assert listed == [[f"routing.method={m}", f"seed={s}"] for s, m in order]

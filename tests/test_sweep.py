@@ -53,6 +53,11 @@ def test_sweep_single_worker_trials(tmp_path, env_with_venv):
     out = proc.stdout
     assert "| method | seed | val accuracy (best) | test accuracy | status |" in out
     assert "mean +- std" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    # a progress line as each trial ends, the last with every method's mean over its one trial
+    progress = [line for line in out.splitlines() if line.startswith("progress: ")]
+    assert [p.split(" done")[0] for p in progress] == ["progress: 1/3", "progress: 2/3", "progress: 3/3"], progress
+    best = {r.data.tags["method"]: r.data.metrics["val/best_accuracy"] for r in children}
+    assert all(f"{m} {v:.3f} (1)" in progress[-1] for m, v in best.items()), (progress[-1], best)
 
 
 def test_sweep_with_asha_early_stopping_closes_every_run(tmp_path, env_with_venv):

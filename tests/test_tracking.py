@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import time
 
 from mlflow.tracking import MlflowClient
 from ray.tune.experiment import Trial
@@ -133,3 +134,71 @@ def test_no_step_is_logged_twice_after_a_restore_or_by_the_final_report(tmp_path
     acc = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/accuracy")}
     assert acc[20] == 0.2                                          # the first record of a step is kept
     assert run.data.metrics["test/accuracy"] == 0.4
+
+
+def test_a_finished_run_is_left_alone_when_a_resumed_sweep_reports_it_again(tmp_path):
+    """--resume after a driver killed right after a trial finished: Tune's saved state may still hold the trial
+    as running. Its run keeps its status, end time and steps; the driver knows it as finished."""
+    client, exp, parent, tracker, (a,) = _sweep(tmp_path, 1)
+    tracker.on_trial_start(0, [], a)
+    for step in (10, 20):
+        tracker.on_trial_result(0, [], a, {"step": step, "train/loss": 1.0, "val/accuracy": step / 100})
+    tracker.on_trial_result(0, [], a, {"step": 20, "test/accuracy": 0.5, "done": True})
+    tracker.on_trial_complete(0, [], a)
+    tracker.flush()
+    (run,) = [r for r in client.search_runs([exp]) if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert tracker.finished_trials() == {"t_00000": run.data.metrics}
+    restored = pickle.loads(pickle.dumps(tracker))                # the new driver's tracker
+    restored.on_trial_restore(0, [], a)
+    restored.on_trial_result(0, [], a, {"step": 30, "train/loss": 0.5, "val/accuracy": 0.3})
+    restored.on_trial_result(0, [], a, {**run.data.metrics, "done": 1.0})
+    restored.on_trial_complete(0, [], a)
+    restored.flush()
+    again = client.get_run(run.info.run_id)
+    assert again.info.status == "FINISHED" and again.info.end_time == run.info.end_time
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [10, 20]
+    assert len(client.get_metric_history(run.info.run_id, "test/accuracy")) == 1
+
+
+def test_an_unreachable_tracking_server_holds_the_queue_then_says_what_was_not_written(tmp_path, monkeypatch):
+    """No server answers at the tracking URI: the calls wait in order (retried), the sweep's end waits a bounded
+    time, then gives them up and says so in one line."""
+    from service.tracking import fail_fast_http, server_answers
+    from tests.helpers import free_port
+
+    for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(k, raising=False)
+    fail_fast_http()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")   # the refusal is immediate: no need to wait here
+    uri = f"http://127.0.0.1:{free_port()}"
+    assert not server_answers(uri)
+    _, exp, parent, local, (a,) = _sweep(tmp_path, 1)
+    tracker = MLflowTracker(uri, exp, parent, "sweep", {}, configs=local.configs)
+    tracker.RETRY_S = 0.2
+    tracker.on_trial_start(0, [], a)
+    tracker.on_trial_result(0, [], a, {"step": 10, "train/loss": 1.0})
+    t0 = time.monotonic()
+    assert tracker.flush(timeout=2) is False
+    assert time.monotonic() - t0 < 10
+    assert tracker.unwritten and all("not tried" in u or "unreachable" in u for u in tracker.unwritten)
+    note = tracker.record_summary()
+    assert note.startswith("MLflow:") and "calls could not be written" in note, note
+    assert not tracker.outages                                     # it never came back
+
+
+def test_a_trial_tune_ended_before_the_driver_died_gets_its_run_ended_on_resume(tmp_path):
+    """Tune's saved state holds a trial TERMINATED, but the dead driver never wrote its run's end: the resumed
+    sweep's end writes it (nothing left RUNNING), and leaves a run this process ended alone."""
+    client, exp, parent, tracker, (a, b) = _sweep(tmp_path, 2)
+    for t in (a, b):
+        tracker.on_trial_start(0, [], t)
+    tracker.flush()                                               # the driver dies here
+    restored = pickle.loads(pickle.dumps(tracker))
+    restored.on_trial_restore(0, [], b)
+    restored.on_trial_complete(0, [], b)
+    a.set_status(Trial.TERMINATED)
+    b.set_status(Trial.TERMINATED)
+    restored.on_experiment_end([a, b])
+    runs = {r.data.tags["trial_id"]: r for r in client.search_runs([exp])
+            if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert runs["t_00000"].info.status == "FINISHED" and runs["t_00001"].info.status == "FINISHED"

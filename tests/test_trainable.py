@@ -156,3 +156,24 @@ def test_the_resolved_precision_is_reported_once(digits_root, tmp_path):
     s = LocalSession(str(tmp_path))
     train_loop(_cfg(digits_root), s)                             # auto on the CPU: fp32
     assert [r.get("system/bf16") for r in s.reports] == [0.0, None, None]
+
+
+def test_the_newest_complete_checkpoint_is_chosen_and_a_partial_copy_is_not(digits_root, tmp_path):
+    """What a restored trial continues from (trainables/checkpoints.py): the highest step whose manifest lists
+    every file at its size. A copy cut short (a driver killed mid-copy) and a folder without a manifest are
+    passed over, whatever their names say."""
+    from pathlib import Path
+
+    from trainables.checkpoints import MANIFEST_FILE, STATE_FILE, checkpoint_step, newest_complete
+
+    s = LocalSession(str(tmp_path))
+    train_loop(_cfg(digits_root, steps=9), s)
+    folders = sorted(Path(tmp_path).glob("checkpoint_*"))
+    assert [checkpoint_step(f) for f in folders] == [3, 6, 9]
+    assert newest_complete(reversed(folders)) == str(folders[2])
+    state = folders[2] / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])         # the newest copy, cut short
+    assert checkpoint_step(folders[2]) is None and newest_complete(folders) == str(folders[1])
+    (folders[1] / MANIFEST_FILE).unlink()                                         # no manifest: not known complete
+    assert newest_complete(folders) == str(folders[0])
+    assert newest_complete([tmp_path / "absent"]) is None

@@ -235,7 +235,8 @@ def build_for_measure(config: dict[str, Any] | TrainConfig) -> tuple[Setting, nn
     setting = get_setting(cfg.setting)(cfg)
     (train_ds, _, _), model = build_data_and_model(setting, cfg)
     order = routing.epoch_sampler(model, len(train_ds), cfg.seed)
-    loader = _loader(train_ds, cfg, LocalSession(root=""), train=True, epoch=0, order=order, collate=setting.collate)
+    loader = _loader(train_ds, cfg, LocalSession(root=""), train=True, epoch=0, order=order, collate=setting.collate,
+                     workers=0)
     batch = setting.batch_to_model(next(iter(loader)), torch.device("cpu"))
     return setting, model, batch, cfg
 

@@ -1,7 +1,15 @@
 """A trial's checkpoints: what training changes (trainable parameters and buffers), restored strictly, with
-the resolved config that wrote them (a resume under another config is refused)."""
+the resolved config that wrote them (a resume under another config is refused).
+
+Each checkpoint folder ends with ``MANIFEST_FILE``: the step it holds and the size of every other file in it.
+Ray copies the folder into the sweep's storage before it registers it, but a driver or node that dies
+mid-copy leaves a partial folder, and Tune's saved experiment state can name an older checkpoint than the
+newest on disk (its snapshot lags by up to ~10 s) or one already rotated away. :func:`newest_complete`
+picks, among candidate folders, the one with the highest step whose files are all there at their size.
+"""
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,7 +19,7 @@ from torch import nn
 
 from smear.configs import flatten, to_dict
 
-STATE_FILE, BEST_FILE = "state.pt", "best.pt"
+STATE_FILE, BEST_FILE, MANIFEST_FILE = "state.pt", "best.pt", "manifest.json"
 
 
 class CheckpointMismatch(RuntimeError):
@@ -59,4 +67,29 @@ def _report_with_checkpoint(session, metrics, cfg, core, opt, best_state, **coun
                     "config": to_dict(cfg), **counters}, Path(d) / STATE_FILE)
         if best_state is not None:
             torch.save(best_state, Path(d) / BEST_FILE)
+        _write_manifest(Path(d), counters["step"])
         session.report(metrics, d)
+
+
+def _write_manifest(folder: Path, step: int) -> None:
+    sizes = {f.name: f.stat().st_size for f in folder.iterdir() if f.is_file()}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": sizes}))
+
+
+def checkpoint_step(folder: str | Path) -> int | None:
+    """The step a checkpoint folder holds if it is complete (its manifest, and every file it lists at its
+    size), else None."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        complete = all((folder / name).is_file() and (folder / name).stat().st_size == size
+                       for name, size in manifest["files"].items())
+        return int(manifest["step"]) if complete and STATE_FILE in manifest["files"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def newest_complete(folders) -> str | None:
+    """The complete checkpoint folder with the highest step among ``folders`` (None if there is none)."""
+    steps = [(step, str(f)) for f in folders if (step := checkpoint_step(f)) is not None]
+    return max(steps)[1] if steps else None

@@ -5,6 +5,7 @@ This module holds what every setting shares; each setting (``trainables/settings
 ``setting`` names."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field as dc_field
 from typing import Any
 
@@ -17,13 +18,23 @@ class DataConfig:
     """What every setting's data section has; a setting's own section extends it (``data.domains``, ...)."""
 
     root: str = field("", doc="dataset root; '' = the setting's offline stand-in (generated on each node)")
-    loader_workers: int = field(0, ge=0)
+    loader_workers: int = field(0, ge=-1, doc="DataLoader worker processes; -1 = the trial's CPUs minus one (at "
+                                               "least 0). Workers persist across epochs")
+
+    def workers(self, cpus: float | None) -> int:
+        """``loader_workers`` resolved: -1 -> ``cpus`` (the trial's CPUs; None: this process's usable CPUs) - 1."""
+        if self.loader_workers >= 0:
+            return self.loader_workers
+        if cpus is None:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(int(cpus) - 1, 0)
 
 
 @dataclass
 class TrainConfig:
     setting: str = field("resnet_domainnet", doc="registry key of the setting (trainables/settings/)")
-    seed: int = field(42, ge=0)
+    seed: int = field(42, ge=0, le=2**32 - 1, doc="0 to 2**32 - 1 (numpy's seed range; torch's generators are "
+                                                    "seeded with multiples of it)")
     steps: int = field(100_000, ge=1, doc="optimizer steps (paper: 100k ResNet)")
     eval_every: int = field(1_000, ge=1, doc="steps between validation + checkpoint (paper: 1k ResNet)")
     batch_size: int = field(128, ge=1, doc="global batch size, split over data-parallel workers")

@@ -27,11 +27,12 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 import smear.routing as routing
 from smear.configs import to_dict
+from smear.data.pipeline import DrawSampler
 from trainables.checkpoints import (
     BEST_FILE, STATE_FILE, CheckpointMismatch, _config_difference, _partial_state, _report_with_checkpoint, _restore,
 )
@@ -53,7 +54,9 @@ class NoGPU(RuntimeError):
 
 
 class Session(Protocol):
-    """Where a train loop reports: Ray Tune, Ray Train, or a plain local run."""
+    """Where a train loop reports: Ray Tune, Ray Train, or a plain local run. A session may also say how many
+    CPUs the trial holds (``cpus``), which ``data.loader_workers: -1`` resolves against; without it, the
+    CPUs this process may use."""
 
     world_rank: int
     world_size: int
@@ -69,6 +72,7 @@ class LocalSession:
     root: str
     world_rank: int = 0
     world_size: int = 1
+    cpus: float | None = None
 
     def __post_init__(self) -> None:
         self.reports: list[dict[str, float]] = []
@@ -193,20 +197,72 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimize
     return opt, sched
 
 
+class _Shuffle(Sampler):
+    """A random permutation per epoch, from (seed, epoch) alone: a resumed epoch gets the same order."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        yield from torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
+
+    def __len__(self) -> int:
+        return self.size
+
+
 def _loader(ds: Dataset, cfg: TrainConfig, session: Session, *, train: bool, epoch: int = 0,
-            order: routing.EpochSampler | None = None, collate: Callable | None = None) -> DataLoader:
+            order: routing.EpochSampler | None = None, collate: Callable | None = None,
+            device: torch.device | None = None, workers: int | None = None) -> DataLoader:
+    """A split's DataLoader. Built once per trial and split: its workers (``data.loader_workers``, resolved with
+    the session's CPUs; ``workers`` overrides it, e.g. 0 for a one-batch loader) persist across epochs, and
+    :func:`_set_epoch` moves a training loader to the next epoch. A dataset with ``seeded_draws`` gets
+    ``(index, draw)`` keys (``smear.data.pipeline.DrawSampler``). On CUDA the batches are pinned, so that the
+    copies to the device do not block."""
     bs = (cfg.batch_size // session.world_size) if train else cfg.eval_batch_size
-    sampler = None
     if train and order is not None:  # a method orders the epoch (adaptive gating's curriculum; single worker)
-        order.set_epoch(epoch)
         sampler = order
     elif session.world_size > 1:
         sampler = DistributedSampler(ds, num_replicas=session.world_size, rank=session.world_rank,
                                      shuffle=train, seed=cfg.seed, drop_last=train)
-        sampler.set_epoch(epoch)
+    else:
+        sampler = _Shuffle(len(ds), cfg.seed) if train else SequentialSampler(ds)
+    if getattr(ds, "seeded_draws", False):
+        sampler = DrawSampler(sampler, len(ds), cfg.seed)
+    workers = cfg.data.workers(getattr(session, "cpus", None)) if workers is None else workers
+    # the generator only seeds the workers' RNGs: the global RNG (dropout, routing noise) is left untouched
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    return DataLoader(ds, batch_size=bs, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
-                      num_workers=cfg.data.loader_workers, generator=gen, persistent_workers=False, collate_fn=collate)
+    loader = DataLoader(ds, batch_size=bs, sampler=sampler, drop_last=train, num_workers=workers, generator=gen,
+                        persistent_workers=workers > 0, collate_fn=collate,
+                        pin_memory=device is not None and device.type == "cuda")
+    if train:
+        _set_epoch(loader, epoch)
+    return loader
+
+
+def _set_epoch(loader: DataLoader, epoch: int) -> None:
+    """The training loader's order (and augmentation draws) for ``epoch``: call before iterating it."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+
+
+def train_step(setting: Setting, model: nn.Module, core: nn.Module, b, cfg: TrainConfig, opt, sched, step: int, *,
+               order: routing.EpochSampler | None, two_passes: bool, precision: Precision) -> torch.Tensor:
+    """One optimiser step on the model-ready batch ``b`` (the trial's, and the throughput benchmark's): routing
+    context, loss, backward, clipping, step. Returns the loss, still on the device (no host sync)."""
+    routing.set_context(core, task_ids=b.groups, example_ids=b.ids, step=step)
+    loss = training_loss(setting, model, core, b, cfg, two_passes=two_passes, precision=precision)
+    if order is not None:
+        order.observe(routing.routing_blocks(core), b.ids)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], cfg.grad_clip)
+    opt.step()
+    sched.step()
+    return loss
 
 
 def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
@@ -243,7 +299,7 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
         if (Path(ckpt_dir) / BEST_FILE).exists():
             best_state = torch.load(Path(ckpt_dir) / BEST_FILE, map_location="cpu", weights_only=True)
 
-    val_loader = _loader(val_ds, cfg, session, train=False, collate=setting.collate)
+    val_loader = _loader(val_ds, cfg, session, train=False, collate=setting.collate, device=device)
     two_passes = routing.needs_two_passes(core)
     order = routing.epoch_sampler(core, len(train_ds), cfg.seed) if session.world_size == 1 else None
     # compute accounting (issue 14): parameters and FLOPs of one training step, in the first report
@@ -253,23 +309,16 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     monitor = _LossMonitor(device, step)
     model.train()
     clock, total_train_s = time.perf_counter(), 0.0  # training time, evaluations left out
+    train_loader = _loader(train_ds, cfg, session, train=True, epoch=epoch, order=order, collate=setting.collate,
+                           device=device)
     while step < cfg.steps:
-        for i, batch in enumerate(_loader(train_ds, cfg, session, train=True, epoch=epoch,
-                                              order=order, collate=setting.collate)):
+        _set_epoch(train_loader, epoch)
+        for i, batch in enumerate(train_loader):
             if i < skip:  # resumed mid-epoch: the same order, without the batches already trained on
                 continue
-            b = setting.batch_to_model(batch, device)
-            routing.set_context(core, task_ids=b.groups, example_ids=b.ids, step=step)
-            loss = training_loss(setting, model, core, b, cfg, two_passes=two_passes, precision=precision)
+            loss = train_step(setting, model, core, setting.batch_to_model(batch, device), cfg, opt, sched, step,
+                              order=order, two_passes=two_passes, precision=precision)
             monitor.add(loss)                                   # on the device: no host sync
-            if order is not None:
-                order.observe(routing.routing_blocks(core), b.ids)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], cfg.grad_clip)
-            opt.step()
-            sched.step()
             step += 1
             evaluating = step % cfg.eval_every == 0 or step == cfg.steps
             if evaluating or step % cfg.nonfinite_check_every == 0:
@@ -297,8 +346,9 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     # test accuracy of the best validation weights
     if best_state is not None:
         _restore(core, best_state, "the best-validation weights")
-    final, heat = evaluate(setting, core, _loader(test_ds, cfg, session, train=False, collate=setting.collate), device,
-                           "test", precision)
+    del train_loader, val_loader  # their workers end here
+    final, heat = evaluate(setting, core, _loader(test_ds, cfg, session, train=False, collate=setting.collate,
+                                                  device=device), device, "test", precision)
     final.update({"step": step, f"val/best_{setting.primary_metric}": best_val, "done": 1.0, **pending,
                   TRAIN_HOURS: total_train_s / 3600,  # this process's training time (since a restore, if any)
                   # specialisation (methods.md section 5): per block, group x expert mean routing weight on test
@@ -316,7 +366,7 @@ def _measure_compute(setting: Setting, core: nn.Module, train_ds: Dataset, cfg: 
     from trainables import accounting
 
     with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
-        raw = next(iter(_loader(train_ds, cfg, session, train=True, epoch=0, collate=setting.collate)))
+        raw = next(iter(_loader(train_ds, cfg, session, train=True, epoch=0, collate=setting.collate, workers=0)))
     return accounting.measure(setting, core, setting.batch_to_model(raw, device), cfg)
 
 

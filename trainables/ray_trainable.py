@@ -33,18 +33,47 @@ def trial_config(config: dict[str, Any], configs: list[dict[str, Any]] | None) -
     return config
 
 
+def _assigned_cpus() -> float | None:
+    """The CPUs Ray reserved for this trial or worker (``data.loader_workers: -1`` resolves against them)."""
+    return ray.get_runtime_context().get_assigned_resources().get("CPU")
+
+
 class TuneSession:
-    """The train loop reports to Ray Tune (single-worker trials)."""
+    """The train loop reports to Ray Tune (single-worker trials).
+
+    ``trial_folder``: the trial's folder in a local sweep storage. A restored trial continues from the newest
+    complete checkpoint there, which can be newer than the one Tune registered last (Tune's saved state lags
+    behind an interrupted driver) or stand in for one Tune names but rotated away (trainables/checkpoints.py).
+    """
 
     world_rank, world_size = 0, 1
+
+    def __init__(self, trial_folder: str | None = None):
+        self.trial_folder = trial_folder
+
+    @property
+    def cpus(self) -> float | None:
+        return _assigned_cpus()
 
     def report(self, metrics, checkpoint_dir):
         ckpt = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=ckpt)
 
     def latest_checkpoint_dir(self):
+        from pathlib import Path
+
+        from trainables.checkpoints import newest_complete
+
         ckpt = ray.tune.get_checkpoint()
-        return _local_dir(ckpt)
+        on_disk = sorted(Path(self.trial_folder).glob("checkpoint_*")) if self.trial_folder else []
+        registered = [ckpt.path] if ckpt is not None and os.path.isdir(ckpt.path) else []
+        newest = newest_complete(on_disk + registered)
+        if newest is not None:
+            return newest  # a local folder: read in place
+        try:
+            return _local_dir(ckpt)  # Tune's own: remote storage, or a checkpoint written without a manifest
+        except OSError:  # named by Tune's saved state but no longer there, and nothing newer: start over
+            return None
 
 
 class TrainSession:
@@ -53,6 +82,7 @@ class TrainSession:
     def __init__(self):
         ctx = ray.train.get_context()
         self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.cpus = _assigned_cpus()
 
     def report(self, metrics, checkpoint_dir):
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -78,36 +108,62 @@ def train_worker(config: dict[str, Any]) -> None:
 
 def trial(config: dict[str, Any], train_storage: str | None = None,
           resources: dict[str, dict[str, float]] | None = None, configs: list[dict[str, Any]] | None = None,
-          tracking: tuple[str, str] | None = None) -> None:
+          tracking: tuple[str, str] | None = None, experiment_path: str | None = None,
+          finished: dict[str, dict[str, float]] | None = None) -> None:
     """The Tune function trainable of every sweep trial (bind the keywords with tune.with_parameters).
 
     ``resources``: setting -> {cpu, gpu} per worker (the declaration's); a data-parallel trial gives each
     of its Ray Train workers its setting's share. With ``tracking`` = (tracking URI, experiment id), the
     trial's process logs system metrics (CPU, memory, GPU when present) to the trial's MLflow run, which
-    the driver creates, tagged with the trial id.
+    the driver creates, tagged with the trial id. ``experiment_path``: the sweep's folder in a local storage
+    (its checkpoints are found there on a restore). ``finished``: on ``--resume``, trial id -> the final
+    metrics of each trial the record holds as FINISHED; such a trial reports them and ends, never trains again
+    (Tune's saved state can predate its end).
     """
+    ctx = ray.tune.get_context()
+    if finished and ctx.get_trial_id() in finished:
+        ray.tune.report({**finished[ctx.get_trial_id()], "done": 1.0})
+        return
     config = trial_config(config, configs)
     cfg = make_config(config)
     r = (resources or {}).get(cfg.setting, {})
     cpus_per_worker, gpus_per_worker = r.get("cpu", 1.0), r.get("gpu", 0.0)
+    # Tune ends a trial at its final report (``done``) and, with reuse_actors, hands this process to the next
+    # trial once this function has returned; it waits TUNE_FUNCTION_THREAD_TIMEOUT_S (Ray's default 2 s) and
+    # otherwise puts the next trial in ERROR ("Trainable runner reuse requires reset_config()"). Read in this
+    # process at that moment: a data-parallel trial's TorchTrainer can take longer than 2 s to shut down.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(REUSE_WAIT_S))
     monitor = SystemMetrics(*tracking, ray.tune.get_context().get_trial_id()) if tracking else None
+    folder = os.path.join(experiment_path, ctx.get_trial_name()) if experiment_path and "://" not in experiment_path \
+        else None
     try:
-        _guarded(cfg, config, train_storage, cpus_per_worker, gpus_per_worker)
+        _guarded(cfg, config, train_storage, cpus_per_worker, gpus_per_worker, folder)
     finally:
         if monitor is not None:
-            monitor.stop()
+            monitor.stop()  # never waits on the tracking server
+
+
+REUSE_WAIT_S = 120  # how long the next trial waits for this one's function to return before Tune gives up
 
 
 class SystemMetrics:
-    """MLflow's system-metrics monitor on a trial's run, attached from a background thread (no start-up wait)."""
+    """MLflow's system-metrics monitor on a trial's run, attached and stopped off the trial's path.
+
+    Nothing here waits on the tracking server: MLflow's monitor polls the run each interval and its
+    ``finish()`` joins that thread and flushes, both through the HTTP client's retries (minutes while the
+    server is down: measured, ray-mlflow.md). So attaching happens in a daemon thread, and ``stop()`` only
+    signals: the monitor is finished in another daemon thread the trial never joins. During an outage the
+    monitor gives up (MLflow's own loop returns on a failed call); training and the trial's end go on.
+    """
 
     INTERVAL_S, WAIT_S = 10, 60
 
     def __init__(self, tracking_uri: str, experiment_id: str, trial_id: str):
         import threading
 
-        self._monitor, self._stopped = None, threading.Event()
-        self._thread = threading.Thread(target=self._attach, args=(tracking_uri, experiment_id, trial_id), daemon=True)
+        self._monitor, self._stopped, self._lock = None, threading.Event(), threading.Lock()
+        self._thread = threading.Thread(target=self._attach, args=(tracking_uri, experiment_id, trial_id),
+                                        name="system-metrics-attach", daemon=True)
         self._thread.start()
 
     def _attach(self, tracking_uri: str, experiment_id: str, trial_id: str) -> None:
@@ -120,31 +176,39 @@ class SystemMetrics:
                 return
             try:
                 runs = client.search_runs([experiment_id], filter_string=f"tags.trial_id = '{trial_id}'", max_results=1)
+                monitor = SystemMetricsMonitor(runs[0].info.run_id, sampling_interval=self.INTERVAL_S,
+                                               tracking_uri=tracking_uri, resume_logging=True) if runs else None
             except Exception:
                 return  # tracking unavailable: training goes on without system metrics
-            if runs:
-                self._monitor = SystemMetricsMonitor(runs[0].info.run_id, sampling_interval=self.INTERVAL_S,
-                                                     tracking_uri=tracking_uri, resume_logging=True)
-                self._monitor.start()
+            if monitor is not None:
+                with self._lock:  # the trial may have ended while the calls above waited on the server
+                    if self._stopped.is_set():
+                        return
+                    self._monitor = monitor
+                    monitor.start()
                 return
             self._stopped.wait(1.0)
 
     def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join(timeout=5)
-        if self._monitor is not None:
-            self._monitor.finish()
+        """Signal the monitor to stop; returns at once (the monitor's last flush happens in the background)."""
+        import threading
+
+        with self._lock:
+            self._stopped.set()
+            monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            threading.Thread(target=monitor.finish, name="system-metrics-finish", daemon=True).start()
 
 
 def _guarded(cfg: TrainConfig, config: dict[str, Any], train_storage: str | None, cpus_per_worker: float,
-             gpus_per_worker: float) -> None:
+             gpus_per_worker: float, trial_folder: str | None = None) -> None:
     """Run the trial; a non-finite loss leaves a marker so that Tune's retries fail at once."""
     marker = os.path.join(ray.tune.get_context().get_trial_dir(), NONFINITE_MARKER)
     if os.path.exists(marker):  # a retry after a non-finite loss fails again at once, with the same reason
         with open(marker) as f:
             raise NonFiniteLoss(f.read())
     try:
-        _run(cfg, config, train_storage, cpus_per_worker, gpus_per_worker)
+        _run(cfg, config, train_storage, cpus_per_worker, gpus_per_worker, trial_folder)
     except Exception as e:
         if isinstance(e, NonFiniteLoss) or "NonFiniteLoss" in str(e):
             with open(marker, "w") as f:
@@ -153,9 +217,9 @@ def _guarded(cfg: TrainConfig, config: dict[str, Any], train_storage: str | None
 
 
 def _run(cfg: TrainConfig, config: dict[str, Any], train_storage: str | None, cpus_per_worker: float,
-         gpus_per_worker: float) -> None:
+         gpus_per_worker: float, trial_folder: str | None = None) -> None:
     if cfg.num_workers <= 1:
-        train_loop(cfg, TuneSession())
+        train_loop(cfg, TuneSession(trial_folder))
         return
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

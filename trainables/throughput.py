@@ -34,7 +34,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch import nn
 
 import smear.routing as routing
 from smear.configs import ConfigError
@@ -353,10 +352,15 @@ def measure(config: dict[str, Any], *, steps: int, warmup: int = 1, barrier=None
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
-    def batches() -> Iterator:
+    workers = cfg.data.workers(session.cpus)
+    loader = loop._loader(train_ds, cfg, session, train=True, order=order, collate=setting.collate, device=device,
+                          workers=workers)
+
+    def batches() -> Iterator:  # the trial's loader: built once, workers persist, the next epoch's order
         epoch = 0
         while True:
-            yield from loop._loader(train_ds, cfg, session, train=True, epoch=epoch, order=order, collate=setting.collate)
+            loop._set_epoch(loader, epoch)
+            yield from loader
             epoch += 1
 
     timed = _Timed(batches())
@@ -369,17 +373,8 @@ def measure(config: dict[str, Any], *, steps: int, warmup: int = 1, barrier=None
             start, waited0, work = time.perf_counter(), timed.waited, 0.0
         raw = next(timed)
         work += _work(cfg.setting, raw, cfg.batch_size)
-        b = setting.batch_to_model(raw, device)
-        routing.set_context(core, task_ids=b.groups, example_ids=b.ids, step=step)
-        loss = loop.training_loss(setting, core, core, b, cfg, two_passes=two_passes, precision=precision)
-        if order is not None:
-            order.observe(routing.routing_blocks(core), b.ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], cfg.grad_clip)
-        opt.step()
-        sched.step()
+        loss = loop.train_step(setting, core, core, setting.batch_to_model(raw, device), cfg, opt, sched, step,
+                               order=order, two_passes=two_passes, precision=precision)
         if cuda:
             torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -392,7 +387,7 @@ def measure(config: dict[str, Any], *, steps: int, warmup: int = 1, barrier=None
         raise loop.NonFiniteLoss(f"non-finite training loss {final} in the throughput measurement")
     return Measurement(setting=cfg.setting, method=cfg.routing.method, device=device.type,
                        precision="bf16" if precision.bf16 else "fp32", batch_size=cfg.batch_size,
-                       loader_workers=cfg.data.loader_workers, steps=steps, warmup=warmup, seconds=seconds,
+                       loader_workers=workers, steps=steps, warmup=warmup, seconds=seconds,
                        data_wait_s=timed.waited - waited0, work=work, unit=UNITS.get(cfg.setting, "examples"),
                        peak_mem_mb=peak, peak_mem_kind=kind, final_loss=final)
 

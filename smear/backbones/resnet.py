@@ -9,6 +9,7 @@ stay in train mode); ``"frozen"`` keeps them in eval mode. The BN affine weights
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet18
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from smear.configs import ConfigError
 from smear.routing import ExpertRoutingBlock, RoutingConfig, RoutingContext
 
 RESNET18_WIDTHS = (64, 64, 128, 128, 256, 256, 512, 512)
@@ -77,6 +79,28 @@ def inject_routing_blocks(backbone: ResNet, cfg: RoutingConfig, *, num_tasks: in
     widths = tuple(blk.routing.dim for l in ("layer1", "layer2", "layer3", "layer4") for blk in getattr(backbone, l))
     assert widths == RESNET18_WIDTHS, widths
     return replaced
+
+
+def imagenet_weights() -> tuple[str, Path]:
+    """(URL, local file) of the ImageNet ResNet-18 weights: torchvision downloads the URL into torch hub's
+    cache (``$TORCH_HOME/hub/checkpoints``) on first use and reads the file from there afterwards."""
+    from torchvision.models import ResNet18_Weights
+
+    from smear.hub import torch_hub_dir
+
+    url = ResNet18_Weights.IMAGENET1K_V1.url
+    return url, torch_hub_dir() / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def check_imagenet_weights() -> None:
+    """A one-line ConfigError when the ImageNet weights are neither cached here nor downloadable."""
+    from smear.hub import url_reachable
+
+    url, path = imagenet_weights()
+    if not path.is_file() and not url_reachable(url):
+        raise ConfigError(f"pretrained='imagenet' needs {path} (torch hub's cache, $TORCH_HOME/hub), which is "
+                          f"missing, and {url} cannot be reached; valid: pretrained: none, or copy that file "
+                          "there (downloaded on a machine with network)")
 
 
 def load_resnet18(pretrained: Literal["none", "imagenet"]) -> ResNet:

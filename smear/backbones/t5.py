@@ -11,6 +11,7 @@ replaced by a :class:`RoutedSublayer` holding the original.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -57,6 +58,53 @@ def load_t5(source: str, tiny: dict | None = None) -> T5ForConditionalGeneration
             torch.manual_seed(0)
             return T5ForConditionalGeneration(tiny_t5_config(**(tiny or {})))
     return T5ForConditionalGeneration.from_pretrained(source)
+
+
+MODEL_FILES = ("config.json",)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+
+
+def pretrained_config(source: str, what: str = "model") -> dict | None:
+    """Where ``from_pretrained(source)`` would find its files on this machine (a local folder, or the Hugging
+    Face cache), without a download: the model's config.json as a dict ({} for a tokenizer), or None when
+    a needed file is missing. ``what``: "model" (config + weights) or "tokenizer"."""
+    import json
+
+    from smear.hub import hf_cached_file
+
+    needs = (MODEL_FILES, WEIGHT_FILES) if what == "model" else (TOKENIZER_FILES,)
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        found = [next((str(folder / f) for f in names if (folder / f).is_file()), None) for names in needs]
+    else:
+        found = [hf_cached_file(source, names) for names in needs]
+    if None in found:
+        return None
+    return json.loads(Path(found[0]).read_text()) if what == "model" else {}
+
+
+def check_pretrained(source: str, what: str = "model") -> dict:
+    """The config of a named model (or {} for a tokenizer) whose files are local or downloadable; else a
+    one-line ConfigError naming the cache and how to provide them."""
+    from smear.hub import hf_hub_cache, hf_offline, url_reachable
+
+    found = pretrained_config(source, what)
+    if found is not None:
+        return found
+    key = "t5.model" if what == "model" else "t5.tokenizer"
+    if Path(source).expanduser().is_dir():
+        needs = "config.json and one of " + ", ".join(WEIGHT_FILES) if what == "model" else "one of " + ", ".join(TOKENIZER_FILES)
+        raise ConfigError(f"{key}={source!r} is a folder without {needs}; valid: a folder from save_pretrained or "
+                          "a Hugging Face download")
+    url = f"https://huggingface.co/{source}/resolve/main/{(MODEL_FILES if what == 'model' else TOKENIZER_FILES)[0]}"
+    if hf_offline() or not url_reachable(url):
+        tiny = "'tiny'" if what == "model" else "'byt5'"
+        raise ConfigError(f"{key}={source!r} is neither a local folder nor in the Hugging Face cache "
+                          f"({hf_hub_cache()}), and huggingface.co cannot be reached; valid: {tiny}, a local folder "
+                          f"with its files, or `huggingface-cli download {source}` on a machine with network "
+                          "(HF_HOME points at the cache)")
+    return {}
 
 
 def inject_routing_blocks(model: T5ForConditionalGeneration, cfg: RoutingConfig, *, num_tasks: int,

@@ -2,9 +2,10 @@
 
 Splits (methods.md section 2): train = 80% of each domain's official train list (shuffled with
 seed 42), validation = the other 20%, test = the official ``<domain>_test.txt``.
-Each item is ``(image (3, H, W) float, label, domain id, example id)``; the example id indexes the
-concatenated split (for hash routing). Images become RGB with ``smear.data.images.to_rgb``: alpha is
-composited on white and 16-bit greys are scaled to 8 bits.
+Each item is ``(image, label, domain id, example id, draw)`` (see :class:`DomainNetDataset`); the example
+id indexes the concatenated split (for hash routing). Images become 8-bit RGB as
+``smear.data.images.to_rgb`` makes them: alpha is composited on white and 16-bit greys are scaled to 8 bits.
+``python -m smear.data.prepare`` writes a pre-resized copy of a root, in the same format.
 ``check_root`` is the light start-up check. ``smear.data.check.check_domainnet`` checks every line and
 every image before training.
 """
@@ -18,14 +19,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms as T
 
-from smear.data.images import to_rgb
+from smear.data import pipeline
+from smear.data.images import plain_format
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 Split = Literal["train", "val", "test"]
 
 
@@ -137,42 +136,51 @@ def num_classes(root: str | Path, domains: list[str] | tuple[str, ...]) -> int:
     return 1 + max(r.label for d in domains for r in _read_list(Path(root), d, "train"))
 
 
-def build_transform(split: Split, resolution: int, augment: Literal["paper", "none"]) -> T.Compose:
-    """Paper: RandomResizedCrop + flip for training, Resize(256/224 x) + CenterCrop for evaluation."""
-    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if split == "train" and augment == "paper":
-        return T.Compose([T.RandomResizedCrop(resolution), T.RandomHorizontalFlip(), *norm])
-    if augment == "paper":
-        return T.Compose([T.Resize(round(resolution * 256 / 224)), T.CenterCrop(resolution), *norm])
-    return T.Compose([T.Resize((resolution, resolution)), *norm])
-
-
 class DomainNetDataset(Dataset):
-    """One split of DomainNet over the chosen domains. ``cache=True`` keeps decoded images in memory."""
+    """One split of DomainNet over the chosen domains (decoding and cropping: ``smear.data.pipeline``).
+
+    An item is ``(image, label, domain id, example id, draw)``. With ``decode_on="workers"`` the image is the
+    (3, resolution, resolution) uint8 crop; with ``"device"`` it is the file's bytes (a plain JPEG) or its
+    full (3, H, W) uint8 pixels (other files), which ``pipeline.to_model_input`` decodes and crops on the
+    model's device. The draw seeds the training augmentation (``pipeline.NO_DRAW`` when the transform is
+    deterministic). The key is an index, or ``(index, draw)`` from a ``pipeline.DrawSampler`` (the trial's
+    loaders; ``seeded_draws``); a bare index draws from torch's global RNG. ``cache=True`` keeps each file's
+    decoded pixels (or bytes) in memory, per loader worker.
+    """
+
+    seeded_draws = True
 
     def __init__(self, root: str | Path, domains: list[str] | tuple[str, ...], split: Split, *,
-                 resolution: int = 224, augment: Literal["paper", "none"] = "paper", cache: bool = False):
+                 resolution: int = 224, augment: Literal["paper", "none"] = "paper",
+                 decode_on: Literal["workers", "device"] = "workers", cache: bool = False):
         self.root, self.domains, self.split = Path(root), tuple(domains), split
         self.records = split_records(root, domains, split)
-        self.transform = build_transform(split, resolution, augment)
-        self._cache: dict[int, Image.Image] | None = {} if cache else None
+        self.resolution, self.augment, self.decode_on = resolution, augment, decode_on
+        self.random = split == "train" and augment == "paper"   # RandomResizedCrop + flip; else deterministic
+        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _image(self, i: int) -> Image.Image:
+    def _data(self, i: int) -> torch.Tensor:
+        """Full (3, H, W) uint8 pixels, or with ``decode_on="device"`` a plain JPEG's bytes (1-D uint8)."""
         if self._cache is not None and i in self._cache:
             return self._cache[i]
         path = self.root / self.records[i].path
         try:
-            with Image.open(path) as im:
-                img = to_rgb(im)
+            data = pipeline.read_bytes(str(path))
         except FileNotFoundError:
             raise DataError(f"image {str(path)!r} listed in {self.domains[self.records[i].domain]}_*.txt is missing") from None
+        if self.decode_on == "workers" or plain_format(data.numpy()) != "JPEG":
+            data = pipeline.decode(data)
         if self._cache is not None:
-            self._cache[i] = img
-        return img
+            self._cache[i] = data
+        return data
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, int]:
-        r = self.records[i]
-        return self.transform(self._image(i)), r.label, r.domain, i
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, int, int]:
+        i, draw = key if isinstance(key, tuple) else (key, int(torch.randint(pipeline.DRAW_HIGH, ())))
+        draw = draw if self.random else pipeline.NO_DRAW
+        data, r = self._data(i), self.records[i]
+        if self.decode_on == "workers":
+            data = pipeline.resize_crop(data, draw, self.resolution, self.augment)
+        return data, r.label, r.domain, i, draw

@@ -5,6 +5,10 @@ Kept free of torch so that the check's worker processes start quickly.
 ``to_rgb`` composites alpha (and palette or greyscale transparency) on white, and scales 16-bit greyscale
 to 8 bits.
 
+``plain_format`` says whether a file's bytes are a JPEG or PNG that a plain 8-bit RGB decoder (torchvision's
+``decode_jpeg`` / ``decode_image``) turns into what ``to_rgb`` makes of it; the data path decodes the
+others with PIL and ``to_rgb``.
+
 ``inspect_image`` says whether one file will load. It checks that the file exists and is a non-empty
 regular file. In header mode it then asks what PIL's ``Image.open``, with size and mode read, would
 answer, without PIL's per-file cost for JPEG and PNG. Those headers are parsed from the first 2 KB (one
@@ -31,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["to_rgb", "inspect_image", "inspect_images"]
+__all__ = ["to_rgb", "plain_format", "inspect_image", "inspect_images"]
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -67,6 +71,51 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in _ALPHA_MODES or "transparency" in im.info:
         return _on_white((im.convert("LA") if im.mode == "La" else im).convert("RGBA"))
     return im.convert("RGB")
+
+
+def plain_format(buf: bytes | memoryview) -> str | None:
+    """"JPEG" or "PNG" when a plain 8-bit RGB decode of the file's bytes equals ``to_rgb`` of it, else None.
+
+    - JPEG: an 8-bit Huffman frame header (SOF0-2) with 1 (grey) or 3 components before the scan.
+      CMYK/YCCK (4 components), 12-bit, lossless or arithmetic-coded frames are left to PIL.
+    - PNG: 8-bit grey or RGB, or a palette, with no tRNS chunk before the image data. Alpha, transparency,
+      16-bit and sub-8-bit grey are left to PIL (``to_rgb`` composites and scales them).
+    """
+    mv = memoryview(buf)
+    size = len(mv)
+    if mv[:3] == b"\xff\xd8\xff":
+        pos = 2
+        for _ in range(_MAX_SEGMENTS):
+            if pos + 4 > size or mv[pos] != 0xFF:
+                return None
+            marker = mv[pos + 1]
+            if marker == 0xFF:
+                pos += 1
+            elif 0xD0 <= marker <= 0xD8:
+                pos += 2
+            elif marker in _JPEG_SOF:               # Huffman baseline, extended or progressive only
+                ok = marker <= 0xC2 and pos + 10 <= size and mv[pos + 4] == 8 and mv[pos + 9] in (1, 3)
+                return "JPEG" if ok else None
+            elif marker in (0xD9, 0xDA):        # end of image or start of scan before any frame header
+                return None
+            else:
+                pos += 2 + ((mv[pos + 2] << 8) | mv[pos + 3])
+        return None
+    if mv[:8] == _PNG_SIGNATURE and size >= 33 and mv[12:16] == b"IHDR":
+        depth, colour = mv[24], mv[25]
+        if (colour, depth) not in ((0, 8), (2, 8)) and colour != 3:
+            return None
+        pos = 33
+        for _ in range(_MAX_SEGMENTS):
+            if pos + 8 > size:
+                return None
+            cid = bytes(mv[pos + 4:pos + 8])
+            if cid == b"IDAT":
+                return "PNG"
+            if cid == b"tRNS":
+                return None
+            pos += 12 + int.from_bytes(mv[pos:pos + 4], "big")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- checks

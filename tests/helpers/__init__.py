@@ -56,3 +56,57 @@ def without_timing(reports: list[dict]) -> list[dict]:
     from trainables.loop import SECONDS_PER_STEP, TRAIN_HOURS
 
     return [{k: v for k, v in r.items() if k not in (SECONDS_PER_STEP, TRAIN_HOURS)} for r in reports]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on a sqlite store, as a process group that can be killed and started again on
+    the same port and store (a tracking outage)."""
+
+    def __init__(self, db: Path, env: dict[str, str], port: int | None = None):
+        self.db, self.env, self.port = db, env, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = db.parent / "mlflow-server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> "MlflowServer":
+        import time
+        import urllib.request
+
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(
+                [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.db}",
+                 "--artifacts-destination", str(self.db.parent / "mlartifacts"), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "1"],
+                cwd=self.db.parent, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mlflow server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"mlflow server not healthy after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group (uvicorn and its workers): an outage, not a clean stop."""
+        import os
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)

@@ -58,6 +58,12 @@ class Setting:
         cannot see (a cluster's worker-only disk) is left to :meth:`verify_data` in each trial."""
         raise NotImplementedError
 
+    @classmethod
+    def check_reachable(cls, configs: list[dict[str, Any]]) -> None:
+        """Before a local sweep starts: what these resolved configs need from outside the data (pretrained
+        weights) is on this machine or downloadable from it; a one-line ``ConfigError`` when not. Nothing
+        by default."""
+
     def verify_data(self) -> None:
         """The trial's first act, before any training: check the data if this node has not yet (cheap when
         it has). Nothing by default."""

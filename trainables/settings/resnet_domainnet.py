@@ -1,6 +1,8 @@
 """The ResNet-DomainNet setting: routed ResNet-18 on DomainNet images, task id = domain id (methods.md
 section 2). Its config: the common ``TrainConfig`` plus ``data.domains`` / ``resolution`` / ``augment`` /
-``cache``, ``pretrained`` and ``backbone_bn``."""
+``cache`` / ``decode_on``, ``pretrained`` and ``backbone_bn``. Its data path is ``smear.data.pipeline``: the
+loader workers hand uint8 crops (or, decoding on the device, file bytes) to :meth:`batch_to_model`, which
+flips and normalises on the model's device."""
 from __future__ import annotations
 
 import sys
@@ -13,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from smear.backbones.resnet import build_routed_resnet18
+from smear.backbones.resnet import RESNET18_WIDTHS, build_routed_resnet18, check_imagenet_weights
 from smear.configs import ConfigError, field
-from smear.data import offline_digits_domainnet
+from smear.data import offline_digits_domainnet, pipeline
 from smear.data.check import check_domainnet, check_domainnet_once
 from smear.data.domainnet import DOMAINS, DomainNetDataset, num_classes
 from smear.routing import RoutingConfig
@@ -30,7 +32,13 @@ class DomainNetData(DataConfig):
     resolution: int = field(224, ge=8, doc="image side in pixels (paper 224)")
     augment: str = field("paper", choices=("paper", "none"),
                          doc="paper: RandomResizedCrop+flip / Resize+CenterCrop; none: resize only")
-    cache: bool = field(False, doc="keep decoded images in memory (small datasets)")
+    cache: bool = field(False, doc="keep decoded images in memory (small datasets), per loader worker")
+    loader_workers: int = field(-1, ge=-1, doc="as the common data.loader_workers; here -1 by default: the trial's "
+                                                "CPUs minus one decode and crop")
+    decode_on: str = field("auto", choices=("auto", "workers", "device"),
+                           doc="where JPEGs are decoded and cropped: workers (torchvision on the CPU), device (the "
+                               "model's device, batched: nvJPEG on a GPU; workers only read bytes); auto = device "
+                               "when the trial uses a GPU, else workers. Flip and normalisation run on the device")
 
     def validate(self) -> None:
         bad = [d for d in self.domains if d not in DOMAINS]
@@ -38,6 +46,9 @@ class DomainNetData(DataConfig):
             raise ConfigError(f"data.domains has unknown domain {bad[0]!r}; valid: {', '.join(DOMAINS)}")
         if not self.domains:
             raise ConfigError(f"data.domains is empty; valid: {', '.join(DOMAINS)}")
+        dup = next((d for i, d in enumerate(self.domains) if d in self.domains[:i]), None)
+        if dup is not None:
+            raise ConfigError(f"data.domains has {dup!r} twice; valid: each domain once")
 
 
 @dataclass
@@ -46,6 +57,13 @@ class ResNetConfig(TrainConfig):
     backbone_bn: str = field("update", choices=("update", "frozen"),
                              doc="frozen backbone's BN running stats: update in training (reference) or frozen")
     data: DomainNetData = dc_field(default_factory=DomainNetData)
+
+    def validate(self) -> None:
+        super().validate()
+        narrowest = min(RESNET18_WIDTHS)
+        if self.routing.rank > narrowest:  # an expert's bottleneck wider than the block it adapts
+            raise ConfigError(f"routing.rank={self.routing.rank} exceeds the narrowest routing block's width "
+                              f"{narrowest} (ResNet-18 layer1); valid: 1 to {narrowest}")
 
 
 def _progress(done: int, total: int) -> None:
@@ -98,6 +116,11 @@ class ResNetDomainNet(Setting):
         else:  # --dry-run: the same check, but nothing written (no marker)
             check_domainnet(root, config["data"]["domains"], decode=images)
 
+    @classmethod
+    def check_reachable(cls, configs: list[dict[str, Any]]) -> None:
+        if any(c["pretrained"] == "imagenet" for c in configs):
+            check_imagenet_weights()
+
     def verify_data(self) -> None:
         check_domainnet_once(self.root, self.cfg.data.domains)
 
@@ -106,6 +129,9 @@ class ResNetDomainNet(Setting):
         self.root = cfg.data.root or offline_digits_domainnet()  # "" = the offline stand-in, made on this node
         self.group_names = list(cfg.data.domains)
         self.num_classes = num_classes(self.root, cfg.data.domains)
+        d = cfg.data
+        self.decode_on = d.decode_on if d.decode_on != "auto" else "device" if cfg.use_gpu else "workers"
+        self.collate = pipeline.collate if self.decode_on == "workers" else pipeline.collate_raw
 
     def build_model(self, routing: RoutingConfig) -> nn.Module:
         return build_routed_resnet18(routing, num_classes=self.num_classes, num_tasks=len(self.group_names),
@@ -113,7 +139,8 @@ class ResNetDomainNet(Setting):
 
     def dataset(self, split: str) -> Dataset:
         d = self.cfg.data
-        return DomainNetDataset(self.root, d.domains, split, resolution=d.resolution, augment=d.augment, cache=d.cache)
+        return DomainNetDataset(self.root, d.domains, split, resolution=d.resolution, augment=d.augment,
+                                decode_on=self.decode_on, cache=d.cache)
 
     def place_model(self, model: nn.Module, device) -> nn.Module:
         """On CUDA the convolutions run channels_last (NHWC), with the input; the routing blocks' (b, h*w, c)
@@ -121,13 +148,14 @@ class ResNetDomainNet(Setting):
         model = model.to(device)
         return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
 
-    collate = None  # torch's default collate
-
     def batch_to_model(self, batch, device) -> Batch:
-        images, labels, domains, ids = batch
+        """uint8 crops (or bytes / pixels to decode and crop here) -> flipped, normalised float images on
+        ``device`` (``smear.data.pipeline.to_model_input``), channels_last on CUDA."""
+        images, labels, domains, ids, draws = batch
         fmt = torch.channels_last if torch.device(device).type == "cuda" else torch.preserve_format
-        return Batch({"images": images.to(device, non_blocking=True, memory_format=fmt)}, labels.to(device),
-                     domains.to(device), ids.to(device))
+        x = pipeline.to_model_input(images, draws, device, self.cfg.data.resolution, self.cfg.data.augment, fmt)
+        return Batch({"images": x}, labels.to(device, non_blocking=True), domains.to(device, non_blocking=True),
+                     ids.to(device, non_blocking=True))
 
     def per_example_loss(self, model, batch: Batch):
         logits = model(batch.inputs["images"])                                            # (b, classes)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from smear.backbones.t5 import build_routed_t5, check_decoder_support
+from smear.backbones.t5 import build_routed_t5, check_decoder_support, check_pretrained
 from smear.configs import ConfigError, field
 from smear.data import glue, offline_synthetic_glue
 from smear.data.glue import GlueMixture, make_collate, parse_prediction
@@ -81,6 +81,9 @@ class T5Settings:
         bad = [t for t in self.tasks if t not in valid]
         if bad or not self.tasks:
             raise ConfigError(f"t5.tasks has unknown task {(bad or [''])[0]!r}; valid: {', '.join(valid)}")
+        dup = next((t for i, t in enumerate(self.tasks) if t in self.tasks[:i]), None)
+        if dup is not None:
+            raise ConfigError(f"t5.tasks has {dup!r} twice; valid: each task once")
         if self.rte_to_mnli and "rte" in self.tasks and "mnli" not in self.tasks:
             raise ConfigError("t5.rte_to_mnli=True routes RTE with MNLI's expert, but mnli is not in t5.tasks; "
                               "valid: add mnli to t5.tasks, or set t5.rte_to_mnli: false")
@@ -93,6 +96,9 @@ class T5GlueConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         check_decoder_support(self.routing)
+        if self.t5.model == "tiny" and self.routing.rank > self.t5.d_model:  # a named model: checked with its files
+            raise ConfigError(f"routing.rank={self.routing.rank} exceeds the blocks' width t5.d_model="
+                              f"{self.t5.d_model}; valid: 1 to {self.t5.d_model}")
 
 
 @register_setting
@@ -124,6 +130,19 @@ class T5Glue(Setting):
                 offline_synthetic_glue()
         elif root != "hub":
             glue.check_root(root, config["t5"]["tasks"])
+
+    @classmethod
+    def check_reachable(cls, configs: list[dict[str, Any]]) -> None:
+        """A named model's and tokenizer's files (local folder, Hugging Face cache, or downloadable); with
+        the model's config at hand, the routing rank against its width (``d_model``)."""
+        for source in dict.fromkeys(c["t5"]["model"] for c in configs if c["t5"]["model"] != "tiny"):
+            d_model = check_pretrained(source, "model").get("d_model")
+            rank = max(c["routing"]["rank"] for c in configs if c["t5"]["model"] == source)
+            if d_model is not None and rank > d_model:
+                raise ConfigError(f"routing.rank={rank} exceeds the blocks' width d_model={d_model} of "
+                                  f"t5.model={source!r}; valid: 1 to {d_model}")
+        for source in dict.fromkeys(c["t5"]["tokenizer"] for c in configs if c["t5"]["tokenizer"] != "byt5"):
+            check_pretrained(source, "tokenizer")
 
     def __init__(self, cfg: T5GlueConfig):
         super().__init__(cfg)

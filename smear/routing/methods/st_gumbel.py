@@ -66,7 +66,7 @@ class StGumbelParams:
 
     gumbel_tau0: float = field(10.0, gt=0.0)
     gumbel_tau_min: float = field(0.5, gt=0.0)
-    gumbel_anneal_rate: float = field(1e-4, ge=0.0, doc="1e-6 for T5, 1e-4 for ResNet")
+    gumbel_anneal_rate: float = field(1e-4, ge=0.0, le=1.0, doc="1e-6 for T5, 1e-4 for ResNet")
     gumbel_schedule: str = field("compounding", choices=("compounding", "exponential"))
     gumbel_update_every: int = field(1000, ge=1, doc="steps between temperature updates (5000 T5, 1000 ResNet)")
     gumbel_step_offset: int = field(0, ge=0, le=1, doc="updates so far at step s: floor((s + offset) / interval); "
