@@ -5,8 +5,10 @@ Only public Ray APIs. Local sweeps get a fresh local Ray instance (:func:`start_
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -102,6 +104,63 @@ class ProgressLine(Callback):
     on_trial_error = on_trial_complete
 
 
+class StateBackup(Callback):
+    """Keeps a last readable copy of Tune's experiment state next to it, for ``--resume``.
+
+    Tune (2.60, ``TuneController.save_to_dir``) rewrites ``experiment_state-*.json`` in place. A driver killed
+    while it writes (a trial's end forces a write, so "killed right after a trial finished" hits it) leaves
+    the file truncated, and ``Tuner.restore`` then fails. After each controller step, a changed, parseable
+    state file is copied (atomically) to ``<file>.last-good``; :func:`repair_experiment_state` puts that copy
+    back before a resume. A copy a little older than the lost file is safe: trials it still shows running
+    continue from their newest complete checkpoint, and a trial the MLflow record holds as FINISHED is not
+    re-run (trainables/ray_trainable.py). Local storage only (cloud storage is written by Tune's syncer)."""
+
+    SUFFIX = ".last-good"
+
+    def __init__(self, exp_path: str):
+        self.exp_path, self._copied = exp_path, {}
+
+    def on_step_end(self, iteration, trials, **info):
+        self.backup()
+
+    def on_experiment_end(self, trials, **info):
+        self.backup()
+
+    def backup(self) -> None:
+        if "://" in self.exp_path:
+            return
+        for f in Path(self.exp_path).glob("experiment_state-*.json"):
+            try:
+                st = f.stat()
+                if self._copied.get(f.name) == (st.st_mtime_ns, st.st_size):
+                    continue
+                text = f.read_text()
+                json.loads(text)
+            except (OSError, ValueError):  # being written: the next step copies it
+                continue
+            tmp = f.with_name(f.name + self.SUFFIX + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, f.with_name(f.name + self.SUFFIX))
+            self._copied[f.name] = (st.st_mtime_ns, st.st_size)
+
+
+def repair_experiment_state(exp_path: str) -> list[str]:
+    """Before a resume: each unreadable ``experiment_state-*.json`` (a driver killed mid-write) replaced by its
+    :class:`StateBackup` copy. Returns the files repaired."""
+    repaired = []
+    if "://" in exp_path:
+        return repaired
+    for f in Path(exp_path).glob("experiment_state-*.json"):
+        good = f.with_name(f.name + StateBackup.SUFFIX)
+        try:
+            json.loads(f.read_text())
+        except ValueError:
+            if good.exists():
+                os.replace(good, f)
+                repaired.append(f.name)
+    return repaired
+
+
 def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker, tracking, resume: bool):
     """(Tuner, the tracker Tune will call). On resume, Tune restores the pickled tracker with its state."""
     from ray import tune
@@ -116,6 +175,9 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
                              tracking=tracking, experiment_path=exp_path, finished=finished),
         lambda config: trial_resource_request(sweep, config))
     if resume:
+        for f in repair_experiment_state(exp_path):
+            print(f"resume: Tune's {f} was cut short (the driver died while writing it): its last complete copy "
+                  "is used", flush=True)
         MLflowTracker.restored = None
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=param_space(sweep))
@@ -138,7 +200,7 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
             max_concurrent_trials=None if search_alg is not None else (sweep.max_concurrent_trials or None)),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, verbose=1,
-            callbacks=[tracker, ProgressLine(sweep.num_trials, sweep.metric, sweep.configs)],
+            callbacks=[tracker, ProgressLine(sweep.num_trials, sweep.metric, sweep.configs), StateBackup(exp_path)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
     )

@@ -163,12 +163,16 @@ def test_driver_killed_right_after_a_trial_finished_then_resume(tmp_path, env_wi
     # Tune snapshots its state when a trial ends, but a driver that dies first leaves the trial RUNNING there
     # (seen in issue 12): make that so, whatever the timing was this time
     (state_file,) = (tmp_path / "results" / "ft").glob("experiment_state-*.json")
-    state = json.loads(state_file.read_text())
-    for pair in state["trial_data"]:
-        trial = json.loads(pair[0])
-        if trial["trial_id"] == short.data.tags["trial_id"]:
-            pair[0] = json.dumps({**trial, "status": "RUNNING"})
-    state_file.write_text(json.dumps(state))
+    try:
+        state = json.loads(state_file.read_text())
+    except ValueError:  # the kill cut Tune's write short: the resume must repair it (service/runner.py)
+        state = None
+    if state is not None:
+        for pair in state["trial_data"]:
+            trial = json.loads(pair[0])
+            if trial["trial_id"] == short.data.tags["trial_id"]:
+                pair[0] = json.dumps({**trial, "status": "RUNNING"})
+        state_file.write_text(json.dumps(state))
 
     resumed = _launch(tmp_path, env_with_venv, SHORT_AND_LONG, "--resume")
     assert resumed.wait(timeout=400) == 0, (tmp_path / "out1.txt").read_text()[-3000:]
@@ -352,3 +356,25 @@ def test_a_storage_disk_that_fills_ends_the_sweep_with_a_one_line_reason(tmp_pat
         assert len(children) == 2 and [r.info.status for r in children] == ["FAILED", "FAILED"]
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_state_file_cut_short_by_a_killed_driver_is_repaired_from_its_last_complete_copy(tmp_path):
+    """Tune rewrites experiment_state-*.json in place; a driver killed mid-write leaves it truncated, and
+    Tuner.restore would fail. The sweep's StateBackup callback keeps the last parseable copy; a resume puts it
+    back. A truncated file is never copied over the good one."""
+    from service.runner import StateBackup, repair_experiment_state
+
+    state = tmp_path / "experiment_state-2026-11-30_07-00-00.json"
+    first = json.dumps({"trial_data": [["{\"trial_id\": \"a\", \"status\": \"RUNNING\"}", "{}"]]})
+    state.write_text(first)
+    backup = StateBackup(str(tmp_path))
+    backup.on_step_end(iteration=1, trials=[])
+    newer = first.replace("RUNNING", "TERMINATED")
+    state.write_text(newer)
+    backup.on_step_end(iteration=2, trials=[])                  # the newer state, complete: copied
+    state.write_text(newer[: len(newer) // 2])                   # the driver dies mid-write
+    backup.on_step_end(iteration=3, trials=[])                   # a cut file is not copied
+    assert repair_experiment_state(str(tmp_path)) == [state.name]
+    assert json.loads(state.read_text()) == json.loads(newer)
+    assert repair_experiment_state(str(tmp_path)) == []          # a readable state is left alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [state.name]
