@@ -70,7 +70,8 @@ def probe_tracking_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     import urllib.request
 
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        # a fresh opener: urlopen() would install a process-wide one with this moment's proxies
+        urllib.request.build_opener().open(f"{uri.rstrip('/')}/health", timeout=timeout).close()
         return
     except urllib.error.HTTPError as e:
         if e.code not in (502, 503, 504):

@@ -46,7 +46,8 @@ def url_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     import urllib.request
 
     try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        # a fresh opener: urlopen() would install a process-wide one with this moment's proxies
+        urllib.request.build_opener().open(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
     except urllib.error.HTTPError:
         return True  # it answered
     except (OSError, ValueError):  # URLError, refused, timed out, no DNS

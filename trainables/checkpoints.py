@@ -20,6 +20,7 @@ from torch import nn
 from smear.configs import flatten, to_dict
 
 STATE_FILE, BEST_FILE, MANIFEST_FILE = "state.pt", "best.pt", "manifest.json"
+REPORT_FILE = "report.json"  # the metrics reported with the checkpoint: replayed on a restore (see replay_report)
 
 
 class CheckpointMismatch(RuntimeError):
@@ -67,8 +68,22 @@ def _report_with_checkpoint(session, metrics, cfg, core, opt, best_state, **coun
                     "config": to_dict(cfg), **counters}, Path(d) / STATE_FILE)
         if best_state is not None:
             torch.save(best_state, Path(d) / BEST_FILE)
+        (Path(d) / REPORT_FILE).write_text(json.dumps(metrics))
         _write_manifest(Path(d), counters["step"])
         session.report(metrics, d)
+
+
+def replay_report(ckpt_dir: str | Path) -> dict | None:
+    """The metrics reported with the checkpoint in ``ckpt_dir`` (None for one written without them).
+
+    A restore reports them again before training on: the checkpoint's own evaluation may never have reached
+    the record (a driver killed between the trial's report and the tracker's write, a checkpoint found on
+    disk newer than the one Tune registered). The tracker logs each step once, so a replayed step already
+    recorded is skipped, and a missing one fills the hole."""
+    try:
+        return json.loads((Path(ckpt_dir) / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _write_manifest(folder: Path, step: int) -> None:

@@ -35,6 +35,7 @@ from smear.configs import to_dict
 from smear.data.pipeline import DrawSampler
 from trainables.checkpoints import (
     BEST_FILE, STATE_FILE, CheckpointMismatch, _config_difference, _partial_state, _report_with_checkpoint, _restore,
+    replay_report,
 )
 from trainables.config import TrainConfig, make_config
 from trainables.evaluation import evaluate
@@ -298,6 +299,9 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
         torch.set_rng_state(state["torch_rng"])
         if (Path(ckpt_dir) / BEST_FILE).exists():
             best_state = torch.load(Path(ckpt_dir) / BEST_FILE, map_location="cpu", weights_only=True)
+        replayed = replay_report(ckpt_dir)
+        if replayed is not None and getattr(session, "replays_on_restore", False):
+            session.report(replayed, None)  # its evaluation may never have reached the record: once more
 
     val_loader = _loader(val_ds, cfg, session, train=False, collate=setting.collate, device=device)
     two_passes = routing.needs_two_passes(core)

@@ -47,6 +47,9 @@ class TuneSession:
     """
 
     world_rank, world_size = 0, 1
+    # a restored trial reports its checkpoint's evaluation again (checkpoints.replay_report): the driver's
+    # tracker logs each step once, so a step the record lost is filled and a recorded one skipped
+    replays_on_restore = True
 
     def __init__(self, trial_folder: str | None = None):
         self.trial_folder = trial_folder
@@ -78,6 +81,8 @@ class TuneSession:
 
 class TrainSession:
     """The train loop reports to Ray Train (each data-parallel worker)."""
+
+    replays_on_restore = True  # as TuneSession: through TuneReportCallback to the same tracker
 
     def __init__(self):
         ctx = ray.train.get_context()
