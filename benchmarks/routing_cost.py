@@ -73,6 +73,7 @@ import torch  # noqa: E402
 
 import smear.routing as routing  # noqa: E402
 from smear.routing import ExpertRoutingBlock, RoutingConfig, available_methods, set_context  # noqa: E402
+from trainables.throughput import cpu_model  # noqa: E402
 
 
 @dataclass
@@ -531,14 +532,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

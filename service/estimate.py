@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -123,23 +122,13 @@ def _device_for(config: dict) -> str:
     return "cuda" if config.get("use_gpu") and torch.cuda.is_available() else "cpu"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def calibrate(sweep: Sweep, *, steps: int = 3, batch: int | None = None, price: float | None = None,
               timeout: float | None = None) -> Bill:
     """Measure each distinct (setting, method) of ``sweep`` and project its trials (see the module doc)."""
     import torch
 
     from trainables.config import make_config
-    from trainables.throughput import calibration_config, measure_series, scratch_data
+    from trainables.throughput import calibration_config, cpu_model, measure_series, scratch_data
 
     groups: dict[tuple[str, str], list[dict]] = {}
     for t in sweep.trials:
@@ -147,7 +136,7 @@ def calibrate(sweep: Sweep, *, steps: int = 3, batch: int | None = None, price: 
     scale = sweep.num_trials / len(sweep.trials)   # optuna: the example trials stand for num_samples x seeds
     devices = {_device_for(c) for cs in groups.values() for c in cs}
     device = "cuda" if "cuda" in devices else "cpu"
-    name = torch.cuda.get_device_name() if device == "cuda" else f"{_cpu_name()}, {len(os.sched_getaffinity(0))} cores"
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores"
     bill = Bill(sweep.name, device, name, steps, f"at batch {batch}, scaled to the declared batch" if batch
                 else "at the declared batch", price)
     scratch = Path(tempfile.mkdtemp(prefix="smear-estimate-"))

@@ -269,3 +269,25 @@ def test_guide_prices_every_node_type(cluster):
     for cmd in ("ray up ray_cluster.yaml", "ray dashboard ray_cluster.yaml", "ray job submit", "ray job logs",
                 "ray down ray_cluster.yaml", "ssh"):
         assert cmd in guide, cmd
+
+
+def test_shipped_gpu_declarations_pack_as_many_trials_as_their_gpu_share_allows(cluster):
+    """A trial's CPU request must not bind before its GPU share on the node types that run it: `cpu: 4, gpu:
+    0.25` on a 4-vCPU g5.xlarge ran one trial per GPU, three quarters of it idle (and billed). Each shipped
+    GPU declaration fits some worker type, and on every type that fits it, CPUs allow the GPU packing."""
+    from service.spaces import available_sweeps, load_sweep
+
+    workers = {k: v["resources"] for k, v in cluster["available_node_types"].items() if k != cluster["head_node_type"]}
+    checked = 0
+    for name in available_sweeps():
+        sweep = load_sweep(name)
+        for setting, r in sweep.resources.items():
+            if not r.get("gpu"):
+                continue
+            fits = {k: res for k, res in workers.items() if res["CPU"] >= r["cpu"] and res["GPU"] >= r["gpu"]}
+            assert fits, (name, setting, r)
+            for k, res in fits.items():
+                by_gpu, by_cpu = int(res["GPU"] // r["gpu"]), int(res["CPU"] // r["cpu"])
+                assert by_cpu >= by_gpu, f"{name}: {r} on {k} {res}: {by_cpu} trials by CPU < {by_gpu} by GPU"
+            checked += 1
+    assert checked >= 5  # resnet-domainnet, t5-glue and the research sweeps

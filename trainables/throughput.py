@@ -481,3 +481,16 @@ def scratch_data(folder: str | os.PathLike) -> Iterator[Path]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def cpu_model() -> str:
+    """This machine's CPU model (/proc/cpuinfo), for the records of measurements."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
