@@ -139,8 +139,12 @@ class StateBackup(Callback):
             except (OSError, ValueError):  # being written: the next step copies it
                 continue
             tmp = f.with_name(f.name + self.SUFFIX + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, f.with_name(f.name + self.SUFFIX))
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, f.with_name(f.name + self.SUFFIX))
+            except OSError:  # a full or failing storage: the sweep's own writes say so; a backup never fails it
+                tmp.unlink(missing_ok=True)
+                continue
             self._copied[f.name] = (st.st_mtime_ns, st.st_size)
 
 

@@ -97,6 +97,7 @@ class MlflowServer:
             except OSError:
                 pass
             time.sleep(0.5)
+        self.kill()  # never left running behind a failed test
         raise AssertionError(f"mlflow server not healthy after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
 
     def kill(self) -> None:
