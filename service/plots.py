@@ -18,11 +18,12 @@ def routing_heatmaps(heatmap: dict, title: str = ""):
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.35 * len(groups) * rows + 1.2 * rows), squeeze=False)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
-    for ax, name in zip(axes.flat, names):
+    for i, (ax, name) in enumerate(zip(axes.flat, names)):
         mat = blocks[name]
         im = ax.imshow(mat, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         ax.set_title(name, fontsize=8)
-        ax.set_yticks(range(len(groups)), groups, fontsize=7)
+        # group names on each row's first panel only: the others' would run into the panel to their left
+        ax.set_yticks(range(len(groups)), groups if i % cols == 0 else [], fontsize=7)
         ax.set_xticks(range(len(mat[0]) if mat else 0))
         ax.tick_params(axis="x", labelsize=7)
         ax.set_xlabel("expert", fontsize=7)
