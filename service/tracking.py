@@ -346,10 +346,12 @@ class MLflowTracker(Callback):
 
     def on_experiment_end(self, trials, **info):
         # a trial Tune ended before the driver died, whose end the old driver never wrote: end its run now
+        # (FINISHED only with its final result: Tune also marks TERMINATED the trials it stops when it fails)
         for t in trials:
             if t.status in ("TERMINATED", "ERROR") and t.trial_id in self.runs and t.trial_id not in self._ended:
+                done = t.status == "TERMINATED" and bool((t.last_result or {}).get("done"))
                 self._submit(self._end_if_running, self.runs[t.trial_id],
-                             "FINISHED" if t.status == "TERMINATED" else "FAILED")
+                             "FINISHED" if done else "FAILED" if t.status == "ERROR" else "KILLED")
         self.flush()
 
     def _end_if_running(self, run_id: str, status: str) -> None:

@@ -197,8 +197,22 @@ def test_a_trial_tune_ended_before_the_driver_died_gets_its_run_ended_on_resume(
     restored.on_trial_restore(0, [], b)
     restored.on_trial_complete(0, [], b)
     a.set_status(Trial.TERMINATED)
+    a.update_last_result({"done": True, "step": 4})               # it had reported its end
     b.set_status(Trial.TERMINATED)
     restored.on_experiment_end([a, b])
     runs = {r.data.tags["trial_id"]: r for r in client.search_runs([exp])
             if r.data.tags.get("mlflow.parentRunId") == parent}
     assert runs["t_00000"].info.status == "FINISHED" and runs["t_00001"].info.status == "FINISHED"
+
+
+def test_a_trial_tune_stopped_without_its_final_result_is_not_recorded_finished(tmp_path):
+    """Tune marks TERMINATED the trials it stops when it fails itself: without their final result (``done``)
+    their runs end KILLED, never FINISHED (what ran is what MLflow records)."""
+    client, exp, parent, tracker, (a,) = _sweep(tmp_path, 1)
+    tracker.on_trial_start(0, [], a)
+    tracker.flush()
+    a.update_last_result({"step": 2})                             # an evaluation, not the end
+    a.set_status(Trial.TERMINATED)
+    tracker.on_experiment_end([a])
+    (run,) = [r for r in client.search_runs([exp]) if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert run.info.status == "KILLED"
