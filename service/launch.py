@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXIT_BAD_INPUT = 2
 
 
+DEFAULT_STORAGE = "results"  # --storage when not given: Tune's results and checkpoints under ./results
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")
@@ -133,7 +134,7 @@ def plan_extension(args: argparse.Namespace, sweep: Sweep):
 def resolve_storage(arg: str | None) -> str:
     """``--storage`` (default ./results) as an absolute path; s3://, gs://, ... go to Tune unchanged
     (multi-node sweeps need shared storage)."""
-    storage = arg or "results"
+    storage = arg or DEFAULT_STORAGE
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         ext = plan_extension(args, sweep) if args.extend else None  # issue 14: checked before anything starts
         apply_overrides(sweep, args)
         if not args.dry_run:  # this machine and its services (service/preflight.py), before the data check's minute
-            check_environment(sweep, storage=args.storage or "results", tracking_uri=resolve_tracking_uri(args.tracking_uri))
+            check_environment(sweep, storage=args.storage or DEFAULT_STORAGE, tracking_uri=resolve_tracking_uri(args.tracking_uri))
         resolve_data(sweep, args.data_root, create=not args.dry_run, images="full" if args.check_images else "header")
         check_resources(sweep)
     except (ConfigError, DataError) as e:

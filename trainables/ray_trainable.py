@@ -138,7 +138,7 @@ def trial(config: dict[str, Any], train_storage: str | None = None,
     # otherwise puts the next trial in ERROR ("Trainable runner reuse requires reset_config()"). Read in this
     # process at that moment: a data-parallel trial's TorchTrainer can take longer than 2 s to shut down.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(REUSE_WAIT_S))
-    monitor = SystemMetrics(*tracking, ray.tune.get_context().get_trial_id()) if tracking else None
+    monitor = SystemMetrics(*tracking, ctx.get_trial_id()) if tracking else None
     folder = os.path.join(experiment_path, ctx.get_trial_name()) if experiment_path and "://" not in experiment_path \
         else None
     try:
