@@ -1,18 +1,20 @@
 """The launcher's last checks before a sweep starts: what it needs from this machine and its services.
 
 The storage folder and the tracking store can be written (nothing is created to find out), a tracking
-server answers within a few seconds, every trial's resources fit this machine (local Ray), and the
-pretrained weights the trials load are cached here or downloadable (each setting's ``check_reachable``).
-Each failure is one ``ConfigError`` line naming the value. ``--dry-run`` skips these: it checks the
-declaration and the data only, so a sweep meant for a cluster can be dry-run on a laptop.
+server answers within a few seconds, every trial's resources fit this machine (local Ray) or the nodes the
+cluster has or can start (RAY_ADDRESS), and the pretrained weights the trials load are cached or
+downloadable (each setting's ``check_reachable``) here, or on each live node of the cluster that can run
+a trial. Each failure is one ``ConfigError`` line naming the value. ``--dry-run`` skips these: it checks
+the declaration and the data only, so a sweep meant for a cluster can be dry-run on a laptop.
 
-On a cluster (RAY_ADDRESS set) resources and weights are not checked here: the driver's machine is not
-where the trials run. Ray then schedules each trial on a node that fits it; a request no node (nor the
-autoscaler's largest node type) can satisfy waits, and Tune warns about it in the driver's log.
+On a cluster the node shapes come from the cluster itself (service/cluster_shapes.py): its live nodes and
+the node types its autoscaler can start. A request no shape can hold would otherwise wait in Tune forever.
 """
 from __future__ import annotations
 
 import os
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,11 @@ def check_environment(sweep, *, storage: str, tracking_uri: str) -> None:
         check_local_resources(sweep)
         check_weights(sweep)
     probe_tracking_server(tracking_uri)
+    if os.environ.get("RAY_ADDRESS"):  # connects to the cluster (nothing is created there or here)
+        from service.cluster_shapes import cluster_shapes
+
+        check_cluster_resources(sweep, cluster_shapes())
+        check_weights_on_nodes(sweep)
 
 
 def check_folder(label: str, value: str, folder: str | None = None) -> None:
@@ -83,15 +90,30 @@ def probe_tracking_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
                       "MLflow server (mlflow server --host ... --port ...), or a sqlite:/// store")
 
 
-def trial_needs(sweep, config: dict[str, Any]) -> tuple[float, float]:
-    """(CPUs, GPUs) one trial holds on a node: its own request, plus its Ray Train workers' when it has several."""
+def trial_bundles(sweep, config: dict[str, Any]) -> list[tuple[float, float]]:
+    """(CPUs, GPUs) of each resource bundle one trial holds: its own request, then one per Ray Train worker
+    when it has several (each bundle lands on one node; a trial's bundles may spread over nodes)."""
     from trainables.ray_trainable import trial_resources
 
     r = sweep.resources[config["setting"]]
     own = trial_resources(_typed(config), r["cpu"], r["gpu"])
     n = config["num_workers"]
-    workers = (n * r["cpu"], n * r["gpu"]) if n > 1 else (0.0, 0.0)
-    return own["cpu"] + workers[0], own.get("gpu", 0.0) + workers[1]
+    return [(own["cpu"], own.get("gpu", 0.0))] + ([(r["cpu"], r["gpu"])] * n if n > 1 else [])
+
+
+def trial_needs(sweep, config: dict[str, Any]) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial holds in all: its own request, plus its Ray Train workers' when it has several."""
+    bundles = trial_bundles(sweep, config)
+    return sum(b[0] for b in bundles), sum(b[1] for b in bundles)
+
+
+def _distinct_trials(sweep):
+    """One config per (setting, num_workers, use_gpu): the keys its resource needs depend on."""
+    seen: dict[tuple, dict] = {}
+    for t in sweep.trials:
+        c = t.config
+        seen.setdefault((c["setting"], c["num_workers"], c["use_gpu"]), c)
+    return list(seen.values())
 
 
 def check_local_resources(sweep) -> None:
@@ -100,13 +122,7 @@ def check_local_resources(sweep) -> None:
     import torch
 
     cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
-    seen: set[tuple] = set()
-    for t in sweep.trials:
-        c = t.config
-        key = (c["setting"], c["num_workers"], c["use_gpu"])
-        if key in seen:
-            continue
-        seen.add(key)
+    for c in _distinct_trials(sweep):
         cpu, gpu = trial_needs(sweep, c)
         if cpu > cpus or gpu > gpus:
             workers = f" ({c['num_workers']} workers)" if c["num_workers"] > 1 else ""
@@ -118,15 +134,87 @@ def check_local_resources(sweep) -> None:
                               "or a GPU machine or cluster (RAY_ADDRESS)")
 
 
+def check_cluster_resources(sweep, shapes) -> None:
+    """On a cluster, every trial's bundles fit the nodes it has or can start: each bundle one node, and as
+    many bundles of a kind (its Ray Train workers) as there are nodes to hold them; ``use_gpu`` needs a
+    shape with a GPU. ``shapes``: :class:`service.cluster_shapes.Shapes`. A node type whose resources are
+    unknown (left to the provider) could be anything: then nothing is refused, only a sure refusal is made."""
+    if shapes.unknown:
+        return
+    where = f"the cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
+    for c in _distinct_trials(sweep):
+        workers = f" ({c['num_workers']} workers)" if c["num_workers"] > 1 else ""
+        for (cpu, gpu), n in Counter(trial_bundles(sweep, c)).items():
+            room = shapes.room_for(cpu, gpu)
+            if room == 0:
+                raise ConfigError(f"a trial asks for cpu={cpu:g}, gpu={gpu:g} on one node{workers}, but no node of "
+                                  f"{where} has or can start that: {shapes.describe()}; valid: resources within one "
+                                  "of these (resources / --cpus-per-trial / --gpus-per-trial), or a node type that "
+                                  "has them")
+            if room < n:
+                raise ConfigError(f"a trial asks for {n} workers of cpu={cpu:g}, gpu={gpu:g}, but {where} has or "
+                                  f"can start nodes for at most {room:g} of them ({shapes.describe()}); valid: "
+                                  "num_workers within that, smaller resources, or more nodes (max_workers)")
+        if c["use_gpu"] and not any(s.gpu > 0 for s in shapes.all):
+            raise ConfigError(f"use_gpu=True but no node of {where} has or can start a GPU: {shapes.describe()}; "
+                              "valid: use_gpu: false, or a GPU node type")
+
+
 def check_weights(sweep) -> None:
     """Each setting's :meth:`~trainables.settings.Setting.check_reachable` over its trials' configs."""
-    from trainables.settings import get_setting
+    _check_reachable(_configs_by_setting(sweep))
 
+
+def _configs_by_setting(sweep) -> dict[str, list[dict]]:
     by_setting: dict[str, list[dict]] = {}
     for t in sweep.trials:
         by_setting.setdefault(t.config["setting"], []).append(t.config)
+    return by_setting
+
+
+def _check_reachable(by_setting: dict[str, list[dict]]) -> None:
+    from trainables.settings import get_setting
+
     for name, configs in by_setting.items():
         get_setting(name).check_reachable(configs)
+
+
+def _reachable_here(by_setting: dict[str, list[dict]]) -> str | None:
+    """On a node of the cluster: :func:`_check_reachable`'s one-line message, or None when all is there."""
+    try:
+        _check_reachable(by_setting)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+NODE_CHECK_TIMEOUT_S = 120  # a node's first task sets up the job's runtime env (its working_dir) first
+
+
+def check_weights_on_nodes(sweep, timeout: float = NODE_CHECK_TIMEOUT_S) -> None:
+    """On a cluster: :func:`check_weights` on every live node that can run a trial (CPUs > 0), as a zero-CPU
+    task pinned to it, in the job's runtime env (the weights must be in that node's caches or downloadable
+    from it). A node that does not answer in ``timeout`` is named on stderr and left to its trials; so are
+    the nodes the autoscaler starts later, which do not exist yet."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    by_setting = _configs_by_setting(sweep)
+    task = ray.remote(num_cpus=0, max_retries=0)(_reachable_here)
+    refs = {n["NodeManagerAddress"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                n["NodeID"], soft=False)).remote(by_setting)
+            for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0}
+    if not refs:
+        return
+    done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+    for address, ref in refs.items():
+        if ref not in done:
+            print(f"launch.py: note: node {address} did not answer the pretrained-weights check in {timeout:g} s; "
+                  "its trials load the weights themselves", file=sys.stderr)
+            continue
+        message = ray.get(ref)
+        if message:
+            raise ConfigError(f"on node {address} of the cluster: {message}")
 
 
 def _typed(config: dict[str, Any]):

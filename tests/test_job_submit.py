@@ -58,13 +58,50 @@ def test_ray_job_submit_smoke_sweep(ray_head, tmp_path):
                              env=dict(no_token, HOME=str(tmp_path)), capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
     db = tmp_path / "mlflow.db"
+    submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", DASHBOARD, "--working-dir", "."]
+    launch = ["python", "service/launch.py", "--smoke", "--tracking-uri", f"sqlite:///{db}",
+              "--storage", str(tmp_path / "results"), "--name", "job"]
+    # issue 12: a trial no node of this cluster (2 CPUs, no GPU, no autoscaler) can hold is refused before
+    # anything starts, naming the cluster's nodes
+    no_autoscaler = '{"env_vars": {"SMEAR_AUTOSCALING_CONFIG": "%s"}}' % (tmp_path / "none.yaml")
+    proc = subprocess.run([*submit, "--runtime-env-json", no_autoscaler, "--", *launch, "--gpus-per-trial", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "failed with exit code 2" in out, out[-4000:]
+    refusal = {line for line in out.splitlines() if "no node of the cluster" in line}   # streamed, then in the status
+    assert len(refusal) == 1, out[-4000:]
+    line = refusal.pop()
+    assert line.startswith("launch.py: error: a trial asks for cpu=1, gpu=1 on one node")
+    assert "live nodes: 1x cpu=2 gpu=0" in line and "valid:" in line
+    assert "Traceback" not in out and not db.exists() and not (tmp_path / "results").exists()
+    # ImageNet weights the cluster's node has not cached and cannot download (the job's env: no network, an
+    # empty torch hub): refused by a check on that node, before anything starts
+    decl = tmp_path / "imagenet.yaml"
+    decl.write_text("description: x\nbase: {steps: 2, eval_every: 1, data.resolution: 16, pretrained: imagenet}\n"
+                    "grid: {routing.method: [smear], seed: [0]}\n")
+    dead = "http://127.0.0.1:9"   # the discard port: nothing listens
+    offline = ('{"env_vars": {"TORCH_HOME": "%s", "HTTPS_PROXY": "%s", "https_proxy": "%s", "SMEAR_AUTOSCALING_CONFIG": '
+               '"%s"}}' % (tmp_path / "empty-torch", dead, dead, tmp_path / "none.yaml"))
+    proc = subprocess.run([*submit, "--runtime-env-json", offline, "--", "python", "service/launch.py", "--sweep",
+                           str(decl), *launch[3:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "failed with exit code 2" in out, out[-4000:]
+    refusal = {line for line in out.splitlines() if line.startswith("launch.py: error: on node ")}
+    assert len(refusal) == 1 and "of the cluster: pretrained='imagenet' needs " in refusal.pop(), out[-4000:]
+    assert "Traceback" not in out and not db.exists() and not (tmp_path / "results").exists()
+    # the shapes read from this live cluster and an autoscaler config (the shipped one, as on a `ray up` head)
+    read = subprocess.run([sys.executable, "-c", "from service.cluster_shapes import cluster_shapes; "
+                           "print(cluster_shapes().describe())"], cwd=REPO, capture_output=True, text=True,
+                          env=dict(env, RAY_ADDRESS="127.0.0.1:6390", PYTHONPATH=str(REPO),
+                                   SMEAR_AUTOSCALING_CONFIG=str(REPO / "ray_cluster.yaml")), timeout=120)
+    assert read.returncode == 0, read.stderr[-3000:]
+    assert read.stdout.strip().splitlines()[-1] == (
+        "live nodes: 1x cpu=2 gpu=0; node types: head cpu=0 gpu=0 (max 1), gpu_1x_a10g cpu=4 gpu=1 (max 8), "
+        "gpu_4x_a10g cpu=48 gpu=4 (max 2)")
     # as `make submit` does: record the commit the upload (which has no .git) will run
     subprocess.run([sys.executable, "-m", "service.provenance"], cwd=REPO, check=True, capture_output=True)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", DASHBOARD, "--working-dir", ".", "--",
-           "python", "service/launch.py", "--smoke", "--tracking-uri", f"sqlite:///{db}",
-           "--storage", str(tmp_path / "results"), "--name", "job"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([*submit, "--", *launch], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in proc.stdout
     parent, children = child_runs(str(db), experiment="smear-sweep/default")
