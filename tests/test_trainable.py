@@ -1,6 +1,8 @@
 """The train loop without Ray: metrics, learning signal, checkpoint/restore, config validation."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -59,6 +61,41 @@ def test_resume_continues_from_the_checkpoint_step_exactly(digits_root, tmp_path
     assert steps == [3, 6, 9, 9]                                 # no step repeated, none restarted from 0
     # and the resumed trial is the uninterrupted one, bit for bit (weights, optimiser, RNG, data order)
     assert without_timing(whole.reports) == without_timing(s.reports)
+
+
+class _RemoteStorageSession(_DyingSession):
+    """Checkpoints read back as from remote storage (Tune's Checkpoint on a non-local filesystem): the
+    trial gets a temporary local copy (trainables/ray_trainable.py), released once restored."""
+
+    def latest_checkpoint_dir(self):
+        import pyarrow.fs
+        from ray.tune import Checkpoint
+
+        from trainables.ray_trainable import _local_dir
+
+        latest = super().latest_checkpoint_dir()
+        if latest is None:
+            return None
+        remote = pyarrow.fs.SubTreeFileSystem(self.root, pyarrow.fs.LocalFileSystem())
+        self.copies.append(_local_dir(Checkpoint(os.path.basename(latest), filesystem=remote)))
+        return self.copies[-1]
+
+    def release_checkpoint_dir(self, path):
+        from trainables.ray_trainable import _release
+
+        _release(path)
+
+
+def test_a_restore_from_remote_storage_leaves_no_temporary_copy(digits_root, tmp_path):
+    s = _RemoteStorageSession(str(tmp_path / "remote"), die_after=1)
+    s.copies = []
+    with pytest.raises(_Killed):
+        train_loop(_cfg(digits_root, steps=6), s)
+    train_loop(_cfg(digits_root, steps=6), s)
+    assert [r["step"] for r in s.reports] == [3, 6, 6]           # restored from the copy at step 3
+    assert len(s.copies) == 1 and os.path.basename(s.copies[0]).startswith("smear-restore-")
+    assert not os.path.exists(s.copies[0])                      # the copy is gone, the checkpoint kept
+    assert os.path.isfile(tmp_path / "remote" / "checkpoint_000001" / "state.pt")
 
 
 def test_resume_refuses_a_checkpoint_of_another_config_or_model(digits_root, tmp_path):

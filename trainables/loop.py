@@ -64,6 +64,8 @@ class Session(Protocol):
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
     def latest_checkpoint_dir(self) -> str | None: ...
+    def release_checkpoint_dir(self, path: str) -> None:
+        """The loop has read ``path`` (from :meth:`latest_checkpoint_dir`): a temporary copy can go."""
 
 
 @dataclass
@@ -92,6 +94,9 @@ class LocalSession:
 
     def latest_checkpoint_dir(self):
         return self._latest
+
+    def release_checkpoint_dir(self, path):
+        pass  # its own checkpoint folder, kept
 
 
 def seed_everything(seed: int) -> None:
@@ -287,21 +292,24 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     ran_bf16: bool | None = None  # what the reports have recorded so far (the checkpoint's, on a resume)
     ckpt_dir = session.latest_checkpoint_dir()
     if ckpt_dir:
-        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
-        diff = _config_difference(state.get("config", {}), to_dict(cfg))
-        if diff is not None:  # what ran must be what is recorded: no resume under another config
-            raise CheckpointMismatch(f"checkpoint {ckpt_dir} was written under another config ({diff})")
-        _restore(core, state["model"], f"checkpoint {ckpt_dir}")
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, best_val, epoch, skip = state["step"], state["best_val"], state["epoch"], state["batch_in_epoch"]
-        ran_bf16 = state.get("bf16")
-        torch.set_rng_state(state["torch_rng"])
-        if (Path(ckpt_dir) / BEST_FILE).exists():
-            best_state = torch.load(Path(ckpt_dir) / BEST_FILE, map_location="cpu", weights_only=True)
-        replayed = replay_report(ckpt_dir)
-        if replayed is not None and getattr(session, "replays_on_restore", False):
-            session.report(replayed, None)  # its evaluation may never have reached the record: once more
+        try:  # everything is read into memory: the folder (a temporary copy of a remote one) can go after
+            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+            diff = _config_difference(state.get("config", {}), to_dict(cfg))
+            if diff is not None:  # what ran must be what is recorded: no resume under another config
+                raise CheckpointMismatch(f"checkpoint {ckpt_dir} was written under another config ({diff})")
+            _restore(core, state["model"], f"checkpoint {ckpt_dir}")
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            step, best_val, epoch, skip = state["step"], state["best_val"], state["epoch"], state["batch_in_epoch"]
+            ran_bf16 = state.get("bf16")
+            torch.set_rng_state(state["torch_rng"])
+            if (Path(ckpt_dir) / BEST_FILE).exists():
+                best_state = torch.load(Path(ckpt_dir) / BEST_FILE, map_location="cpu", weights_only=True)
+            replayed = replay_report(ckpt_dir)
+            if replayed is not None and getattr(session, "replays_on_restore", False):
+                session.report(replayed, None)  # its evaluation may never have reached the record: once more
+        finally:
+            session.release_checkpoint_dir(ckpt_dir)
 
     val_loader = _loader(val_ds, cfg, session, train=False, collate=setting.collate, device=device)
     two_passes = routing.needs_two_passes(core)

@@ -8,6 +8,7 @@ TorchTrainer's run name is the trial id (deterministic), so a restarted trial fi
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -78,6 +79,9 @@ class TuneSession:
         except OSError:  # named by Tune's saved state but no longer there, and nothing newer: start over
             return None
 
+    def release_checkpoint_dir(self, path):
+        _release(path)
+
 
 class TrainSession:
     """The train loop reports to Ray Train (each data-parallel worker)."""
@@ -96,12 +100,27 @@ class TrainSession:
     def latest_checkpoint_dir(self):
         return _local_dir(ray.train.get_checkpoint())
 
+    def release_checkpoint_dir(self, path):
+        _release(path)
+
+
+_RESTORE_PREFIX = "smear-restore-"
+
 
 def _local_dir(ckpt) -> str | None:
+    """A local folder of Tune's / Train's checkpoint: itself when local, else a temporary copy."""
     if ckpt is None:
         return None
-    dest = tempfile.mkdtemp(prefix="smear-restore-")
-    return ckpt.to_directory(dest)
+    if ckpt.filesystem.type_name == "local" and os.path.isdir(ckpt.path):
+        return ckpt.path
+    return ckpt.to_directory(tempfile.mkdtemp(prefix=_RESTORE_PREFIX))
+
+
+def _release(path: str) -> None:
+    """Delete a temporary copy made by :func:`_local_dir` (never a checkpoint folder itself)."""
+    p = os.path.abspath(path)
+    if os.path.basename(p).startswith(_RESTORE_PREFIX) and os.path.dirname(p) == os.path.abspath(tempfile.gettempdir()):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def train_worker(config: dict[str, Any]) -> None:
