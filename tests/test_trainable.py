@@ -214,3 +214,22 @@ def test_the_newest_complete_checkpoint_is_chosen_and_a_partial_copy_is_not(digi
     (folders[1] / MANIFEST_FILE).unlink()                                         # no manifest: not known complete
     assert newest_complete(folders) == str(folders[0])
     assert newest_complete([tmp_path / "absent"]) is None
+
+
+def test_a_checkpoint_copied_over_another_of_the_same_name_is_complete_only_when_whole(digits_root, tmp_path):
+    """After a resume from a checkpoint Tune never registered, Tune's next checkpoint takes a name already on
+    disk: a copy cut short there mixes two checkpoints' files of equal sizes. The digests tell."""
+    import shutil
+    from pathlib import Path
+
+    from trainables.checkpoints import MANIFEST_FILE, STATE_FILE, checkpoint_step
+
+    s = LocalSession(str(tmp_path))
+    train_loop(_cfg(digits_root, steps=6), s)
+    old, new = sorted(Path(tmp_path).glob("checkpoint_*"))
+    assert (old / STATE_FILE).stat().st_size == (new / STATE_FILE).stat().st_size   # same shapes, same sizes
+    shutil.copy(new / MANIFEST_FILE, old / MANIFEST_FILE)     # the new manifest landed, the old state.pt stayed
+    assert checkpoint_step(old) is None
+    for f in new.iterdir():                                   # the copy completes
+        shutil.copy(f, old / f.name)
+    assert checkpoint_step(old) == 6

@@ -1,14 +1,18 @@
 """A trial's checkpoints: what training changes (trainable parameters and buffers), restored strictly, with
 the resolved config that wrote them (a resume under another config is refused).
 
-Each checkpoint folder ends with ``MANIFEST_FILE``: the step it holds and the size of every other file in it.
-Ray copies the folder into the sweep's storage before it registers it, but a driver or node that dies
-mid-copy leaves a partial folder, and Tune's saved experiment state can name an older checkpoint than the
-newest on disk (its snapshot lags by up to ~10 s) or one already rotated away. :func:`newest_complete`
-picks, among candidate folders, the one with the highest step whose files are all there at their size.
+Each checkpoint folder ends with ``MANIFEST_FILE``: the step it holds and the size and SHA-256 of every
+other file in it. Ray copies the folder into the sweep's storage before it registers it, but a driver or
+node that dies mid-copy leaves a partial folder, and Tune's saved experiment state can name an older
+checkpoint than the newest on disk (its snapshot lags by up to ~10 s) or one already rotated away. After a
+trial resumed from such an unregistered checkpoint, Tune names its next one as it would have, so the copy
+can land in the existing folder of that name: a copy cut short there leaves files of two checkpoints, of
+the same sizes. :func:`newest_complete` picks, among candidate folders, the one with the highest step
+whose files are all there with their digests.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -86,20 +90,31 @@ def replay_report(ckpt_dir: str | Path) -> dict | None:
         return None
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _write_manifest(folder: Path, step: int) -> None:
-    sizes = {f.name: f.stat().st_size for f in folder.iterdir() if f.is_file()}
-    (folder / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": sizes}))
+    files = [f for f in folder.iterdir() if f.is_file()]
+    (folder / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": {f.name: f.stat().st_size for f in files},
+                                                    "sha256": {f.name: _sha256(f) for f in files}}))
 
 
 def checkpoint_step(folder: str | Path) -> int | None:
     """The step a checkpoint folder holds if it is complete (its manifest, and every file it lists at its
-    size), else None."""
+    size and, for manifests that have digests, with its SHA-256), else None."""
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        files, digests = manifest["files"], manifest.get("sha256", {})
         complete = all((folder / name).is_file() and (folder / name).stat().st_size == size
-                       for name, size in manifest["files"].items())
-        return int(manifest["step"]) if complete and STATE_FILE in manifest["files"] else None
+                       for name, size in files.items())
+        complete = complete and all(_sha256(folder / name) == digests[name] for name in files if name in digests)
+        return int(manifest["step"]) if complete and STATE_FILE in files else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
