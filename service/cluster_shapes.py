@@ -8,13 +8,19 @@ Three sources, all of the cluster in use (RAY_ADDRESS):
   hands it to ``ray start --autoscaling-config``): read when the driver runs on the head, as it does under
   ``ray job submit``. ``SMEAR_AUTOSCALING_CONFIG`` names another path (an autoscaler config in the same
   format, e.g. ray_cluster.yaml itself).
-A node type whose resources the config does not state (left to the cloud provider) is ``unknown``: the
-launcher then refuses nothing, since it cannot be sure.
+A node type whose resources the config does not state (left to the cloud provider) is ``unknown``, and so
+is everything an autoscaler could start when its node types cannot be read from here (KubeRay's autoscaler
+v1 reads them from the RayCluster resource): the launcher then refuses nothing, since it cannot be sure.
+Whether an autoscaler runs: v2 says so in the GCS; v1's monitor writes its status there every few seconds,
+and a cluster without an autoscaler config gets a read-only one that names each live node's type
+``node_<node id>`` (Ray's ``format_readonly_node_type``), which starts nothing.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +110,43 @@ def shapes_from_autoscaling_yaml(config: dict) -> tuple[list[Shape], list[str]]:
     return shapes, unknown
 
 
+def runs_node_starting_autoscaler(status: dict | None) -> bool:
+    """From autoscaler v1's status record (``__autoscaling_status`` in the GCS): whether it manages node types
+    of a config (it can start nodes), not the read-only mirror of the live nodes a plain ``ray start`` gets."""
+    report = (status or {}).get("autoscaler_report") or {}
+    mapping = report.get("node_type_mapping") or {}
+    types = set(mapping.values()) | set(report.get("active_nodes") or {})
+    return any(t != f"node_{node_id}" for node_id, t in mapping.items()) or any(not t.startswith("node_") for t in types)
+
+
+STATUS_WAIT_S = 20  # autoscaler v1 writes its first status a few seconds after the head starts
+
+
+def _autoscaler_starts_nodes(wait_s: float = STATUS_WAIT_S) -> bool:
+    """Whether the connected cluster runs an autoscaler that can start nodes (see the module's docstring)."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        if is_autoscaler_v2(fetch_from_server=True):
+            return True
+    except Exception:
+        pass
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            raw = _internal_kv_get("__autoscaling_status")
+            status = json.loads(raw) if raw else None
+        except Exception:
+            status = None
+        if status and status.get("autoscaler_report") is not None:
+            return runs_node_starting_autoscaler(status)
+        if time.monotonic() > deadline:
+            return False  # no monitor: nothing starts nodes
+        time.sleep(1.0)
+
+
 def autoscaling_yaml() -> dict | None:
     """The autoscaler config on this node (see the module's docstring), or None where there is none."""
     import yaml
@@ -139,4 +182,6 @@ def cluster_shapes() -> Shapes:
         types, unknown = shapes_from_autoscaling_yaml(yaml_config)
         shapes.types += [s for s in types if s.name not in named]
         shapes.unknown = [n for n in unknown if n not in named]
+    if not shapes.types and _autoscaler_starts_nodes():
+        shapes.unknown.append("the autoscaler's node types (not readable from this node)")
     return shapes

@@ -140,6 +140,8 @@ def check_cluster_resources(sweep, shapes) -> None:
     shape with a GPU. ``shapes``: :class:`service.cluster_shapes.Shapes`. A node type whose resources are
     unknown (left to the provider) could be anything: then nothing is refused, only a sure refusal is made."""
     if shapes.unknown:
+        print(f"launch.py: note: trial resources not checked against the cluster: {', '.join(shapes.unknown)} "
+              "unknown", file=sys.stderr)
         return
     where = f"the cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
     for c in _distinct_trials(sweep):

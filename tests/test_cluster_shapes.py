@@ -105,13 +105,26 @@ def test_autoscaler_v2_node_groups():
         check_cluster_resources(_sweep(cpu=8, gpu=9), shapes)
 
 
-def test_a_node_type_of_unknown_size_refuses_nothing():
+def test_a_node_type_of_unknown_size_refuses_nothing(capsys):
     types, unknown = shapes_from_autoscaling_yaml({
         "max_workers": 4, "head_node_type": "head",
         "available_node_types": {"head": {"resources": {"CPU": 0}}, "gpu": {"max_workers": 2, "node_config": {}},
                                  "never": {"max_workers": 0, "resources": {"CPU": 1}}}})
     assert unknown == ["gpu"] and [s.name for s in types] == ["head"]
     check_cluster_resources(_sweep(cpu=1, gpu=8), Shapes(types=types, unknown=unknown))
+    assert "note: trial resources not checked against the cluster: gpu unknown" in capsys.readouterr().err
     capped, _ = shapes_from_autoscaling_yaml({"max_workers": 3, "available_node_types": {
         "w": {"resources": {"CPU": 4, "GPU": 1}}}})
     assert capped == [Shape("w", 4, 1, 3)]     # a type's max_workers defaults to the cluster's
+
+
+def test_an_autoscaler_that_starts_nodes_is_told_from_the_read_only_mirror_of_a_plain_cluster():
+    from service.cluster_shapes import runs_node_starting_autoscaler
+
+    node = "b65fbccc36b0fd450c225566552386e1fc4e991b4807dbe5f03bcb10"
+    plain = {"autoscaler_report": {"active_nodes": {f"node_{node}": 1}, "node_type_mapping": {node: f"node_{node}"},
+                                   "pending_launches": {}, "legacy": True}}   # `ray start --head`, as read there
+    assert not runs_node_starting_autoscaler(plain)
+    kuberay = {"autoscaler_report": {"active_nodes": {"headgroup": 1}, "node_type_mapping": {node: "headgroup"}}}
+    assert runs_node_starting_autoscaler(kuberay)
+    assert not runs_node_starting_autoscaler(None) and not runs_node_starting_autoscaler({"load_metrics_report": {}})
