@@ -382,3 +382,56 @@ def test_a_state_file_cut_short_by_a_killed_driver_is_repaired_from_its_last_com
     assert json.loads(state.read_text()) == json.loads(newer)
     assert repair_experiment_state(str(tmp_path)) == []          # a readable state is left alone
     assert sorted(p.name for p in tmp_path.iterdir()) == [state.name]
+
+
+DDP_LONG = """
+description: one data-parallel trial (2 Ray Train workers) long enough to lose a worker mid-way
+base: {steps: 120, eval_every: 10, batch_size: 16, num_workers: 2, torch_threads: 1, data.resolution: 16,
+       data.augment: none, data.domains: [real, sketch], routing.method: smear, seed: 0}
+resources: {cpu: 0.5}
+max_concurrent_trials: 1
+max_failures: 2
+"""
+
+
+def test_killed_ray_train_worker_of_a_data_parallel_trial_resumes_from_its_checkpoint(tmp_path, env_with_venv):
+    """A data-parallel trial (trainables/ray_trainable.py: a TorchTrainer inside the Tune trial) loses one of its
+    Ray Train workers after its first checkpoints: the trial is retried, its new TorchTrainer continues from
+    the run's newest checkpoint, and its MLflow run has every evaluation once."""
+    from trainables.checkpoints import checkpoint_step
+
+    proc = _launch(tmp_path, env_with_venv, DDP_LONG)
+    train_root = tmp_path / "results" / "ft" / "_train"
+
+    def checkpoint_steps() -> list[int]:
+        return [step for p in train_root.glob("train-*/checkpoint_*") if (step := checkpoint_step(p)) is not None]
+
+    try:
+        _wait_for(lambda: len(checkpoint_steps()) >= 2, 300, "the first checkpoints", proc)
+        newest_before_kill = max(checkpoint_steps())
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline() or [p.name()])]
+        assert len(workers) == 2, [" ".join(p.cmdline())[:80] for p in workers]
+        workers[1].send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, (tmp_path / "out0.txt").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    parent, children = child_runs(f"{tmp_path}/mlflow.db", experiment="smear-sweep/space")
+    assert parent.info.status == "FINISHED" and len(children) == 1
+    run = children[0]
+    assert run.info.status == "FINISHED" and "test/accuracy" in run.data.metrics
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")]
+    assert steps == list(range(10, 121, 10)), steps                      # every evaluation, once, in order
+    trial = next(iter(_tune_trials(tmp_path).values()))
+    rows = trial["rows"]
+    trace = [(r["training_iteration"], r.get("step")) for r in rows]
+    assert trial["num_failures"] == 1, trace
+    reported = [r["step"] for r in rows if "val/accuracy" in r]
+    restart = next(k for k in range(1, len(reported)) if reported[k] <= reported[k - 1])
+    # the retry's first report replays the checkpoint it restored (the newest, or one written since), then
+    # training goes on from there: no step trained twice, so no two checkpoints of the same step
+    assert reported[restart] >= newest_before_kill and reported[restart + 1] == reported[restart] + 10, trace
+    assert sorted(checkpoint_steps()) == list(range(10, 121, 10)), (trace, sorted(checkpoint_steps()))
+    assert sorted(set(reported)) == list(range(10, 121, 10)), trace
