@@ -50,7 +50,8 @@ def check_folder(label: str, value: str, folder: str | None = None) -> None:
     if not existing.is_dir():
         raise ConfigError(f"{label}={value!r} cannot be created: {existing} is a file; valid: a path under a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{label}={value!r} cannot be written: no write permission in {existing}; "
+        why = "a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "no write permission"
+        raise ConfigError(f"{label}={value!r} cannot be written: {why} in {existing}; "
                           "valid: a folder this user can write")
 
 

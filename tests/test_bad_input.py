@@ -289,3 +289,32 @@ def test_printed_continue_command_carries_the_flags_that_shape_the_trials(tmp_pa
     again = parse_args(shlex.split(_same_trials(args)) + ["--name", "r", "--resume"])
     assert (again.smoke, again.num_samples, again.data_root) == (True, 3, str(tmp_path.resolve()))
     assert _same_trials(parse_args([])) == ""
+
+
+@pytest.mark.parametrize("flag", ["--storage", "--tracking-uri"])
+def test_storage_or_store_on_a_read_only_disk_is_refused(tmp_path, offline_data, monkeypatch, capsys, flag):
+    """A read-only file system (root can write anywhere else, so permissions alone cannot show this here):
+    exit 2, one line naming the value, nothing written."""
+    from service.launch import main
+
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    assert mounted.returncode == 0, f"this test mounts a read-only tmpfs and needs root: {mounted.stderr.strip()}"
+    try:
+        monkeypatch.chdir(tmp_path)
+        for k, v in _offline_env(tmp_path).items():
+            monkeypatch.setenv(k, v)
+        value = str(disk / "results") if flag == "--storage" else f"sqlite:///{disk}/store/m.db"
+        rc = main(_args(tmp_path, GOOD, [flag, value]))
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert f"{value!r} cannot be written: a read-only file system in {disk}" in lines[0], lines[0]
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    disk.rmdir()
+    _nothing_written(tmp_path)
