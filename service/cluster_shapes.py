@@ -138,8 +138,8 @@ def _autoscaler_starts_nodes(wait_s: float = STATUS_WAIT_S) -> bool:
         try:
             raw = _internal_kv_get("__autoscaling_status")
             status = json.loads(raw) if raw else None
-        except Exception:
-            status = None
+        except Exception:  # not readable (e.g. through Ray Client): it may start nodes, refuse nothing
+            return True
         if status and status.get("autoscaler_report") is not None:
             return runs_node_starting_autoscaler(status)
         if time.monotonic() > deadline:

@@ -204,20 +204,26 @@ def check_weights_on_nodes(sweep, timeout: float = NODE_CHECK_TIMEOUT_S) -> None
 
     by_setting = _configs_by_setting(sweep)
     task = ray.remote(num_cpus=0, max_retries=0)(_reachable_here)
-    refs = {n["NodeManagerAddress"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-                n["NodeID"], soft=False)).remote(by_setting)
-            for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0}
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(by_setting)
+            for n in nodes]
     if not refs:
         return
-    done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
-    for address, ref in refs.items():
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    for node, ref in zip(nodes, refs):
+        where = f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]})"
         if ref not in done:
-            print(f"launch.py: note: node {address} did not answer the pretrained-weights check in {timeout:g} s; "
+            print(f"launch.py: note: {where} did not answer the pretrained-weights check in {timeout:g} s; "
                   "its trials load the weights themselves", file=sys.stderr)
             continue
-        message = ray.get(ref)
+        try:
+            message = ray.get(ref)
+        except Exception as e:  # the check itself failed there (runtime env, import): left to the trials
+            print(f"launch.py: note: the pretrained-weights check failed on {where}: {str(e).splitlines()[0][:200]}",
+                  file=sys.stderr)
+            continue
         if message:
-            raise ConfigError(f"on node {address} of the cluster: {message}")
+            raise ConfigError(f"on {where} of the cluster: {message}")
 
 
 def _typed(config: dict[str, Any]):

@@ -87,7 +87,7 @@ def test_ray_job_submit_smoke_sweep(ray_head, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "failed with exit code 2" in out, out[-4000:]
     refusal = {line for line in out.splitlines() if line.startswith("launch.py: error: on node ")}
-    assert len(refusal) == 1 and "of the cluster: pretrained='imagenet' needs " in refusal.pop(), out[-4000:]
+    assert len(refusal) == 1 and ") of the cluster: pretrained='imagenet' needs " in refusal.pop(), out[-4000:]
     assert "Traceback" not in out and not db.exists() and not (tmp_path / "results").exists()
     # the shapes read from this live cluster and an autoscaler config (the shipped one, as on a `ray up` head)
     read = subprocess.run([sys.executable, "-c", "from service.cluster_shapes import cluster_shapes; "
