@@ -75,6 +75,12 @@ def trial_run_name(config: dict[str, Any], trial_id: str) -> str:
     return f"{config['routing']['method']}-s{config['seed']}-{trial_id}"
 
 
+# How long an interrupted sweep waits for queued writes before ending its runs KILLED. `ray job stop` SIGKILLs
+# the driver RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM (Ray's default: 3 s): the shipped cluster configs give
+# it more than this (ray_cluster.yaml, docker/kuberay-rayjob.yaml; tests/test_cluster_config.py checks).
+INTERRUPT_FLUSH_S = 30
+
+
 class MLflowTracker(Callback):
     """Tune callback: one MLflow child run per trial under ``parent_run_id``.
 
@@ -362,7 +368,7 @@ class MLflowTracker(Callback):
     def close_unfinished(self, status: str = "KILLED") -> None:
         """Log what is queued, then end every run of this sweep still RUNNING (sweep interrupted or crashed).
         Interrupted (KILLED), the wait for a tracking server that is down is short: the user asked to stop."""
-        self.flush(timeout=30 if status == "KILLED" else None)
+        self.flush(timeout=INTERRUPT_FLUSH_S if status == "KILLED" else None)
         for run_id in list(self.runs.values()):
             run = self._safe("get run", self.client.get_run, run_id)
             if run is not None and run.info.status == "RUNNING":

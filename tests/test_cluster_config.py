@@ -118,6 +118,20 @@ def test_mlflow_server_on_head_and_credentials_from_node_secrets(cluster):
     assert "/home/ray/mlflow" in " ".join(cluster["docker"]["head_run_options"])  # on the head's disk
 
 
+def _assert_stop_grace(seconds: int) -> None:
+    """Stopping a job SIGKILLs its driver this long after SIGTERM: it must outlast the driver's KILLED ending."""
+    from service.tracking import INTERRUPT_FLUSH_S
+
+    assert seconds >= INTERRUPT_FLUSH_S + 15, seconds
+
+
+def test_job_stop_leaves_the_driver_time_to_end_its_runs_killed(cluster):
+    head_start = _commands(cluster, "head_start_ray_commands")
+    grace = re.search(r"export RAY_JOB_STOP_WAIT_TIME_S=(\d+) &&\s+ray start --head", head_start)
+    assert grace, head_start
+    _assert_stop_grace(int(grace.group(1)))
+
+
 def test_shared_storage_on_every_node(cluster):
     # Tune checks that --storage is visible from every node: the same shared path in every container
     assert "--volume=/mnt/efs:/mnt/shared" in cluster["docker"]["run_options"]
@@ -237,7 +251,9 @@ def test_kuberay_rayjob(rayjob):
     assert re.match(r"python \S*service/launch\.py( |$)", spec["entrypoint"])
     assert spec["shutdownAfterJobFinishes"] is True
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert set(runtime_env["env_vars"]) == {"MLFLOW_TRACKING_URI"}  # never a password in job env_vars
+    # never a password in job env_vars
+    assert set(runtime_env["env_vars"]) == {"MLFLOW_TRACKING_URI", "RAY_JOB_STOP_WAIT_TIME_S"}
+    _assert_stop_grace(int(runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]))
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == RAY_VERSION
     assert cluster["authOptions"]["mode"] == "token"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -24,7 +25,8 @@ def ray_head(env_with_venv, tmp_path):
     # Ray 2.60 token auth, with a token of this test's own (a fresh machine has no ~/.ray/auth_token)
     token = tmp_path / "ray_token"
     token.write_text(secrets.token_hex(32))
-    env = dict(env_with_venv, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    # as ray_cluster.yaml's head: `ray job stop` gives the driver 60 s after SIGTERM before its SIGKILL
+    env = dict(env_with_venv, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_JOB_STOP_WAIT_TIME_S="60")
     # --block keeps `ray start` in the foreground: terminating it stops this cluster only (never `ray stop`,
     # which would stop every Ray on the machine)
     head = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--head", "--block", "--port=6390", "--num-cpus=2",
@@ -98,6 +100,31 @@ def test_ray_job_submit_smoke_sweep(ray_head, tmp_path):
     assert read.stdout.strip().splitlines()[-1] == (
         "live nodes: 1x cpu=2 gpu=0; node types: head cpu=0 gpu=0 (max 1), gpu_1x_a10g cpu=4 gpu=1 (max 8), "
         "gpu_4x_a10g cpu=48 gpu=4 (max 2)")
+    # `ray job stop` of a running sweep: SIGTERM to the driver, which ends its parent and trial runs KILLED
+    # (none left RUNNING) and exits 143
+    long = tmp_path / "long.yaml"
+    long.write_text("description: x\nbase: {steps: 400, eval_every: 10, batch_size: 16, torch_threads: 1, "
+                    "data.resolution: 16, data.augment: none, data.domains: [real, sketch]}\n"
+                    "grid: {routing.method: [smear], seed: [0, 1]}\nresources: {cpu: 1}\nmax_concurrent_trials: 2\n")
+    stop_db = tmp_path / "stop.db"
+    proc = subprocess.run([*submit, "--no-wait", "--", "python", "service/launch.py", "--sweep", str(long),
+                           "--tracking-uri", f"sqlite:///{stop_db}", "--storage", str(tmp_path / "results"),
+                           "--name", "stop"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    job = re.search(r"raysubmit_[A-Za-z0-9]+", proc.stdout + proc.stderr)
+    assert proc.returncode == 0 and job, proc.stdout[-3000:] + proc.stderr[-3000:]
+    deadline = time.time() + 300
+    while len(list((tmp_path / "results" / "stop").glob("*/checkpoint_*"))) < 2:   # both trials training
+        assert time.time() < deadline, "no checkpoints"
+        time.sleep(1)
+    jobs = [str(VENV_BIN / "ray"), "job"]
+    subprocess.run([*jobs, "stop", "--address", DASHBOARD, job.group(0)], env=env, check=True, capture_output=True,
+                   timeout=180)
+    logs = subprocess.run([*jobs, "logs", "--address", DASHBOARD, job.group(0)], env=env, capture_output=True,
+                          text=True, timeout=60).stdout
+    assert "launch.py: interrupted (SIGTERM): the sweep's MLflow runs are KILLED" in logs, logs[-3000:]
+    parent, children = child_runs(str(stop_db), experiment="smear-sweep/long")
+    assert parent.info.status == "KILLED" and len(children) == 2, parent.info.status
+    assert {r.info.status for r in children} == {"KILLED"}, [r.info.status for r in children]
     # as `make submit` does: record the commit the upload (which has no .git) will run
     subprocess.run([sys.executable, "-m", "service.provenance"], cwd=REPO, check=True, capture_output=True)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
