@@ -31,10 +31,15 @@ def check_environment(sweep, *, storage: str, tracking_uri: str) -> None:
         check_weights(sweep)
     probe_tracking_server(tracking_uri)
     if os.environ.get("RAY_ADDRESS"):  # connects to the cluster (nothing is created there or here)
-        from service.cluster_shapes import cluster_shapes
+        import logging
 
+        from service.cluster_shapes import cluster_shapes
+        from service.runner import connect_ray
+
+        connect_ray(logging_level=logging.WARNING)  # quietly: a refusal is one line, not Ray's INFO lines first
         check_cluster_resources(sweep, cluster_shapes())
         check_weights_on_nodes(sweep)
+        logging.getLogger("ray").setLevel(logging.INFO)  # Ray's default for the sweep itself
 
 
 def check_folder(label: str, value: str, folder: str | None = None) -> None:

@@ -39,13 +39,14 @@ def start_local_ray(**init_kwargs) -> None:
     ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False, **init_kwargs)
 
 
-def connect_ray() -> None:
-    """The cluster named by RAY_ADDRESS (``ray job submit`` sets it), else a fresh local instance."""
+def connect_ray(**init_kwargs) -> None:
+    """The cluster named by RAY_ADDRESS (``ray job submit`` sets it; ``init_kwargs`` go to ``ray.init``),
+    else a fresh local instance."""
     import ray
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init()
+            ray.init(**init_kwargs)
         else:
             start_local_ray()
 

@@ -76,6 +76,7 @@ def test_ray_job_submit_smoke_sweep(ray_head, tmp_path):
     assert line.startswith("launch.py: error: a trial asks for cpu=1, gpu=1 on one node")
     assert "live nodes: 1x cpu=2 gpu=0" in line and "valid:" in line
     assert "Traceback" not in out and not db.exists() and not (tmp_path / "results").exists()
+    assert "Connecting to existing Ray cluster" not in out        # the driver's output is the one line
     # ImageNet weights the cluster's node has not cached and cannot download (the job's env: no network, an
     # empty torch hub): refused by a check on that node, before anything starts
     decl = tmp_path / "imagenet.yaml"
