@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, tmpfs
 
 GOOD = """
 description: x
@@ -297,12 +297,7 @@ def test_storage_or_store_on_a_read_only_disk_is_refused(tmp_path, offline_data,
     exit 2, one line naming the value, nothing written."""
     from service.launch import main
 
-    disk = tmp_path / "ro"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    assert mounted.returncode == 0, f"this test mounts a read-only tmpfs and needs root: {mounted.stderr.strip()}"
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as disk:
         monkeypatch.chdir(tmp_path)
         for k, v in _offline_env(tmp_path).items():
             monkeypatch.setenv(k, v)
@@ -314,7 +309,5 @@ def test_storage_or_store_on_a_read_only_disk_is_refused(tmp_path, offline_data,
         assert len(lines) == 1 and "Traceback" not in err, err
         assert f"{value!r} cannot be written: a read-only file system in {disk}" in lines[0], lines[0]
         assert list(disk.iterdir()) == []
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
     disk.rmdir()
     _nothing_written(tmp_path)

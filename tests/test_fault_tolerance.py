@@ -15,7 +15,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import REPO, MlflowServer
+from tests.helpers import REPO, MlflowServer, tmpfs
 from tests.helpers import child_runs
 
 pytestmark = pytest.mark.slow
@@ -336,12 +336,7 @@ max_failures: 1
 def test_a_storage_disk_that_fills_ends_the_sweep_with_a_one_line_reason(tmp_path, env_with_venv):
     """--storage on a 3 MiB tmpfs: the first checkpoints fill it. The sweep ends with exit 3 and one line naming
     the full storage, on the console and on the parent run; every run ended FAILED, none RUNNING, no traceback."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    assert mounted.returncode == 0, f"this test mounts a small tmpfs and needs root: {mounted.stderr.strip()}"
-    try:
+    with tmpfs(tmp_path / "disk", "size=3m") as disk:
         proc = _launch(tmp_path, env_with_venv, FILLS, storage=disk)
         try:
             rc = proc.wait(timeout=400)
@@ -358,8 +353,6 @@ def test_a_storage_disk_that_fills_ends_the_sweep_with_a_one_line_reason(tmp_pat
         assert parent.info.status == "FAILED"
         assert "is full (No space left on device)" in parent.data.tags["sweep_error"]
         assert len(children) == 2 and [r.info.status for r in children] == ["FAILED", "FAILED"]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_state_file_cut_short_by_a_killed_driver_is_repaired_from_its_last_complete_copy(tmp_path):

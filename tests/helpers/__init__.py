@@ -2,6 +2,7 @@
 real process, and reading a sweep's runs back from MLflow."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -111,3 +112,17 @@ class MlflowServer:
             except ProcessLookupError:
                 pass
             self.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    """A real tmpfs mounted on ``folder`` (created) with mount ``options`` (e.g. "size=3m", "ro,size=1m"),
+    unmounted after; needs root, as CI has."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                             text=True)
+    assert mounted.returncode == 0, f"this test mounts a tmpfs ({options}) and needs root: {mounted.stderr.strip()}"
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
