@@ -119,7 +119,16 @@ def checkpoint_step(folder: str | Path) -> int | None:
         return None
 
 
+def _manifest_step(folder: Path) -> int | None:
+    """The step a folder's manifest names (nothing verified), or None without a readable one."""
+    try:
+        return int(json.loads((folder / MANIFEST_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def newest_complete(folders) -> str | None:
-    """The complete checkpoint folder with the highest step among ``folders`` (None if there is none)."""
-    steps = [(step, str(f)) for f in folders if (step := checkpoint_step(f)) is not None]
-    return max(steps)[1] if steps else None
+    """The complete checkpoint folder with the highest step among ``folders`` (None if there is none).
+    Folders are verified newest first, so the files of older ones are not hashed once a newer one is whole."""
+    ranked = sorted(((step, str(f)) for f in folders if (step := _manifest_step(Path(f))) is not None), reverse=True)
+    return next((f for _, f in ranked if checkpoint_step(f) is not None), None)
