@@ -42,7 +42,7 @@ class Shape:
 class Shapes:
     live: list[Shape] = field(default_factory=list)       # one per live node
     types: list[Shape] = field(default_factory=list)      # the autoscaler's node types (count = max nodes)
-    unknown: list[str] = field(default_factory=list)      # node types whose resources are not stated
+    unknown: list[str] = field(default_factory=list)      # what could start nodes of sizes not known here
 
     @property
     def all(self) -> list[Shape]:
