@@ -2,6 +2,7 @@
 an MLflow server outage, a storage disk that fills up."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,6 +40,23 @@ def _launch(tmp_path, env, decl: str, *extra: str, tracking: str | None = None,
            "--storage", str(storage or tmp_path / "results"), "--name", "ft", *extra]
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=open(tmp_path / f"out{len(extra)}.txt", "a"),
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@contextlib.contextmanager
+def _reaped(proc: subprocess.Popen):
+    """The launcher's whole process group is SIGKILLed on the way out if it is still running (an assertion
+    or a timeout left it there)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _processes(proc: subprocess.Popen, marker: str) -> list[psutil.Process]:
+    """The launcher's descendant processes whose command line names ``marker`` (e.g. a Ray actor's class)."""
+    return [p for p in psutil.Process(proc.pid).children(recursive=True)
+            if marker in " ".join(p.cmdline() or [p.name()])]
 
 
 def _wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None):
@@ -84,16 +102,12 @@ def _tune_trials(tmp_path) -> dict[str, dict]:
 
 def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, env_with_venv):
     proc = _launch(tmp_path, env_with_venv, LONG)
-    try:
+    with _reaped(proc):
         _wait_for(lambda: len(_checkpoints(tmp_path)) >= 2, 240, "the first checkpoints", proc)
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "ImplicitFunc" in " ".join(p.cmdline() or [p.name()])]
+        workers = _processes(proc, "ImplicitFunc")
         assert workers, "no trial worker process found"
         workers[0].send_signal(signal.SIGKILL)                       # a worker dies mid-trial
         assert proc.wait(timeout=400) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     children = _assert_one_finished_run_per_trial(tmp_path, 2)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for r in children:                                               # no step logged twice in any run
@@ -143,15 +157,12 @@ def test_driver_killed_right_after_a_trial_finished_then_resume(tmp_path, env_wi
         exp = MlflowClient(db).get_experiment_by_name("smear-sweep/space")
         return [] if exp is None else [r for r in MlflowClient(db).search_runs([exp.experiment_id])
                                        if "trial_id" in r.data.tags and r.info.status == "FINISHED"]
-    try:
+    with _reaped(proc):
         _wait_for(lambda: finished_runs(), 300, "the short trial's FINISHED run", proc)
         for p in psutil.Process(proc.pid).children(recursive=True):  # the driver and its local Ray die hard
             p.kill()
         proc.kill()
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     client = MlflowClient(db)
     (short,) = finished_runs()
     assert short.data.params["steps"] == "60"
@@ -206,13 +217,10 @@ def test_sigterm_ends_every_run_killed_then_resume_finishes_without_a_duplicated
     """`ray job stop` sends SIGTERM: exit 143, the parent and every unfinished trial run KILLED, none RUNNING;
     --resume then finishes each trial once, and no metric step is logged twice."""
     proc = _launch(tmp_path, env_with_venv, LONG)
-    try:
+    with _reaped(proc):
         _wait_for(lambda: len(_checkpoints(tmp_path)) >= 2, 240, "the first checkpoints", proc)
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     out = (tmp_path / "out0.txt").read_text()
     assert rc == 143, out[-3000:]
     assert "interrupted (SIGTERM)" in out
@@ -338,11 +346,8 @@ def test_a_storage_disk_that_fills_ends_the_sweep_with_a_one_line_reason(tmp_pat
     the full storage, on the console and on the parent run; every run ended FAILED, none RUNNING, no traceback."""
     with tmpfs(tmp_path / "disk", "size=3m") as disk:
         proc = _launch(tmp_path, env_with_venv, FILLS, storage=disk)
-        try:
+        with _reaped(proc):
             rc = proc.wait(timeout=400)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
         out = (tmp_path / "out0.txt").read_text()
         assert rc == 3, out[-4000:]
         (line,) = [x for x in out.splitlines() if x.startswith("launch.py: sweep ft")]
@@ -399,17 +404,13 @@ def test_killed_ray_train_worker_of_a_data_parallel_trial_resumes_from_its_check
     def checkpoint_steps() -> list[int]:
         return [step for p in train_root.glob("train-*/checkpoint_*") if (step := checkpoint_step(p)) is not None]
 
-    try:
+    with _reaped(proc):
         _wait_for(lambda: len(checkpoint_steps()) >= 2, 300, "the first checkpoints", proc)
         newest_before_kill = max(checkpoint_steps())
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "RayTrainWorker" in " ".join(p.cmdline() or [p.name()])]
+        workers = _processes(proc, "RayTrainWorker")
         assert len(workers) == 2, [" ".join(p.cmdline())[:80] for p in workers]
         workers[1].send_signal(signal.SIGKILL)
         assert proc.wait(timeout=600) == 0, (tmp_path / "out0.txt").read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     parent, children = child_runs(f"{tmp_path}/mlflow.db", experiment="smear-sweep/space")
     assert parent.info.status == "FINISHED" and len(children) == 1
     run = children[0]
