@@ -51,7 +51,7 @@ def run_variant(name: str, trials: int) -> dict:
 
     from service.runner import start_local_ray
     from smear.configs import unflatten
-    from trainables.config import make_config
+    from trainables.settings import make_config
     from trainables.ray_trainable import TRIAL_KEY, trial, trial_resources
 
     workers, product_settings = VARIANTS[name]

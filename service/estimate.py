@@ -127,7 +127,7 @@ def calibrate(sweep: Sweep, *, steps: int = 3, batch: int | None = None, price: 
     """Measure each distinct (setting, method) of ``sweep`` and project its trials (see the module doc)."""
     import torch
 
-    from trainables.config import make_config
+    from trainables.settings import make_config
     from trainables.throughput import calibration_config, cpu_model, measure_series, scratch_data
 
     groups: dict[tuple[str, str], list[dict]] = {}

@@ -232,6 +232,6 @@ def check_weights_on_nodes(sweep, timeout: float = NODE_CHECK_TIMEOUT_S) -> None
 
 
 def _typed(config: dict[str, Any]):
-    from trainables.config import make_config
+    from trainables.settings import make_config
 
     return make_config(config)

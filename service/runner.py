@@ -16,7 +16,7 @@ from ray.tune import Callback
 from service.spaces import Sweep, param_space
 from service.tables import progress_line
 from service.tracking import MLflowTracker, trial_run_name
-from trainables.config import make_config
+from trainables.settings import make_config
 from trainables.ray_trainable import trial, trial_config, trial_resources
 
 

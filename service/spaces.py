@@ -24,7 +24,7 @@ import yaml
 from service.declaration import Declaration, Distribution, check_trial_count, expand_grid, parse_declaration
 from smear.configs import ConfigError, to_dict, unflatten
 from smear.routing import available_methods
-from trainables.config import make_config
+from trainables.settings import make_config
 from trainables.settings import DEFAULT_SETTING, available_settings, get_setting
 from trainables.ray_trainable import TRIAL_KEY
 

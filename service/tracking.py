@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from smear.configs import flatten
-from trainables.loop import ROUTING_HEATMAP
+from trainables.names import ROUTING_HEATMAP
 from trainables.ray_trainable import trial_config
 from trainables.settings import get_setting
 

@@ -246,7 +246,7 @@ def test_weights_in_the_local_caches_are_accepted(tmp_path, monkeypatch):
 
     from smear.backbones.resnet import check_imagenet_weights, imagenet_weights
     from smear.configs import ConfigError, to_dict
-    from trainables.config import make_config
+    from trainables.settings import make_config
     from trainables.settings import get_setting
 
     for k, v in _offline_env(tmp_path).items():

@@ -229,8 +229,9 @@ def test_decoding_on_a_gpu_matches_the_workers(mixed_root):
 
 
 def test_the_trial_loader_gives_the_same_batches_with_any_worker_count(digits_root):
-    from trainables.config import make_config
-    from trainables.loop import LocalSession, _loader, _set_epoch
+    from trainables.settings import make_config
+    from trainables.session import LocalSession
+    from trainables.trial import make_loader as _loader, set_epoch as _set_epoch
     from trainables.settings.resnet_domainnet import ResNetDomainNet
 
     def epochs(workers: int) -> list[list[torch.Tensor]]:
@@ -255,7 +256,7 @@ def test_loader_workers_default_is_the_trials_cpus_minus_one():
     import os
 
     from smear.configs import ConfigError
-    from trainables.config import make_config
+    from trainables.settings import make_config
 
     data = make_config({}).data
     assert data.loader_workers == -1                                        # DomainNet: auto

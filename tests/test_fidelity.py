@@ -182,8 +182,8 @@ def test_expert_dropout_mask_value_is_dtype_safe(dtype):
 # --- 6 and 9. the loss a step minimises -----------------------------------------------------------------
 
 def _resnet_step_parts(digits_root, method, **over):
-    from trainables.config import make_config
-    from trainables.loop import training_loss
+    from trainables.settings import make_config
+    from trainables.step import training_loss
     from trainables.settings.resnet_domainnet import ResNetDomainNet
 
     cfg = make_config({"routing": {"method": method}, "torch_threads": 1, "data": {
@@ -236,8 +236,8 @@ def _fairseq_label_smoothed_nll_loss(lprobs, target, epsilon, ignore_index=-100)
 
 
 def test_t5_task_loss_is_summed_over_batch_and_tokens_with_clipping(offline_data):
-    from trainables.config import make_config
-    from trainables.loop import training_loss
+    from trainables.settings import make_config
+    from trainables.step import training_loss
     from trainables.settings.t5_glue import T5Glue
 
     cfg = make_config({"setting": "t5_glue", "routing": {"method": "smear"}, "torch_threads": 1})
@@ -265,8 +265,8 @@ def _tiny_t5_cfg(seed, **over):
 
 
 def test_seed_drives_the_routing_blocks_not_the_frozen_tiny_backbone(offline_data):
-    from trainables.config import make_config
-    from trainables.loop import seed_everything
+    from trainables.settings import make_config
+    from trainables.trial import seed_everything
     from trainables.settings.t5_glue import T5Glue
 
     states = []
@@ -298,7 +298,7 @@ def test_same_seed_gives_bit_identical_t5_metrics_and_another_seed_differs(offli
 # --- 13. what ran is what was recorded ----------------------------------------------------------------------
 
 def test_the_trial_config_is_not_changed_by_the_run_and_is_checkpointed(digits_root, tmp_path):
-    from trainables.config import make_config
+    from trainables.settings import make_config
     from trainables.loop import LocalSession, train_loop
 
     cfg = make_config({"steps": 2, "eval_every": 2, "batch_size": 8, "torch_threads": 1, "routing": {"method": "hash"},

@@ -15,12 +15,16 @@ import math
 import pytest
 import torch
 
+import trainables.accounting as accounting
 import trainables.loop as loop
+import trainables.step as step_mod
+import trainables.trial as trial_mod
+from trainables.precision import Precision, resolve_precision
 from smear.configs import ConfigError
 from smear.routing import available_methods
 from tests.helpers.blocks import ALL, LAYOUTS, make_batch, make_block, run
 from tests.helpers.syncs import HostSyncCounter
-from trainables.config import make_config
+from trainables.settings import make_config
 
 # bf16 keeps 8 significant bits: unit roundoff u = 2^-8 ~ 3.9e-3. An expert, swish(x W_down + b) W_up, rounds
 # about five times in a row (x and W_down to bf16, the bottleneck activation, swish's output, W_up, the
@@ -60,13 +64,13 @@ def test_block_under_bf16_autocast_is_within_tolerance_of_fp32(method, layout, t
 
 def test_precision_resolves_auto_to_bf16_only_on_a_cuda_device_with_bf16(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert loop.resolve_precision("auto", cpu) == loop.Precision("cpu", False)   # the CPU default: fp32
-    assert loop.resolve_precision("bf16", cpu) == loop.Precision("cpu", True)
-    assert loop.resolve_precision("fp32", cpu).bf16 is False
+    assert resolve_precision("auto", cpu) == Precision("cpu", False)   # the CPU default: fp32
+    assert resolve_precision("bf16", cpu) == Precision("cpu", True)
+    assert resolve_precision("fp32", cpu).bf16 is False
     for supported in (True, False):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
-        assert loop.resolve_precision("auto", cuda) == loop.Precision("cuda", supported)
-        assert loop.resolve_precision("fp32", cuda).bf16 is False
+        assert resolve_precision("auto", cuda) == Precision("cuda", supported)
+        assert resolve_precision("fp32", cuda).bf16 is False
     assert make_config({}).precision == "auto" and make_config({"setting": "t5_glue"}).precision == "auto"
 
 
@@ -94,7 +98,7 @@ def _train_counting_host_syncs(config: dict, session, monkeypatch) -> HostSyncCo
     """Run ``config`` and count the host reads from the first training step to the first read of the
     non-finite flag (``nonfinite_check_every`` > steps: that is the evaluation's)."""
     opts: list[torch.optim.Optimizer] = []
-    real_optimizer, real_loss, real_check = loop._optimizer, loop.training_loss, loop._LossMonitor.check
+    real_optimizer, real_loss, real_check = trial_mod.make_optimizer, step_mod.training_loss, step_mod.LossMonitor.check
 
     def steps_of(t: torch.Tensor) -> bool:  # the optimiser's host-side step counters
         return any(s["step"].data_ptr() == t.data_ptr() for o in opts for s in o.state.values() if "step" in s)
@@ -102,7 +106,7 @@ def _train_counting_host_syncs(config: dict, session, monkeypatch) -> HostSyncCo
     counter, closed = HostSyncCounter(ignore=steps_of), []
     # the one-time compute accounting before step 0 runs the loss itself (trainables/accounting.py): it is not
     # a training step, and its call of training_loss must not open the counting window early
-    monkeypatch.setattr(loop, "_measure_compute", lambda *a, **k: {})
+    monkeypatch.setattr(accounting, "measure", lambda *a, **k: {})
 
     def optimizer(model, cfg):
         opt, sched = real_optimizer(model, cfg)
@@ -118,9 +122,9 @@ def _train_counting_host_syncs(config: dict, session, monkeypatch) -> HostSyncCo
         closed.append(True)
         return real_check(self)
 
-    monkeypatch.setattr(loop, "_optimizer", optimizer)
-    monkeypatch.setattr(loop, "training_loss", training_loss)
-    monkeypatch.setattr(loop._LossMonitor, "check", check)
+    monkeypatch.setattr(trial_mod, "make_optimizer", optimizer)
+    monkeypatch.setattr(step_mod, "training_loss", training_loss)
+    monkeypatch.setattr(step_mod.LossMonitor, "check", check)
     with counter:
         loop.train_loop({**config, "nonfinite_check_every": 1000}, session)
     assert closed, "the loop never checked the non-finite flag"

@@ -126,7 +126,7 @@ def test_mean_std_ignores_missing_and_non_finite():
 
 def test_metric_names_travel_with_the_run_tags(tmp_path):
     """The report keeps no copy of a setting's metric names: each trial run carries them (Setting.record_tags)."""
-    from trainables.config import make_config
+    from trainables.settings import make_config
     from trainables.settings import available_settings, get_setting
     from smear.configs import to_dict
 

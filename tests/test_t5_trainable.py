@@ -38,7 +38,7 @@ def test_methods_with_extra_machinery_run_in_t5(offline_data, tmp_path, method):
 
 def test_rte_uses_mnli_expert_in_encoder_blocks_only(offline_data):
     from smear.routing import routing_blocks
-    from trainables.config import make_config
+    from trainables.settings import make_config
     from trainables.settings.t5_glue import T5Glue
 
     cfg = make_config(_cfg("tag"))
@@ -56,7 +56,7 @@ def test_rte_uses_mnli_expert_in_encoder_blocks_only(offline_data):
 
 def test_token_granularity_refused_in_decoder(offline_data):
     from smear.configs import ConfigError
-    from trainables.config import make_config
+    from trainables.settings import make_config
 
     with pytest.raises(ConfigError, match="adaptive_granularity='token' is not valid in T5 decoder blocks"):
         make_config(_cfg(routing={"method": "adaptive_gating", "adaptive_granularity": "token"}))
@@ -81,7 +81,7 @@ def test_evaluation_sorted_by_length_changes_no_prediction_and_no_metric(offline
     import torch
 
     from smear.routing import set_context
-    from trainables.config import make_config
+    from trainables.settings import make_config
     from trainables.evaluation import evaluate
     from trainables.settings.t5_glue import T5Glue
 
@@ -109,7 +109,7 @@ def test_glue_metrics_do_not_depend_on_the_order_of_the_examples(offline_data):
     """Correlations sum in float: the setting computes them on the pairs in a canonical order."""
     import random
 
-    from trainables.config import make_config
+    from trainables.settings import make_config
     from trainables.settings.t5_glue import T5Glue
 
     setting = T5Glue(make_config(_cfg()))

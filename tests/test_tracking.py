@@ -9,7 +9,7 @@ from ray.tune.experiment import Trial
 
 from service.tracking import MLflowTracker
 from smear.configs import to_dict, unflatten
-from trainables.config import make_config
+from trainables.settings import make_config
 from trainables.ray_trainable import TRIAL_KEY
 
 

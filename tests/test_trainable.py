@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from smear.configs import ConfigError
-from trainables.config import make_config
+from trainables.settings import make_config
 from tests.helpers import without_timing
 from trainables.loop import CheckpointMismatch, LocalSession, NoGPU, NonFiniteLoss, train_loop
 

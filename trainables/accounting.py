@@ -5,7 +5,7 @@ What is measured, for a built model and one real batch of its setting:
 - ``compute/params_trainable``, ``compute/params_total``: parameter counts (``model.parameters()``, shared
   tensors once, buffers excluded);
 - ``compute/flops_per_example``: FLOPs of one training step of the whole model, forward + backward, on the
-  real loss path (``trainables.loop.training_loss``: the setting's ``per_example_loss``, the methods'
+  real loss path (``trainables.step.training_loss``: the setting's ``per_example_loss``, the methods'
   auxiliary losses, AdaMix's second pass and consistency loss), in train mode, divided by the batch size;
 - ``compute/routing_flops_per_example``: the part of that count spent inside the
   :class:`~smear.routing.ExpertRoutingBlock` s (their forward and the backward of the ops their forward
@@ -49,18 +49,19 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import smear.routing as routing
-from trainables.config import TrainConfig, make_config
-from trainables.settings import Batch, Setting, get_setting
+from trainables.config import TrainConfig
+from trainables.names import (  # the metric names live in trainables/names.py (torch-free, read by the driver)
+    BATCH_SIZE, FLOPS_PER_EXAMPLE, FORWARD_PASSES, METRIC_NAMES, PARAMS_TOTAL, PARAMS_TRAINABLE,
+    ROUTING_FLOPS_PER_EXAMPLE,
+)
+from trainables.session import LocalSession
+from trainables.settings import Batch, Setting, make_config
+from trainables.step import training_loss
+from trainables.trial import assemble
 
-# The metric names, in one place (a report or tracker refers to these constants).
-PARAMS_TRAINABLE = "compute/params_trainable"
-PARAMS_TOTAL = "compute/params_total"
-FLOPS_PER_EXAMPLE = "compute/flops_per_example"
-ROUTING_FLOPS_PER_EXAMPLE = "compute/routing_flops_per_example"
-FORWARD_PASSES = "compute/forward_passes"
-BATCH_SIZE = "compute/batch_size"
-METRIC_NAMES: tuple[str, ...] = (PARAMS_TRAINABLE, PARAMS_TOTAL, FLOPS_PER_EXAMPLE, ROUTING_FLOPS_PER_EXAMPLE,
-                                 FORWARD_PASSES, BATCH_SIZE)
+__all__ = ["BATCH_SIZE", "FLOPS_PER_EXAMPLE", "FORWARD_PASSES", "METRIC_NAMES", "PARAMS_TOTAL", "PARAMS_TRAINABLE",
+           "ROUTING_FLOPS_PER_EXAMPLE", "StepFlops", "build_for_measure", "count_flops", "measure",
+           "measure_trial_config", "parameter_counts", "preserved"]
 
 GLOBAL = "Global"  # FlopCounterMode's key of the total count
 
@@ -203,11 +204,9 @@ def measure(setting: Setting, model: nn.Module, batch: Batch, cfg: TrainConfig) 
     """The compute metrics (:data:`METRIC_NAMES`) of ``model`` (the unwrapped routed model of ``setting``) on
     ``batch`` (``setting.batch_to_model`` output): parameter counts, and FLOPs of one training step as
     ``trainables.loop.train_loop`` runs it: train mode, the routing context set from the batch, the loss of
-    ``trainables.loop.training_loss`` (two forwards for a two-pass method: AdaMix), and its backward to the
+    ``trainables.step.training_loss`` (two forwards for a two-pass method: AdaMix), and its backward to the
     trainable parameters; per example = divided by the batch size. The model, its buffers and the RNG states
     are left as they were (:func:`preserved`)."""
-    from trainables.loop import training_loss
-
     two_passes = routing.needs_two_passes(model)
     n = int(batch.ids.shape[0])
 
@@ -224,21 +223,13 @@ def measure(setting: Setting, model: nn.Module, batch: Batch, cfg: TrainConfig) 
 
 
 def build_for_measure(config: dict[str, Any] | TrainConfig) -> tuple[Setting, nn.Module, Batch, TrainConfig]:
-    """The setting, model and first training batch of a trial, built as ``trainables.loop.train_loop`` builds
-    them (seeded with the trial's seed, hash tables sized to the largest split, the first batch of epoch 0 in
-    the method's epoch order), on the CPU and on one worker (``batch_size`` examples). Changes the global RNG
-    states (seeding), as the loop does; :func:`measure_trial_config` restores them."""
-    from trainables.loop import LocalSession, _loader, build_data_and_model, seed_everything
-
-    cfg = make_config(config)
-    seed_everything(cfg.seed)
-    setting = get_setting(cfg.setting)(cfg)
-    (train_ds, _, _), model = build_data_and_model(setting, cfg)
-    order = routing.epoch_sampler(model, len(train_ds), cfg.seed)
-    loader = _loader(train_ds, cfg, LocalSession(root=""), train=True, epoch=0, order=order, collate=setting.collate,
-                     workers=0)
-    batch = setting.batch_to_model(next(iter(loader)), torch.device("cpu"))
-    return setting, model, batch, cfg
+    """The setting, model and first training batch of a trial, assembled as ``trainables.loop.train_loop``
+    assembles it (``trainables.trial.assemble``: seeded with the trial's seed, hash tables sized to the largest
+    split; the first batch of epoch 0 in the method's epoch order), on the CPU and on one worker
+    (``batch_size`` examples), without the data check (the launcher's). Changes the global RNG states
+    (seeding) and the thread count, as the loop does; :func:`measure_trial_config` restores them."""
+    trial = assemble(config, LocalSession(root=""), device="cpu", verify_data=False)
+    return trial.setting, trial.core, trial.first_batch(), trial.cfg
 
 
 def measure_trial_config(config: dict[str, Any] | TrainConfig) -> dict[str, float]:
@@ -248,9 +239,7 @@ def measure_trial_config(config: dict[str, Any] | TrainConfig) -> dict[str, floa
     cfg = make_config(config)
     py_state, np_state, threads = random.getstate(), np.random.get_state(), torch.get_num_threads()
     try:
-        if cfg.torch_threads:  # as the loop: the trial's intra-op threads
-            torch.set_num_threads(cfg.torch_threads)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # assemble sets the trial's intra-op threads, as the loop
             return measure(*build_for_measure(cfg))
     finally:
         random.setstate(py_state)

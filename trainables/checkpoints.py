@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,45 @@ def _report_with_checkpoint(session, metrics, cfg, core, opt, best_state, **coun
         (Path(d) / REPORT_FILE).write_text(json.dumps(metrics))
         _write_manifest(Path(d), counters["step"])
         session.report(metrics, d)
+
+
+@dataclass
+class TrialState:
+    """What a trial's checkpoint holds besides the weights and the optimiser: where training is, and the best
+    validation score and weights so far. :meth:`load` restores a checkpoint into a trial's model, optimiser,
+    scheduler and RNG and returns its state; :meth:`save` reports metrics with a checkpoint of it."""
+
+    step: int = 0
+    best_val: float = -math.inf
+    best_state: dict[str, torch.Tensor] | None = None
+    epoch: int = 0
+    batch_in_epoch: int = 0          # batches of ``epoch`` already trained on (a resume skips them)
+    bf16: bool | None = None         # the precision the reports recorded so far (None: nothing reported yet)
+
+    @classmethod
+    def load(cls, ckpt_dir: str | Path, cfg, core: nn.Module, opt, sched) -> tuple["TrialState", dict | None]:
+        """The state of the checkpoint in ``ckpt_dir``, restored strictly into ``core``, ``opt``, ``sched`` and
+        torch's RNG (refused, :class:`CheckpointMismatch`, when written under another config), and the metrics
+        reported with it (:func:`replay_report`). Everything is read into memory: the folder can go after."""
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+        diff = _config_difference(state.get("config", {}), to_dict(cfg))
+        if diff is not None:  # what ran must be what is recorded: no resume under another config
+            raise CheckpointMismatch(f"checkpoint {ckpt_dir} was written under another config ({diff})")
+        _restore(core, state["model"], f"checkpoint {ckpt_dir}")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        best = Path(ckpt_dir) / BEST_FILE
+        best_state = torch.load(best, map_location="cpu", weights_only=True) if best.exists() else None
+        return cls(step=state["step"], best_val=state["best_val"], best_state=best_state, epoch=state["epoch"],
+                   batch_in_epoch=state["batch_in_epoch"], bf16=state.get("bf16")), replay_report(ckpt_dir)
+
+    def save(self, session, metrics: dict, cfg, core: nn.Module, opt, sched, *, bf16: bool) -> None:
+        """Report ``metrics`` with a checkpoint of this state (rank 0; other ranks report the metrics only);
+        ``bf16``: the precision that ran."""
+        _report_with_checkpoint(session, metrics, cfg, core, opt, self.best_state, scheduler=sched.state_dict(),
+                                step=self.step, best_val=self.best_val, epoch=self.epoch,
+                                batch_in_epoch=self.batch_in_epoch, bf16=bf16)
 
 
 def replay_report(ckpt_dir: str | Path) -> dict | None:

@@ -1,15 +1,14 @@
 """TrainConfig: the typed configuration of one trial, validated once where it enters (CLI / search space).
 
 This module holds what every setting shares; each setting (``trainables/settings/``) subclasses
-``TrainConfig`` with its own sections and fields, and ``make_config`` builds the subclass its
-``setting`` names."""
+``TrainConfig`` with its own sections and fields, and ``trainables.settings.make_config`` builds the subclass
+its ``setting`` names."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field as dc_field
-from typing import Any
 
-from smear.configs import ConfigError, build, field
+from smear.configs import ConfigError, field
 from smear.routing import RoutingConfig
 
 
@@ -32,7 +31,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    setting: str = field("resnet_domainnet", doc="registry key of the setting (trainables/settings/)")
+    setting: str = field("", doc="registry key of the setting (trainables/settings/); make_config fills in the "
+                                   "default setting")
     seed: int = field(42, ge=0, le=2**32 - 1, doc="0 to 2**32 - 1 (numpy's seed range; torch's generators are "
                                                     "seeded with multiples of it)")
     steps: int = field(100_000, ge=1, doc="optimizer steps (paper: 100k ResNet)")
@@ -64,22 +64,3 @@ class TrainConfig:
             raise ConfigError(f"eval_every={self.eval_every} exceeds steps={self.steps}; valid: 1 to {self.steps}")
         if self.num_workers > 1 and self.batch_size % self.num_workers:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by num_workers={self.num_workers}")
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def make_config(values: dict[str, Any] | TrainConfig | None = None) -> TrainConfig:
-    """The one way to build a trial's config: its setting's typed config class (the registry in
-    ``trainables/settings/``), the setting's paper defaults, then ``values``, validated."""
-    if isinstance(values, TrainConfig):
-        return values
-    from trainables.settings import DEFAULT_SETTING, get_setting
-
-    values = dict(values or {})
-    setting = get_setting(values.get("setting", DEFAULT_SETTING))
-    return build(setting.config_class, _merge({**setting.defaults, "setting": setting.name}, values))

@@ -16,8 +16,10 @@ import ray.train
 import ray.tune
 
 
-from trainables.config import TrainConfig, make_config
-from trainables.loop import NonFiniteLoss, train_loop
+from trainables.config import TrainConfig
+from trainables.settings import make_config
+from trainables.loop import train_loop
+from trainables.step import NonFiniteLoss
 
 NONFINITE_MARKER = "NONFINITE_LOSS"  # left in the trial folder: Tune's retries of that trial fail at once
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import math
 import os
 import queue
@@ -32,30 +31,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
-import smear.routing as routing
-from smear.configs import ConfigError
-from trainables import loop
-from trainables.config import make_config
-from trainables.precision import resolve_precision
-from trainables.settings import get_setting
-
-# T5 v1.1 shapes (the published configs of google/t5-v1_1-*), so that a declared hub model can be measured
-# offline with random weights of its architecture
-T5_V1_1 = {
-    "google/t5-v1_1-small": dict(d_model=512, d_ff=1024, num_layers=8, num_heads=6, d_kv=64, vocab_size=32128),
-    "google/t5-v1_1-base": dict(d_model=768, d_ff=2048, num_layers=12, num_heads=12, d_kv=64, vocab_size=32128),
-    "google/t5-v1_1-large": dict(d_model=1024, d_ff=2816, num_layers=24, num_heads=16, d_kv=64, vocab_size=32128),
-}
-# the paper's shapes (methods.md section 2): ResNet-18 at batch 128, 224 px; T5 v1.1-base, batch 128, 128 source tokens
-PAPER_SHAPES: dict[str, dict[str, Any]] = {
-    "resnet_domainnet": {"batch_size": 128, "data": {"resolution": 224, "augment": "paper"}},
-    "t5_glue": {"batch_size": 128, "t5": {"model": "google/t5-v1_1-base", "max_source_len": 128}},
-}
-UNITS = {"resnet_domainnet": "images", "t5_glue": "tokens"}  # what "work" counts in each setting
-
+from smear.configs import to_dict
+from trainables.session import LocalSession
+from trainables.settings import get_setting, make_config
+from trainables.step import NonFiniteLoss
+from trainables.trial import assemble, set_epoch
 
 @dataclass
 class Measurement:
@@ -128,119 +110,7 @@ class Packed:
 
 # ------------------------------------------------------------------------------------------ data in the real format
 
-def _image_pool(n: int, rng: np.random.Generator, sides: tuple[int, int]) -> list[bytes]:
-    """``n`` distinct JPEGs of photo-like content (smooth colour fields plus grain), sides in ``sides`` px."""
-    from PIL import Image
-
-    out = []
-    for _ in range(n):
-        w, h = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
-        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-        pixels = np.asarray(coarse, np.int16) + rng.integers(-12, 13, (h, w, 3))
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
-def write_domainnet_jpegs(root: str | os.PathLike, train_lines: int, *, test_lines: int = 64,
-                          sides: tuple[int, int] = (300, 500), classes: int = 345, seed: int = 0) -> Path:
-    """A root in DomainNet's official layout (``<domain>/<class>/<file>.jpg``, ``<domain>_{train,test}.txt``,
-    345 classes, the six domains) with ``train_lines`` training lines in all, each its own JPEG file (copies
-    of 64 distinct photo-like images, sides drawn in ``sides``; DomainNet's photos are a few hundred pixels a
-    side). Idempotent for the same arguments."""
-    from smear.data.domainnet import DOMAINS
-
-    root = Path(root)
-    stamp = f"{train_lines} {test_lines} {sides} {classes} {seed}"
-    marker = root / "THROUGHPUT_ROOT_OK"
-    if marker.exists() and marker.read_text() == stamp:
-        return root
-    rng = np.random.default_rng(seed)
-    pool = _image_pool(64, rng, sides)
-    written = 0
-    for di, domain in enumerate(DOMAINS):
-        for split, total in (("train", train_lines), ("test", test_lines)):
-            k = math.ceil(total / len(DOMAINS))
-            lines = []
-            for i in range(k):
-                # the last train line of a domain has the last class: num_classes() = 345, as in DomainNet
-                c = classes - 1 if split == "train" and i == k - 1 else (i * 7 + di) % classes
-                rel = f"{domain}/c{c:03d}/{domain}_{split}_{i:06d}.jpg"
-                (root / rel).parent.mkdir(parents=True, exist_ok=True)
-                (root / rel).write_bytes(pool[written % len(pool)])
-                written += 1
-                lines.append(f"{rel} {c}\n")
-            (root / f"{domain}_{split}.txt").write_text("".join(lines))
-    marker.write_text(stamp)
-    return root
-
-
-_WORDS = ("the", "a", "river", "quiet", "engine", "market", "council", "studied", "report", "between", "under",
-          "north", "seven", "bright", "measured", "policy", "garden", "signal", "across", "winter", "library")
-
-
-def write_glue_long(root: str | os.PathLike, examples: int, *, chars: int = 400, seed: int = 0) -> Path:
-    """A GLUE root in the Hub's layout (``<task>/<split>-00000-of-00001.parquet``, the Hub's columns and dtypes)
-    for the eight tasks, ``examples`` training rows each, every text field about ``chars`` characters: every
-    source is at least ``max_source_len`` tokens, so a batch is the full 128 source tokens. Idempotent."""
-    from datasets import ClassLabel, Dataset, Features, Value
-
-    from smear.data.glue import COLUMNS, LABEL_NAMES, TASKS, _quiet_datasets, source_splits
-
-    root = Path(root)
-    marker = root / "THROUGHPUT_ROOT_OK"
-    stamp = f"{examples} {chars} {seed}"
-    if marker.exists() and marker.read_text() == stamp:
-        return root
-    rng = np.random.default_rng(seed)
-
-    def text() -> str:
-        words = []
-        while sum(len(w) + 1 for w in words) < chars:
-            words.append(_WORDS[int(rng.integers(len(_WORDS)))])
-        return " ".join(words) + "."
-
-    for task in TASKS:
-        names = LABEL_NAMES[task]
-        label = Value("float32") if names is None else ClassLabel(names=list(names))
-        feats = Features({c: label if c == "label" else Value("int32") if c == "idx" else Value("string")
-                          for c in COLUMNS[task]})
-        (root / task).mkdir(parents=True, exist_ok=True)
-        for split in source_splits(task):
-            n = examples if split == "train" else 16
-            cols: dict[str, list] = {c: [] for c in COLUMNS[task]}
-            for i in range(n):
-                for c in COLUMNS[task]:
-                    cols[c].append(i if c == "idx" else (float(i % 26) / 5 if names is None else i % len(names))
-                                   if c == "label" else text())
-            with _quiet_datasets():
-                Dataset.from_dict(cols, features=feats).to_parquet(str(root / task / f"{split}-00000-of-00001.parquet"))
-    marker.write_text(stamp)
-    return root
-
-
 # ------------------------------------------------------------------------------------------ configs
-
-def _t5_shape(model: str) -> dict[str, int] | None:
-    """The architecture of a declared T5 (name or local path), for random weights of that shape; None = 'tiny'."""
-    if model == "tiny":
-        return None
-    if model in T5_V1_1:
-        return dict(T5_V1_1[model])
-    try:
-        from transformers import T5Config
-
-        c = T5Config.from_pretrained(model, local_files_only=True)
-    except Exception:
-        raise ConfigError(f"t5.model={model!r}: its shape is unknown offline (no local config); valid: "
-                          f"{', '.join(T5_V1_1)}, 'tiny', or a local model folder") from None
-    if c.num_decoder_layers != c.num_layers:
-        raise ConfigError(f"t5.model={model!r} has {c.num_layers} encoder and {c.num_decoder_layers} decoder layers; "
-                          "the random stand-in needs equal counts")
-    return dict(d_model=c.d_model, d_ff=c.d_ff, num_layers=c.num_layers, num_heads=c.num_heads, d_kv=c.d_kv,
-                vocab_size=c.vocab_size)
-
 
 def data_lines(config: dict[str, Any], steps: int) -> int:
     """Training examples a root needs so that ``steps`` batches fit in one epoch (validation takes 20% of
@@ -252,11 +122,10 @@ def calibration_config(config: dict[str, Any], *, device: str, data_dir: str | o
                        batch_size: int | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """``config`` (a resolved trial config) made runnable here at the same shapes, for ``steps`` steps.
 
-    - Data: a declared root that exists on this machine is used; otherwise (a cluster path, the hub, or the
-      offline stand-in, which is for smoke runs, not bills) data in the real format is generated under
-      ``data_dir``: DomainNet JPEGs (:func:`write_domainnet_jpegs`) or long GLUE texts (:func:`write_glue_long`).
-    - Weights: ImageNet ResNet-18 -> random (same shapes); a T5 name -> random weights of its architecture
-      (:data:`T5_V1_1` or its local config) with ByT5's tokenizer (no download).
+    - Data and weights: the setting's recipe (``Setting.calibration_config``): a declared root that exists on
+      this machine is used; otherwise (a cluster path, the hub, or the offline stand-in, which is for smoke
+      runs, not bills) data in the real format is generated under ``data_dir`` (``smear.data.calibration``),
+      and downloaded weights are replaced by random ones of the same shapes.
     - ``device`` cpu|cuda sets ``use_gpu``; ``batch_size`` overrides the declared one (``service/estimate.py``
       scales the time back); ``overrides`` (nested) go on last.
     """
@@ -265,24 +134,10 @@ def calibration_config(config: dict[str, Any], *, device: str, data_dir: str | o
     cfg["steps"] = cfg["eval_every"] = steps
     if batch_size:
         cfg["batch_size"] = batch_size
-    setting = cfg["setting"]
     root = cfg.get("data", {}).get("root", "")
     local = root not in ("", "hub") and Path(root).exists()
-    if setting == "resnet_domainnet":
-        cfg["pretrained"] = "none"
-        if not local:
-            cfg["data"]["root"] = str(write_domainnet_jpegs(Path(data_dir) / "domainnet", data_lines(cfg, steps)))
-    elif setting == "t5_glue":
-        shape = _t5_shape(cfg["t5"]["model"])
-        if shape is not None:
-            cfg["t5"].update(model="tiny", tokenizer="byt5", **shape)
-        elif cfg["t5"].get("tokenizer") != "byt5":
-            cfg["t5"]["tokenizer"] = "byt5"
-        if not local:
-            per_task = max(64, math.ceil(data_lines(cfg, steps) * 1.25 / len(cfg["t5"]["tasks"])))
-            cfg["data"]["root"] = str(write_glue_long(Path(data_dir) / "glue", per_task))
-    else:
-        raise ConfigError(f"setting={setting!r}: no calibration recipe; valid: resnet_domainnet, t5_glue")
+    cfg = get_setting(cfg["setting"]).calibration_config(cfg, data_dir=Path(data_dir), lines=data_lines(cfg, steps),
+                                                         local=local)
     for k, v in (overrides or {}).items():
         if isinstance(v, dict):
             cfg.setdefault(k, {}).update(v)
@@ -292,10 +147,9 @@ def calibration_config(config: dict[str, Any], *, device: str, data_dir: str | o
 
 
 def paper_config(setting: str, method: str, **overrides: Any) -> dict[str, Any]:
-    """A trial config of ``setting`` at the paper's shapes (:data:`PAPER_SHAPES`) for ``method``."""
-    cfg = make_config({"setting": setting, **copy.deepcopy(PAPER_SHAPES[setting]), "routing": {"method": method}})
-    from smear.configs import to_dict
-
+    """A trial config of ``setting`` at the paper's shapes (``Setting.paper_shape``) for ``method``."""
+    cfg = make_config({"setting": setting, **copy.deepcopy(get_setting(setting).paper_shape),
+                       "routing": {"method": method}})
     out = to_dict(cfg)
     for k, v in overrides.items():
         if isinstance(v, dict):
@@ -324,42 +178,22 @@ class _Timed:
             self.waited += time.perf_counter() - t
 
 
-def _work(setting: str, raw, batch_size: int) -> float:
-    """Images (the batch) or non-padding source tokens of one raw (CPU) batch: no device read."""
-    if setting == "t5_glue":
-        return float(raw["attention_mask"].sum())
-    return float(batch_size)
-
-
 def measure(config: dict[str, Any], *, steps: int, warmup: int = 1, barrier=None) -> Measurement:
     """Time ``steps`` training steps of the trial ``config`` (after ``warmup`` untimed ones) in this process,
-    through the train loop's own pieces. ``barrier`` (packed runs) is waited on between warm-up and timing."""
-    cfg = make_config(config)
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    loop.seed_everything(cfg.seed)
-    device = loop._device(cfg)
-    precision = resolve_precision(cfg.precision, device)
-    setting = get_setting(cfg.setting)(cfg)
-    setting.verify_data()
-    session = loop.LocalSession(root=os.devnull)
-    (train_ds, _, _), built = loop.build_data_and_model(setting, cfg)
-    core = setting.place_model(built, device)
-    opt, sched = loop._optimizer(core, cfg)
-    two_passes = routing.needs_two_passes(core)
-    order = routing.epoch_sampler(core, len(train_ds), cfg.seed)
+    assembled as the train loop assembles it (``trainables.trial.assemble``) and stepped by the loop's own
+    step. ``barrier`` (packed runs) is waited on between warm-up and timing."""
+    trial = assemble(config, LocalSession(root=os.devnull))
+    cfg, setting, device = trial.cfg, trial.setting, trial.device
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-
-    workers = cfg.data.workers(session.cpus)
-    loader = loop._loader(train_ds, cfg, session, train=True, order=order, collate=setting.collate, device=device,
-                          workers=workers)
+    workers = cfg.data.workers(trial.session.cpus)
+    loader = trial.loader("train", workers=workers)
 
     def batches() -> Iterator:  # the trial's loader: built once, workers persist, the next epoch's order
         epoch = 0
         while True:
-            loop._set_epoch(loader, epoch)
+            set_epoch(loader, epoch)
             yield from loader
             epoch += 1
 
@@ -372,9 +206,8 @@ def measure(config: dict[str, Any], *, steps: int, warmup: int = 1, barrier=None
                 barrier.wait()
             start, waited0, work = time.perf_counter(), timed.waited, 0.0
         raw = next(timed)
-        work += _work(cfg.setting, raw, cfg.batch_size)
-        loss = loop.train_step(setting, core, core, setting.batch_to_model(raw, device), cfg, opt, sched, step,
-                               order=order, two_passes=two_passes, precision=precision)
+        work += setting.batch_work(raw, cfg.batch_size)
+        loss = trial.step(raw, step)
         if cuda:
             torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -384,11 +217,11 @@ def measure(config: dict[str, Any], *, steps: int, warmup: int = 1, barrier=None
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
     final = float(loss.detach())
     if not math.isfinite(final):
-        raise loop.NonFiniteLoss(f"non-finite training loss {final} in the throughput measurement")
+        raise NonFiniteLoss(f"non-finite training loss {final} in the throughput measurement")
     return Measurement(setting=cfg.setting, method=cfg.routing.method, device=device.type,
-                       precision="bf16" if precision.bf16 else "fp32", batch_size=cfg.batch_size,
+                       precision="bf16" if trial.precision.bf16 else "fp32", batch_size=cfg.batch_size,
                        loader_workers=workers, steps=steps, warmup=warmup, seconds=seconds,
-                       data_wait_s=timed.waited - waited0, work=work, unit=UNITS.get(cfg.setting, "examples"),
+                       data_wait_s=timed.waited - waited0, work=work, unit=setting.work_unit,
                        peak_mem_mb=peak, peak_mem_kind=kind, final_loss=final)
 
 

@@ -24,6 +24,13 @@ from smear.routing import ExpertRoutingBlock, RoutingConfig, RoutingContext
 from smear.routing.block import masked_mean
 
 PAPER_MODEL = "google/t5-v1_1-base"
+# T5 v1.1 shapes (the published configs of google/t5-v1_1-*), so that a declared hub model can be measured
+# offline with random weights of its architecture
+T5_V1_1 = {
+    "google/t5-v1_1-small": dict(d_model=512, d_ff=1024, num_layers=8, num_heads=6, d_kv=64, vocab_size=32128),
+    "google/t5-v1_1-base": dict(d_model=768, d_ff=2048, num_layers=12, num_heads=12, d_kv=64, vocab_size=32128),
+    "google/t5-v1_1-large": dict(d_model=1024, d_ff=2816, num_layers=24, num_heads=16, d_kv=64, vocab_size=32128),
+}
 
 
 class RoutedSublayer(nn.Module):
@@ -187,3 +194,21 @@ def check_decoder_support(cfg: RoutingConfig) -> None:
     """Refuse what cannot run in causal decoder blocks (per-token routing would change across decoding steps)."""
     if cfg.method == "adaptive_gating" and cfg.adaptive_granularity == "token":
         raise ConfigError("routing.adaptive_granularity='token' is not valid in T5 decoder blocks; valid: example")
+
+
+def architecture(model: str) -> dict[str, int] | None:
+    """The architecture of a declared T5 (name or local path), for random weights of that shape; None = 'tiny'."""
+    if model == "tiny":
+        return None
+    if model in T5_V1_1:
+        return dict(T5_V1_1[model])
+    try:
+        c = T5Config.from_pretrained(model, local_files_only=True)
+    except Exception:
+        raise ConfigError(f"t5.model={model!r}: its shape is unknown offline (no local config); valid: "
+                          f"{', '.join(T5_V1_1)}, 'tiny', or a local model folder") from None
+    if c.num_decoder_layers != c.num_layers:
+        raise ConfigError(f"t5.model={model!r} has {c.num_layers} encoder and {c.num_decoder_layers} decoder layers; "
+                          "the random stand-in needs equal counts")
+    return dict(d_model=c.d_model, d_ff=c.d_ff, num_layers=c.num_layers, num_heads=c.num_heads, d_kv=c.d_kv,
+                vocab_size=c.vocab_size)

@@ -54,7 +54,7 @@ def child_runs(db: str, experiment: str = "smear-sweep/space") -> tuple[object, 
 
 def without_timing(reports: list[dict]) -> list[dict]:
     """Reports without the measured wall-clock metrics (the only keys two identical runs may differ in)."""
-    from trainables.loop import SECONDS_PER_STEP, TRAIN_HOURS
+    from trainables.names import SECONDS_PER_STEP, TRAIN_HOURS
 
     return [{k: v for k, v in r.items() if k not in (SECONDS_PER_STEP, TRAIN_HOURS)} for r in reports]
 

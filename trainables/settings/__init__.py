@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from smear.configs import ConfigError
+from smear.configs import ConfigError, build
+from trainables.config import TrainConfig
 from trainables.settings._base import Batch, Setting
 
 _SETTINGS: dict[str, type[Setting]] = {}
@@ -38,8 +39,25 @@ def get_setting(name: str) -> type[Setting]:
         raise ConfigError(f"setting={name!r} is not valid; valid: {', '.join(available_settings())}") from None
 
 
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def make_config(values: dict[str, Any] | TrainConfig | None = None) -> TrainConfig:
+    """The one way to build a trial's config: its setting's typed config class (this registry), the setting's
+    paper defaults, then ``values``, validated."""
+    if isinstance(values, TrainConfig):
+        return values
+    values = dict(values or {})
+    setting = get_setting(values.get("setting", DEFAULT_SETTING))
+    return build(setting.config_class, _merge({**setting.defaults, "setting": setting.name}, values))
+
+
 for _m in pkgutil.iter_modules(__path__):
     if not _m.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["Batch", "Setting", "DEFAULT_SETTING", "available_settings", "get_setting", "register_setting"]
+__all__ = ["Batch", "Setting", "DEFAULT_SETTING", "available_settings", "get_setting", "make_config", "register_setting"]

@@ -8,18 +8,23 @@ owns everything the rest of the code base asks about the setting:
   defaults (``defaults``), its offline smoke profile (``smoke``), its metric names (``primary_metric``, ``group_metric``, ``group_kind``),
   which groups a config trains on (:meth:`groups_of`), and its data check / offline stand-in
   (:meth:`prepare_data`);
+- its measurement recipe (the throughput measurement and ``--dry-run --estimate``): the paper's shapes
+  (``paper_shape``), what a step's work counts (``work_unit``, :meth:`batch_work`) and how a declared config
+  runs on a machine without its data or weights (:meth:`calibration_config`);
 - instance level (inside the trial): building the model and the data, the per-example loss, predictions
   and metrics.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from smear.configs import ConfigError
 from smear.routing import RoutingConfig
 from trainables.config import TrainConfig
 
@@ -43,6 +48,8 @@ class Setting:
     primary_metric: ClassVar[str]          # val/<primary_metric> selects the best checkpoint; test/<it> is reported
     group_metric: ClassVar[str]            # test/<group>/<group_metric> per domain / task
     group_kind: ClassVar[str]              # "domain", "task": what a group is, for tables
+    paper_shape: ClassVar[dict[str, Any]] = {}  # the paper's batch and input shapes (nested overrides)
+    work_unit: ClassVar[str] = "examples"  # what batch_work counts: "images", "tokens", ...
 
     # --- the driver's questions (plain config dicts, nothing built) -----------------------------------
     @classmethod
@@ -67,6 +74,21 @@ class Setting:
     def verify_data(self) -> None:
         """The trial's first act, before any training: check the data if this node has not yet (cheap when
         it has). Nothing by default."""
+
+    @classmethod
+    def batch_work(cls, raw, batch_size: int) -> float:
+        """The work in one raw (CPU) training batch, in ``work_unit``, without a device read: its examples by
+        default."""
+        return float(batch_size)
+
+    @classmethod
+    def calibration_config(cls, config: dict[str, Any], *, data_dir: Path, lines: int, local: bool) -> dict[str, Any]:
+        """``config`` (a resolved trial config, a copy to change) made runnable on this machine at the same
+        shapes: weights that would be downloaded replaced by random ones of the same architecture and, unless
+        its data root is ``local``, data in the real format generated under ``data_dir`` with ``lines``
+        training examples (``smear.data.calibration``)."""
+        raise ConfigError(f"setting={cls.name!r}: no calibration recipe; valid: a setting that defines "
+                          "calibration_config")
 
     @classmethod
     def data_key(cls, config: dict[str, Any]) -> tuple:

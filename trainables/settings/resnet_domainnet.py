@@ -90,6 +90,8 @@ class ResNetDomainNet(Setting):
         "data.loader_workers": 0, "use_gpu": False, "torch_threads": 1,
     }
     primary_metric, group_metric, group_kind = "accuracy", "accuracy", "domain"
+    paper_shape = {"batch_size": 128, "data": {"resolution": 224, "augment": "paper"}}  # methods.md section 2
+    work_unit = "images"
 
     @classmethod
     def groups_of(cls, config: dict[str, Any]) -> list[str]:
@@ -115,6 +117,16 @@ class ResNetDomainNet(Setting):
                                  progress=_progress if images == "full" else None)
         else:  # --dry-run: the same check, but nothing written (no marker)
             check_domainnet(root, config["data"]["domains"], decode=images)
+
+    @classmethod
+    def calibration_config(cls, config: dict[str, Any], *, data_dir: Path, lines: int, local: bool) -> dict[str, Any]:
+        """Random weights of ResNet-18's shapes in place of ImageNet's; photo-sized JPEGs in DomainNet's layout."""
+        config["pretrained"] = "none"
+        if not local:
+            from smear.data.calibration import write_domainnet_jpegs
+
+            config["data"]["root"] = str(write_domainnet_jpegs(data_dir / "domainnet", lines))
+        return config
 
     @classmethod
     def check_reachable(cls, configs: list[dict[str, Any]]) -> None:

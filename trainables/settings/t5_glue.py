@@ -10,8 +10,10 @@ local copy in the Hub's layout.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field as dc_field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from smear.backbones.t5 import build_routed_t5, check_decoder_support, check_pretrained
+from smear.backbones.t5 import architecture, build_routed_t5, check_decoder_support, check_pretrained
 from smear.configs import ConfigError, field
 from smear.data import glue, offline_synthetic_glue
 from smear.data.glue import GlueMixture, make_collate, parse_prediction
@@ -115,6 +117,9 @@ class T5Glue(Setting):
         "t5.model": "tiny", "t5.tokenizer": "byt5", "data.root": "", "use_gpu": False, "torch_threads": 1,
     }
     primary_metric, group_metric, group_kind = "average", "score", "task"
+    # methods.md section 2: T5 v1.1-base, batch 128, 128 source tokens
+    paper_shape = {"batch_size": 128, "t5": {"model": "google/t5-v1_1-base", "max_source_len": 128}}
+    work_unit = "tokens"  # non-padding source tokens
 
     @classmethod
     def groups_of(cls, config: dict[str, Any]) -> list[str]:
@@ -130,6 +135,26 @@ class T5Glue(Setting):
                 offline_synthetic_glue()
         elif root != "hub":
             glue.check_root(root, config["t5"]["tasks"])
+
+    @classmethod
+    def batch_work(cls, raw, batch_size: int) -> float:
+        return float(raw["attention_mask"].sum())
+
+    @classmethod
+    def calibration_config(cls, config: dict[str, Any], *, data_dir: Path, lines: int, local: bool) -> dict[str, Any]:
+        """A named T5: random weights of its architecture (``smear.backbones.t5.architecture``) with ByT5's
+        tokenizer (no download); GLUE texts long enough that every batch is the full ``max_source_len``."""
+        shape = architecture(config["t5"]["model"])
+        if shape is not None:
+            config["t5"].update(model="tiny", tokenizer="byt5", **shape)
+        elif config["t5"].get("tokenizer") != "byt5":
+            config["t5"]["tokenizer"] = "byt5"
+        if not local:
+            from smear.data.calibration import write_glue_long
+
+            per_task = max(64, math.ceil(lines * 1.25 / len(config["t5"]["tasks"])))
+            config["data"]["root"] = str(write_glue_long(data_dir / "glue", per_task))
+        return config
 
     @classmethod
     def check_reachable(cls, configs: list[dict[str, Any]]) -> None:
