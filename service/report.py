@@ -42,16 +42,16 @@ from service.sections import (  # noqa: E402
 from service.tables import (  # noqa: E402
     column_statistics, compute_table, method_order, method_table, seed_scores, trial_table,
 )
+from service.stats import default_reference  # noqa: E402
 from service.trials import ReportError, Trial, find_sweep, read_trials, score_key  # noqa: E402
 
 EXIT_BAD_INPUT = 2
-SMEAR = "smear"
 
 
 # ---------------------------------------------------------------------------------------------------
 # the plots (service.plots)
 
-def best_trial(trials: list[Trial], method: str = SMEAR) -> Trial | None:
+def best_trial(trials: list[Trial], method: str) -> Trial | None:
     """The trial of ``method`` with the best overall test metric (else any of its trials; else None)."""
     cands = [t for t in trials if t.method == method]
     if not cands:
@@ -100,9 +100,12 @@ def seed_statistics(ts: list[Trial], reference: str, out_dir: Path, suffix: str,
 
 
 def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
-                 reference: str = SMEAR, interval: str = "t", n_boot: int = 10_000) -> tuple[str, list[Path]]:
-    """Write the plots and tables into ``out_dir``; return summary.md's text and the files written."""
+                 reference: str | None = None, interval: str = "t", n_boot: int = 10_000) -> tuple[str, list[Path]]:
+    """Write the plots and tables into ``out_dir``; return summary.md's text and the files written.
+    ``reference``: None = ``service.stats.default_reference``."""
     from service.plots import score_per_method, score_vs_cost
+
+    reference = reference or default_reference()
 
     tags = parent.data.tags
     name = tags.get("sweep", parent.info.run_name)
@@ -186,17 +189,18 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
                 lines += ["No score-vs-cost plot: no trial has both a start and an end time.", ""]
         else:
             lines += [f"No score plots: no trial has a test {primary}.", ""]
-        best = best_trial(ts)
+        paper_method = default_reference()  # the paper's method: its best trial's specialisation is shown
+        best = best_trial(ts, paper_method)
         if best is None:
-            lines += [f"No specialisation heatmaps: no {SMEAR} trial in this sweep.", ""]
+            lines += [f"No specialisation heatmaps: no {paper_method} trial in this sweep.", ""]
         else:
             try:
-                p = heatmap_figure(heatmap_of(client, best), best, f"best {SMEAR} trial", kind,
+                p = heatmap_figure(heatmap_of(client, best), best, f"best {paper_method} trial", kind,
                                    out_dir / f"heatmaps_best_smear{suffix}.png")
                 files.append(p)
                 score = "-" if best.test is None else f"{best.test * 100:.2f}"
                 lines += [f"![specialisation of {best.run_name}]({p.name})", "",
-                          f"`{p.name}`: specialisation of the best {SMEAR} trial, `{best.run_name}` "
+                          f"`{p.name}`: specialisation of the best {paper_method} trial, `{best.run_name}` "
                           f"(test {primary} x100 {score}): per routed block, the mean routing weight of each "
                           f"{kind} (rows) on each expert (columns), on the test split.", ""]
             except Exception as e:  # no artifact (failed trial, older record), unreadable JSON
@@ -252,7 +256,7 @@ def write_report(tracking_uri: str, sweep_run_name: str, storage: str | Path, ex
                           f"{', '.join(methods) or 'none (no trial runs)'}")
     out_dir = Path(storage).resolve() / sweep_run_name / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    text, files = build_report(client, parent, exp, trials, out_dir, reference=reference or SMEAR,
+    text, files = build_report(client, parent, exp, trials, out_dir, reference=reference or default_reference(),
                                interval=interval, n_boot=n_boot)
     summary = out_dir / "summary.md"
     summary.write_text(text)
@@ -285,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", default="results", help="the sweep's storage; the report goes to <storage>/<sweep>/report")
     p.add_argument("--experiment", default=None, help="the experiment to look in (default: every smear-sweep/* experiment)")
     p.add_argument("--reference", default=None, help="the method every other is compared with, seed by seed "
-                                                      f"(default: {SMEAR})")
+                                                      "(default: the routing default method, smear.routing.DEFAULT_METHOD)")
     p.add_argument("--ci", choices=INTERVALS, default="t",
                    help="confidence interval of a method's mean over seeds: t (Student) or bootstrap (percentile, "
                         "resampling the seeds)")

@@ -1,6 +1,6 @@
 """Reviewer-grade comparisons of routing methods over a few seeds: intervals, paired tests, Holm.
 
-``compare(scores, reference="smear")`` takes ``scores[method][seed] = score`` and returns
+``compare(scores, reference)`` takes ``scores[method][seed] = score`` and returns
 
 - one ``MethodSummary`` per method: n, mean, sample std (ddof=1) and a confidence interval of the mean,
   Student t by default or a percentile bootstrap over seeds (Efron & Tibshirani 1993, ch. 13);
@@ -28,7 +28,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import stats
 
-SMEAR = "smear"
+
+
+def default_reference() -> str:
+    """The method every other is compared with unless a report names one: the routing registry's default
+    method (the paper's, ``smear.routing.DEFAULT_METHOD``)."""
+    from smear.routing import DEFAULT_METHOD
+
+    return DEFAULT_METHOD
+
 WILCOXON_FROM = 6       # pairs from which the Wilcoxon signed-rank test replaces the paired t-test
 TTEST, WILCOXON = "paired t", "Wilcoxon"
 INTERVALS = ("t", "bootstrap")
@@ -159,12 +167,14 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return out
 
 
-def compare(scores: Mapping[str, Mapping[Hashable, float | None]], reference: str = SMEAR,
+def compare(scores: Mapping[str, Mapping[Hashable, float | None]], reference: str | None = None,
             alpha: float = 0.05, interval: str = "t", level: float = 0.95, n_boot: int = 10_000,
             seed: int = 0) -> tuple[list[MethodSummary], list[PairedComparison]]:
     """Summaries of every method (input order) and each other method against ``reference``, with the
     p-values Holm-adjusted across those comparisons that have one; ``significant`` = p_holm < alpha.
-    The bootstrap of each method restarts from ``seed``, so a method's interval does not depend on the others."""
+    The bootstrap of each method restarts from ``seed``, so a method's interval does not depend on the others.
+    ``reference``: None = :func:`default_reference`."""
+    reference = default_reference() if reference is None else reference
     if not scores:
         raise ValueError("no methods to compare: scores is empty")
     if reference not in scores:
@@ -200,7 +210,7 @@ def _cells(summaries: Sequence[MethodSummary], comparisons: Sequence[PairedCompa
     num = lambda v, sign=False: none if v is None else f"{v:{'+' if sign else ''}.{digits}f}"  # noqa: E731
     pv = lambda p: none if p is None else (style["lt"] + "0.001" if p < 0.001 else f"{p:.3f}")  # noqa: E731
     level = esc(f"{100 * (summaries[0].level if summaries else 0.95):g}% CI")
-    ref = esc(comparisons[0].reference if comparisons else SMEAR)
+    ref = esc(comparisons[0].reference if comparisons else default_reference())
     head = ["method", "seeds", f"mean {pm} sd", level, "pairs", f"diff vs {ref}", f"{level} (diff)", "test", "p",
             esc("p (Holm)")]
     by = {c.method: c for c in comparisons}

@@ -86,16 +86,21 @@ def _stat_cell(s, c, scale: float, best: bool) -> str:
     return f"{f'**{num}**' if best else num} {n}{'*' if c is not None and c.significant else ''}"
 
 
-def method_table(trials: list[Trial], scale: float = 100.0, reference: str = "smear", interval: str = "t",
+def method_table(trials: list[Trial], scale: float = 100.0, reference: str | None = None, interval: str = "t",
                  n_boot: int = 10_000) -> str:
     """Markdown: one row per method (best first), one column per domain/task, then the primary metric.
 
     Each cell: the test metric x ``scale``, mean over the seeds that have a value with the half-width of its
     95% confidence interval (``interval`` "t", or "bootstrap": the interval itself), and n = those seeds
     (:mod:`service.stats`). ``*`` marks a method whose paired difference to ``reference`` in that column is
-    significant (Holm-adjusted over the column's methods, p < 0.05). One seed: its value, "no CI". The best
-    mean of each column is bold; "seeds" counts trials with an overall value out of all the method's trials.
+    significant (Holm-adjusted over the column's methods, p < 0.05; None: ``service.stats.default_reference``).
+    One seed: its value, "no CI". The best mean of each column is bold; "seeds" counts trials with an overall
+    value out of all the method's trials.
     """
+    if reference is None:
+        from service.stats import default_reference
+
+        reference = default_reference()
     primary = trials[0].primary if trials else "accuracy"
     groups = groups_of(trials)
     methods = method_order(trials)

@@ -23,7 +23,7 @@ class Trial:
     run_name: str = ""
     run_id: str = ""
     status: str = "FINISHED"
-    setting: str = "resnet_domainnet"
+    setting: str = "?"                   # the run's setting tag (or param)
     primary: str = "accuracy"            # the setting's metric names travel with each run (its tags)
     group_metric: str = "accuracy"       # test/<group>/<group_metric>
     group_kind: str = "group"            # what a group is: domain, task

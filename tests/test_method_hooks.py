@@ -22,11 +22,7 @@ def _string_constants(path: Path) -> set[str]:
     return {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
 
 
-@pytest.mark.parametrize("path", ["trainables/loop.py", "smear/routing/__init__.py", "smear/routing/model.py",
-                                  "smear/routing/block.py"])
-def test_no_method_is_named_outside_its_file(path):
-    named = _string_constants(REPO / path) & set(available_methods())
-    assert not named, f"{path} names routing methods {sorted(named)}: use a RoutingMethod hook instead"
+# that no file outside a method's own names it: tests/test_architecture.py (every source file)
 
 
 def test_every_method_is_one_file_of_the_methods_package():

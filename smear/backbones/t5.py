@@ -20,7 +20,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5LayerCrossAttention, T5LayerFF, T5LayerNorm, T5LayerSelfAttention
 
 from smear.configs import ConfigError
-from smear.routing import ExpertRoutingBlock, RoutingConfig, RoutingContext
+from smear.routing import ExpertRoutingBlock, RoutingConfig, RoutingContext, check_causal
 from smear.routing.block import masked_mean
 
 PAPER_MODEL = "google/t5-v1_1-base"
@@ -191,9 +191,9 @@ def build_routed_t5(cfg: RoutingConfig, *, num_tasks: int, source: str = "tiny",
 
 
 def check_decoder_support(cfg: RoutingConfig) -> None:
-    """Refuse what cannot run in causal decoder blocks (per-token routing would change across decoding steps)."""
-    if cfg.method == "adaptive_gating" and cfg.adaptive_granularity == "token":
-        raise ConfigError("routing.adaptive_granularity='token' is not valid in T5 decoder blocks; valid: example")
+    """Refuse what cannot run in causal decoder blocks (the method's ``check_causal``: e.g. per-token routing
+    would change across decoding steps)."""
+    check_causal(cfg)
 
 
 def architecture(model: str) -> dict[str, int] | None:

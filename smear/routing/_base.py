@@ -260,6 +260,15 @@ class RoutingMethod(nn.Module):
         """Rules between this method's fields (a one-line ``ConfigError``), checked when a config is built."""
 
     @classmethod
+    def check_causal(cls, cfg: RoutingConfig) -> None:
+        """Refuse (a one-line ``ConfigError``) a config this method cannot run in causal decoder blocks, where
+        routing must not change across decoding steps; nothing by default."""
+
+    def share_task_experts(self, aliases: dict[int, int]) -> None:
+        """Route task ``a`` as task ``b`` for each ``a -> b`` in ``aliases`` (a setting declares them, e.g. T5's
+        RTE with MNLI's expert); nothing for a method that does not route by task."""
+
+    @classmethod
     def size_to_data(cls, cfg: RoutingConfig, num_examples: int) -> RoutingConfig:
         """The config this method needs for a dataset of ``num_examples`` (a copy when it changes anything)."""
         return cfg

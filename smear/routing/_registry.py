@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, TypeVar
 
 _METHODS: dict[str, type] = {}
+DEFAULT_METHOD = "smear"  # the paper's method: a config's default method, and the reference of comparisons
 T = TypeVar("T", bound=type)
 
 

@@ -13,13 +13,14 @@ import dataclasses
 from dataclasses import dataclass
 
 from smear.configs import field
+from smear.routing._registry import DEFAULT_METHOD
 
 
 @dataclass
 class RoutingCommon:
     """The fields every method shares; ``smear.routing.RoutingConfig`` adds each method's ``Params``."""
 
-    method: str = field("smear", doc="registry key, see smear.routing.available_methods()")
+    method: str = field(DEFAULT_METHOD, doc="registry key, see smear.routing.available_methods()")
     num_experts: int = field(6, ge=1, doc="experts per block (paper: 6 ResNet, 8 T5)")
     rank: int = field(32, ge=1, doc="adapter bottleneck r (paper: 32 ResNet, 24 T5)")
     expert_dropout: float = field(0.1, ge=0.0, le=0.99, doc="training-only expert dropout (smear, top_k)")

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from smear.routing._base import EpochSampler, RoutingContext, RoutingMethod, entropy
 from smear.routing._curriculum import top2_fractions as _top2_fractions
 from smear.routing.block import ExpertRoutingBlock
+from smear.routing._registry import get_method_class
 
 
 def routing_blocks(model: nn.Module) -> list[tuple[str, ExpertRoutingBlock]]:
@@ -139,3 +140,17 @@ def top2_fractions(model: nn.Module) -> Tensor | None:
     """(b, L): each example's fraction of top-2 routing in each adaptive-gating block of the latest forward
     (the input of :meth:`Top2Curriculum.update`); None when the model has no such block."""
     return _top2_fractions(routing_blocks(model))
+
+
+def share_task_experts(model: nn.Module, aliases: dict[int, int], *, route_from: str | None = None) -> None:
+    """Each routing block of ``model`` (those routing from ``route_from`` only, when given: "self" = encoder-side
+    blocks) routes task ``a`` as task ``b`` for each ``a -> b`` in ``aliases``, as far as its method routes by task
+    (:meth:`RoutingMethod.share_task_experts`)."""
+    for _, block in routing_blocks(model):
+        if route_from is None or block.route_from == route_from:
+            block.method.share_task_experts(aliases)
+
+
+def check_causal(cfg) -> None:
+    """Refuse a routing config whose method cannot run in causal decoder blocks (its ``check_causal``)."""
+    get_method_class(cfg.method).check_causal(cfg)

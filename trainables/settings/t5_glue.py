@@ -26,7 +26,7 @@ from smear.configs import ConfigError, field
 from smear.data import glue, offline_synthetic_glue
 from smear.data.glue import GlueMixture, make_collate, parse_prediction
 from smear.metrics import glue_score, glue_task_metrics
-from smear.routing import RoutingConfig
+from smear.routing import RoutingConfig, share_task_experts
 from trainables.config import TrainConfig
 from trainables.settings import Batch, Setting, register_setting
 
@@ -177,6 +177,13 @@ class T5Glue(Setting):
         self.tokenizer = load_tokenizer(cfg.t5.tokenizer)
         self.collate = make_collate(self.tokenizer, cfg.t5.max_source_len, cfg.t5.max_target_len)
 
+    def encoder_task_aliases(self) -> dict[int, int]:
+        """Task ids routed as another task's in encoder blocks, for methods that route by task (the reference's
+        task_routing_same_rte_mnli_onlyencoder.json: RTE as MNLI, with ``t5.rte_to_mnli``)."""
+        if self.t5cfg.rte_to_mnli and {"rte", "mnli"} <= set(self.group_names):
+            return {self.group_names.index("rte"): self.group_names.index("mnli")}
+        return {}
+
     def build_model(self, routing: RoutingConfig) -> nn.Module:
         t = self.t5cfg
         vocab = len(self.tokenizer)
@@ -187,13 +194,7 @@ class T5Glue(Setting):
                 "num_heads": t.num_heads, "d_kv": t.d_kv or max(1, t.d_model // t.num_heads),
                 "vocab_size": t.vocab_size or vocab}
         model = build_routed_t5(routing, num_tasks=len(self.group_names), source=t.model, tiny=tiny)
-        if t.rte_to_mnli and routing.method == "tag" and {"rte", "mnli"} <= set(self.group_names):  # reference: RTE uses MNLI's expert, encoder only
-            from smear.routing import routing_blocks
-
-            rte, mnli = self.group_names.index("rte"), self.group_names.index("mnli")
-            for _, blk in routing_blocks(model):
-                if blk.route_from == "self":
-                    blk.method.task_to_expert[rte] = mnli
+        share_task_experts(model, self.encoder_task_aliases(), route_from="self")
         return model
 
     def dataset(self, split: str) -> Dataset:

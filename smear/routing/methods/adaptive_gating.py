@@ -93,6 +93,12 @@ class AdaptiveGating(RoutingMethod):
             raise ConfigError(f"adaptive_gating needs num_experts >= 2; got {num_experts}")
         self.router = Router(dim, num_experts, cfg.init_std, cfg.router_gain_init, cfg.router_weight_norm)
 
+    @classmethod
+    def check_causal(cls, cfg) -> None:
+        """Per-token routing would change across decoding steps: decoder blocks route per example."""
+        if cfg.adaptive_granularity == "token":
+            raise ConfigError("routing.adaptive_granularity='token' is not valid in T5 decoder blocks; valid: example")
+
     def epoch_sampler(self, *, num_examples: int, num_blocks: int, seed: int) -> Top2Curriculum | None:
         """The paper's curriculum (section 3.2) when ``adaptive_curriculum`` is on."""
         if not self.cfg.adaptive_curriculum:

@@ -1,7 +1,8 @@
 """Tag routing: a one-hot expert chosen from metadata (task or domain id), no learned router.
 
-SMEAR paper section 4 baseline. ``task_to_expert`` maps task ids to experts (identity by default;
-the T5 setting can route RTE to MNLI's expert in encoder blocks, as the reference does).
+SMEAR paper section 4 baseline. ``task_to_expert`` maps task ids to experts (identity by default; a setting's
+task aliases, :meth:`share_task_experts`, give a task another's expert: T5 routes RTE to MNLI's in encoder
+blocks, as the reference does).
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ class Tag(RoutingMethod):
             raise ConfigError(f"tag routing needs num_experts >= number of tasks/domains; got num_experts={num_experts} "
                               f"for {num_tasks} tasks")
         self.register_buffer("task_to_expert", torch.arange(num_tasks), persistent=True)  # (tasks,)
+
+    def share_task_experts(self, aliases: dict[int, int]) -> None:
+        for task, like in aliases.items():
+            self.task_to_expert[task] = self.task_to_expert[like]
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
         if inp.ctx.task_ids is None:
