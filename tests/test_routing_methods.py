@@ -1,7 +1,8 @@
 """Every registered routing method (methods.md section 3) on tiny CPU blocks.
 
-Parametrised over the registry: shapes, finiteness, gradients to every parameter, seeding,
-deterministic evaluation, per-example independence. Then equivalences between methods, hash routing,
+Parametrised over the registry: shapes, finiteness, gradients to every parameter, seeding, draws
+reproduced from a generator in the routing context, float64 blocks, deterministic evaluation, per-example
+independence. Then equivalences between methods, hash routing,
 the model-level helpers in ``smear.routing`` and the curriculum. Hand-worked formulas:
 tests/test_routing_math.py.
 """
@@ -16,7 +17,7 @@ from torch import nn
 
 from smear.configs import ConfigError, build
 from smear.routing import (
-    ExpertRoutingBlock, RoutingConfig, RoutingContext, Top2Curriculum, aux_loss, consistency_loss,
+    ExpertRoutingBlock, RoutingConfig, RoutingContext, Top2Curriculum, aux_loss, consistency_loss, get_method_class,
     needs_two_passes, optimizer_param_groups, routing_stats, set_context, top2_fractions,
 )
 from smear.routing._base import ExpertBank, RoutingInputs
@@ -69,6 +70,71 @@ def test_same_seed_same_output(method, layout):
         torch.manual_seed(5)                                                    # training randomness
         outs.append(run(blk, x, mask, ctx))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def _training_draw(blk, x, mask, ctx, generator=None):
+    """One training forward with ``generator`` in the routing context: (output, probabilities)."""
+    out = run(blk.train(), x, mask, dict(ctx, generator=generator))
+    return out, blk.last.probs
+
+
+def _draws_from_the_global_rng(method, layout) -> bool:
+    """Whether the method's training forward depends on the global RNG (two seeds, two outputs)."""
+    blk = make_block(method, layout, expert_dropout=0.5)
+    x, mask, ctx = make_batch(layout, 16)
+    torch.manual_seed(1)
+    a, _ = _training_draw(blk, x, mask, ctx)
+    torch.manual_seed(2)
+    b, _ = _training_draw(blk, x, mask, ctx)
+    return not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("method", ALL)
+def test_a_generator_in_the_context_reproduces_the_draws(method, layout):
+    # RoutingContext.generator: every draw of a forward from one torch.Generator, none from the global RNG
+    blk = make_block(method, layout, expert_dropout=0.5)
+    x, mask, ctx = make_batch(layout, 16)
+    rng = torch.get_rng_state()
+    first = _training_draw(blk, x, mask, ctx, torch.Generator().manual_seed(0))
+    out, _ = first
+    out.sum().backward()
+    assert torch.equal(torch.get_rng_state(), rng), "a forward with a generator drew from the global RNG"
+    again = _training_draw(blk, x, mask, ctx, torch.Generator().manual_seed(0))
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the default (None) is the global RNG: a generator seeded s draws what the global RNG seeded s draws
+    torch.manual_seed(0)
+    default = _training_draw(blk, x, mask, ctx)
+    for a, b in zip(first, default):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if _draws_from_the_global_rng(method, layout):                      # a stochastic method: the draw matters
+        other, _ = _training_draw(blk, x, mask, ctx, torch.Generator().manual_seed(1))
+        assert not torch.equal(other, out)
+
+
+def test_the_stochastic_methods_are_seen_as_such():
+    # the check above is not vacuous: methods with expert dropout draw, and some methods draw nothing
+    stochastic = {m for m in ALL if _draws_from_the_global_rng(m, "sequence")}
+    assert {m for m in ALL if get_method_class(m).expert_dropout} <= stochastic
+    assert stochastic != set(ALL)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("method", ALL)
+def test_a_float64_block_computes_in_float64(method, layout):
+    # the routing math runs in max(input dtype, float32): a .double() block is float64 end to end
+    blk = make_block(method, layout)
+    ref = make_block(method, layout).double()
+    x, mask, ctx = make_batch(layout, 3)
+    with torch.no_grad():                                               # evaluation: float32 within its rounding
+        y32, y64 = run(blk.eval(), x, mask, ctx), run(ref.eval(), x.double(), mask, ctx)
+    torch.testing.assert_close(y64.float(), y32, rtol=1e-5, atol=1e-6)
+    for train in (False, True):
+        out = run(ref.train(train), x.double(), mask, ctx)
+        last = ref.last
+        assert out.dtype == last.y.dtype == last.probs.dtype == last.aux_loss.dtype == torch.float64
+        assert torch.isfinite(out).all() and torch.isfinite(last.probs).all() and torch.isfinite(last.aux_loss)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -1,5 +1,5 @@
 """A trial's precision: float32, or a bf16 autocast of the forward passes (issue 13). The routing math that
-needs float32 keeps it inside the methods (``smear.routing._base.fp32_region``)."""
+needs float32 keeps it inside the methods (``smear.routing._base.routing_region``)."""
 from __future__ import annotations
 
 import contextlib

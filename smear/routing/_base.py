@@ -3,11 +3,21 @@
 Axes used in every docstring and einsum: b = batch (examples), s = positions (tokens or pixels),
 c = model width, r = adapter bottleneck, n = experts.
 
-Precision. Under a bf16 autocast (``precision`` in the trial config) the experts' matmuls run in bf16;
-the routing math runs in float32 inside :func:`fp32_region`: the router (its LayerNorms and logits),
-softmaxes over experts, Gumbel noise and temperatures, DSelect-k's gate and regulariser, REINFORCE's
-baseline, and every auxiliary loss. ``RoutingOutput.probs`` and ``aux_loss`` are float32 in every method.
+Precision. The routing math runs in max(input dtype, float32) (:func:`routing_dtype`), inside
+:func:`routing_region` with its inputs cast by :func:`routing_float`: the router (its LayerNorms and
+logits), softmaxes over experts, Gumbel noise and temperatures, DSelect-k's gate and regulariser,
+REINFORCE's baseline, and every auxiliary loss. Under a bf16 autocast (``precision`` in the trial config)
+the experts' matmuls run in bf16 and the routing math in float32: ``RoutingOutput.probs`` and ``aux_loss``
+are float32 in every method. A float32 block computes as before; a float64 block (``block.double()``)
+computes in float64 throughout, so that ``torch.autograd.gradcheck`` can check a method
+(tests/test_routing_gradcheck.py).
 Masks fill with ``torch.finfo(dtype).min``, never a constant.
+
+Randomness. A forward's draws (expert dropout, Gumbel noise, REINFORCE's sample, AdaMix's experts, latent
+skills' relaxed Bernoulli sample) come from ``RoutingContext.generator``: None (the default, in every
+trial) draws from torch's global RNG, so a trial's seed fixes them; a ``torch.Generator`` on the block's
+device makes a draw reproducible without touching the global RNG (tests/test_routing_methods.py).
+
 Nothing in a forward reads a device tensor back to the host (no ``.item()``, ``bool()``, ``float()``):
 a training step queues work on the device without waiting for it.
 """
@@ -38,6 +48,8 @@ class RoutingContext:
     mask: Tensor | None = None         # (b, s) bool, True = real token of the encoder input (sequence layout)
     encoder_summary: Tensor | None = None  # (b, c): masked mean of the encoder output, router input of
                                            # decoder blocks (computed once per example, reused every step)
+    generator: torch.Generator | None = None  # the source of every routing draw in a forward; None = torch's
+                                              # global RNG (training). On the blocks' device
 
 
 @dataclass
@@ -62,11 +74,23 @@ def swish(x: Tensor) -> Tensor:
     return F.silu(x)
 
 
-def fp32_region(like: Tensor) -> ContextManager[None]:
-    """A region where autocast is off on ``like``'s device, so that float32 inputs give float32 results
-    (routing math under a bf16 autocast run); a no-op context when autocast is off there already.
+def routing_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the routing math for inputs of ``dtype``: max(dtype, float32). bf16 and fp16 -> float32,
+    float32 -> float32, float64 -> float64."""
+    return torch.promote_types(dtype, torch.float32)
 
-    Inputs that may be bf16 must still be cast with ``.float()`` inside the region.
+
+def routing_float(t: Tensor) -> Tensor:
+    """``t`` in :func:`routing_dtype` (``t`` itself when it is float32 or float64): the cast of a routing input."""
+    return t.to(routing_dtype(t.dtype))
+
+
+def routing_region(like: Tensor) -> ContextManager[None]:
+    """A region where autocast is off on ``like``'s device, so that inputs cast by :func:`routing_float` give
+    results in that dtype (float32 routing math under a bf16 autocast run, float64 in a float64 block); a
+    no-op context when autocast is off there already.
+
+    Inputs that may be bf16 must still be cast with :func:`routing_float` inside the region.
     """
     device_type = like.device.type
     if torch.is_autocast_enabled(device_type):
@@ -74,10 +98,11 @@ def fp32_region(like: Tensor) -> ContextManager[None]:
     return contextlib.nullcontext()
 
 
-def one_hot(idx: Tensor, num_classes: int) -> Tensor:
-    """float32 one-hot rows: ``F.one_hot(idx, num_classes).float()`` without its range check, which reads ``idx``
-    back to the host on the CPU (the indices here are in range by construction). idx: (...) -> (..., n)."""
-    return (idx.unsqueeze(-1) == torch.arange(num_classes, device=idx.device)).float()
+def one_hot(idx: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """One-hot rows in ``dtype`` (float32 by default): ``F.one_hot(idx, num_classes).to(dtype)`` without its
+    range check, which reads ``idx`` back to the host on the CPU (the indices here are in range by
+    construction). idx: (...) -> (..., n)."""
+    return (idx.unsqueeze(-1) == torch.arange(num_classes, device=idx.device)).to(dtype)
 
 
 def add_bias(h: Tensor, bias: Tensor) -> Tensor:
@@ -151,8 +176,8 @@ class Router(nn.Module):
         LN(u) . beta to every expert's logit alike, so it cancels in the softmax.
       per_expert: each column its own gain and bias, (n, c); each expert's bias is then an extra,
         unnormalised router weight (this project before issue 10).
-    Logits start small, so routing starts near uniform. Everything here is float32, under autocast too
-    (:func:`fp32_region`): the input LayerNorm, W_hat and the logits.
+    Logits start small, so routing starts near uniform. Everything here is in max(input dtype, float32),
+    float32 under autocast too (:func:`routing_region`): the input LayerNorm, W_hat and the logits.
     """
 
     def __init__(self, dim: int, num_experts: int, init_std: float = 0.01, gain_init: float = 0.01,
@@ -170,31 +195,32 @@ class Router(nn.Module):
         return w * self.col_gain + self.col_bias                                  # (n, c)
 
     def normed_input(self, u: Tensor) -> Tensor:
-        """LayerNorm(u) in float32. u: (..., c) -> (..., c)."""
-        with fp32_region(u):
-            return self.in_norm(u.float())
+        """LayerNorm(u) in max(u's dtype, float32). u: (..., c) -> (..., c)."""
+        with routing_region(u):
+            return self.in_norm(routing_float(u))
 
     def logits(self, u_normed: Tensor) -> Tensor:
-        """u_normed: (..., c), the output of :meth:`normed_input` -> float32 logits (..., n)."""
-        with fp32_region(u_normed):
-            return u_normed.float() @ self.normalised_weight().t()
+        """u_normed: (..., c), the output of :meth:`normed_input` -> logits (..., n), float32 (float64 blocks: float64)."""
+        with routing_region(u_normed):
+            return routing_float(u_normed) @ self.normalised_weight().t()
 
     def forward(self, u: Tensor) -> Tensor:
-        """u: (..., c) -> float32 logits (..., n)."""
+        """u: (..., c) -> logits (..., n), float32 (float64 blocks: float64)."""
         return self.logits(self.normed_input(u))
 
 
-def expert_dropout_logits(logits: Tensor, rate: float) -> Tensor:
+def expert_dropout_logits(logits: Tensor, rate: float, generator: torch.Generator | None = None) -> Tensor:
     """Training-only expert dropout: each expert is dropped with probability ``rate``.
 
     Softmax of the result is the renormalised distribution over the kept experts, as the official
     router's ``adapter_probs * mask`` renormalised (``adapter_utils.py``, ``Router.forward``). A row
     whose experts are all dropped gets the uniform distribution, as there ((0 + 1e-10) / (n * 1e-10)).
     The fill value is the dtype's most negative finite number (-1e9 overflows float16).
+    The mask is drawn in float32 (whatever the logits' dtype) from ``generator`` (None: the global RNG).
     """
     if rate <= 0:
         return logits
-    drop = torch.rand_like(logits, dtype=torch.float32) < rate            # (b, n)
+    drop = torch.rand(logits.shape, dtype=torch.float32, device=logits.device, generator=generator) < rate  # (b, n)
     all_dropped = drop.all(dim=-1, keepdim=True)                          # (b, 1)
     out = logits.masked_fill(drop, torch.finfo(logits.dtype).min)
     return torch.where(all_dropped, torch.zeros_like(logits), out)
@@ -224,6 +250,16 @@ class RoutingMethod(nn.Module):
                          refused in causal decoder blocks
       two_pass_consistency -- True when training runs the model twice and adds
                          :meth:`consistency` between the passes (AdaMix)
+      gradcheck       -- what ``torch.autograd.gradcheck`` checks of a float64 block in training, with the
+                         draws fixed by ``RoutingContext.generator`` (tests/test_routing_gradcheck.py):
+                         "all" (the default) -- the block output, probabilities and auxiliary loss as
+                           functions of the input and every parameter;
+                         "experts" -- as functions of the parameters the router does not read (the
+                           experts and the block's norm after them) only: the router's gradient is an
+                           estimator, not the derivative of the output (a straight-through estimator);
+                           say why beside the attribute;
+                         "none" -- nothing (say why beside the attribute).
+                         Evaluation forwards are checked in full for every method.
 
     Hooks the train loop reaches through ``smear.routing`` (so that the loop names no method):
       task_loss_terms / block_reduction -- loss terms that need the per-example task loss (REINFORCE)
@@ -242,6 +278,7 @@ class RoutingMethod(nn.Module):
     expert_dropout: bool = False
     mixes_positions: bool = False
     two_pass_consistency: bool = False
+    gradcheck: str = "all"
 
     def __init__(self, cfg: RoutingConfig, *, dim: int, num_experts: int, rank: int, num_tasks: int):
         super().__init__()
@@ -299,5 +336,5 @@ class RoutingMethod(nn.Module):
         return {}
 
     def zero(self, like: Tensor) -> Tensor:
-        """A float32 zero on ``like``'s device: the ``aux_loss`` of a method without one."""
-        return like.new_zeros((), dtype=torch.float32)
+        """A zero in max(``like``'s dtype, float32) on its device: the ``aux_loss`` of a method without one."""
+        return like.new_zeros((), dtype=routing_dtype(like.dtype))

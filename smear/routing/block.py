@@ -9,7 +9,8 @@ methods.md section 1. Two layouts:
               the router input (``cfg.router_pooling``: the official code averages over padding too)
 The routing method (registry key) decides how the experts are applied; the block owns the experts.
 Under a bf16 autocast the router input is accumulated in float32 and the router runs in float32
-(``smear.routing._base.fp32_region``); the experts run in bf16. In channels_last image tensors the
+(``smear.routing._base.routing_region``); the experts run in bf16. A float64 block (``.double()``) runs in
+float64 throughout. Expert dropout draws its mask from ``context.generator`` (None: the global RNG). In channels_last image tensors the
 (b, h*w, c) token view is contiguous, so the block reads and writes them without a copy.
 
 Sequence-layout blocks route either on their own input (``route_from="self"``: T5 encoder blocks,
@@ -25,16 +26,19 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from smear.routing._base import ExpertBank, Router, RoutingContext, RoutingInputs, RoutingOutput, expert_dropout_logits
+from smear.routing._base import (
+    ExpertBank, Router, RoutingContext, RoutingInputs, RoutingOutput, expert_dropout_logits, routing_dtype,
+)
 from smear.routing._registry import get_method_class
 from smear.routing.config import RoutingCommon as RoutingConfig  # the composed class subclasses it
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean over positions of real tokens only, accumulated and returned in float32 (a router input; a bf16
-    x is read as it is, without a float32 copy). x: (b, s, c), mask: (b, s) bool -> (b, c) float32."""
+    """Mean over positions of real tokens only, accumulated and returned in max(x's dtype, float32) (a router
+    input; a bf16 x is read as it is, without a float32 copy). x: (b, s, c), mask: (b, s) bool -> (b, c)."""
     m = mask.to(x.dtype).unsqueeze(-1)                      # (b, s, 1): 0/1, exact in any dtype
-    return (x * m).sum(1, dtype=torch.float32) / m.sum(1, dtype=torch.float32).clamp_min(1.0)
+    acc = routing_dtype(x.dtype)                            # float32 (float64 for a float64 x)
+    return (x * m).sum(1, dtype=acc) / m.sum(1, dtype=acc).clamp_min(1.0)
 
 
 class T5LayerNormLike(nn.Module):
@@ -46,8 +50,9 @@ class T5LayerNormLike(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+        xf = x.to(routing_dtype(x.dtype))                                     # float32 (float64 stays float64)
+        var = xf.pow(2).mean(-1, keepdim=True)
+        return (xf * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
 
 
 class ExpertRoutingBlock(nn.Module):
@@ -85,10 +90,10 @@ class ExpertRoutingBlock(nn.Module):
         """x: (b, s, c), mask: (b, s), u: (b, c) -> RoutingOutput with y (b, s, c)."""
         logits = u_normed = None
         if self.router is not None:
-            u_normed = self.router.normed_input(u)                                # (b, c) float32
-            logits = self.router.logits(u_normed)                                 # (b, n) float32
+            u_normed = self.router.normed_input(u)                                # (b, c) float32 (or float64)
+            logits = self.router.logits(u_normed)                                 # (b, n) float32 (or float64)
             if self.training and self.method.expert_dropout:
-                logits = expert_dropout_logits(logits, self.cfg.expert_dropout)
+                logits = expert_dropout_logits(logits, self.cfg.expert_dropout, self.context.generator)
         inp = RoutingInputs(x=x, mask=mask, u=u, ctx=self.context, training=self.training, u_normed=u_normed)
         out = self.method(self.experts, inp, logits)
         assert out.y.shape == x.shape, (out.y.shape, x.shape)
@@ -100,7 +105,7 @@ class ExpertRoutingBlock(nn.Module):
         if self.layout == "image":
             b, c, h, w = x.shape
             normed = self.pre_norm(x)                                             # (b, c, h, w)
-            u = (normed if self.cfg.image_router_input == "normed" else x).mean(dim=(2, 3), dtype=torch.float32)  # (b, c)
+            u = (normed if self.cfg.image_router_input == "normed" else x).mean(dim=(2, 3), dtype=routing_dtype(x.dtype))  # (b, c)
             tokens = normed.flatten(2).transpose(1, 2)                            # (b, h*w, c)
             full = torch.ones(b, h * w, dtype=torch.bool, device=x.device)
             y = self.route(tokens, full, u).y                                     # (b, h*w, c)

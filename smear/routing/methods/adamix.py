@@ -9,6 +9,7 @@ train loop to run twice and add :meth:`AdaMix.consistency` (through ``smear.rout
 Evaluation: adaptation merging, section 3.3: the uniform average of all experts' weights (the SMEAR
 merge with p = 1/N), one adapter.
 ``probs`` (logging): in training, half a vote to the down expert and half to the up expert; uniform in eval.
+The draws come from ``inp.ctx.generator`` (None: the global RNG): the down experts, then the up experts.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from smear.configs import field
-from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, one_hot
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, one_hot, routing_dtype, routing_float
 from smear.routing._registry import register_method
 
 
@@ -47,21 +48,22 @@ class AdaMix(RoutingMethod):
         in T5 (``t5_trainer.py``, ``torch.mean(torch.sum(consistency_loss, dim=-1))``, padded target
         positions included). Both passes get gradients (neither is detached).
         """
-        log_a = F.log_softmax(logits_a.float(), dim=-1)
-        log_b = F.log_softmax(logits_b.float(), dim=-1)
+        log_a = F.log_softmax(routing_float(logits_a), dim=-1)                   # float32 (float64 model: float64)
+        log_b = F.log_softmax(routing_float(logits_b), dim=-1)
         sym_kl = 0.5 * ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(-1)    # (b,) or (b, t)
         return self.cfg.adamix_consistency_weight * sym_kl.mean()
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
         b, n, x = inp.x.shape[0], self.num_experts, inp.x
+        dtype, gen = routing_dtype(x.dtype), inp.ctx.generator                # float32 (float64 blocks: float64)
         if inp.training:
-            down = torch.randint(0, n, (b,), device=x.device)                 # (b,) down expert
-            up = torch.randint(0, n, (b,), device=x.device)                   # (b,) up expert
+            down = torch.randint(0, n, (b,), device=x.device, generator=gen)  # (b,) down expert
+            up = torch.randint(0, n, (b,), device=x.device, generator=gen)    # (b,) up expert
             y = experts.apply(x, experts.w_down[down], experts.b_down[down], experts.w_up[up])  # (b, s, c)
-            probs = 0.5 * (one_hot(down, n) + one_hot(up, n))                 # (b, n)
+            probs = 0.5 * (one_hot(down, n, dtype) + one_hot(up, n, dtype))   # (b, n)
             extras = {"down": down, "up": up}
         else:
-            probs = x.new_full((b, n), 1.0 / n, dtype=torch.float32)         # (b, n) uniform
+            probs = x.new_full((b, n), 1.0 / n, dtype=dtype)                  # (b, n) uniform
             y = experts.apply(x, *experts.merge(probs))                       # merged adapter, (b, s, c)
             extras = {}
         return RoutingOutput(y=y, probs=probs, aux_loss=self.zero(y), extras=extras)

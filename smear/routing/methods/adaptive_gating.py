@@ -22,7 +22,7 @@ runs on every position with the unchosen weights zeroed: N adapters.
 The method owns its router (same parametrisation as the block's, see ``smear.routing._base.Router``)
 because per-token gating needs router logits per position; ``uses_router = False`` for the block.
 The router, its softmax and the balancing loss are float32 under a bf16 autocast (the Router's own
-``fp32_region``); the experts run in bf16.
+``routing_region``); the experts run in bf16. In a float64 block everything is float64.
 """
 from __future__ import annotations
 

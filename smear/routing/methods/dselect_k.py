@@ -27,7 +27,7 @@ reference's: with 1 / clamp_min(sum r, 1e-12) one stuck selector of six experts 
 Training only.
 ``probs`` (for logging) is q renormalised to sum 1; the output uses q itself.
 Under a bf16 autocast the gate (LayerNorm, Z, W, smooth-step, q) and the regulariser are float32; only the
-experts run in bf16.
+experts run in bf16. In a float64 block they are float64.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from smear.configs import field
-from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, fp32_region
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, routing_float, routing_region
 from smear.routing._dispatch import apply_dense
 from smear.routing._registry import register_method
 
@@ -119,8 +119,8 @@ class DSelectK(RoutingMethod):
 
     def forward(self, experts: ExpertBank, inp: RoutingInputs, logits: Tensor | None) -> RoutingOutput:
         b = inp.u.shape[0]
-        with fp32_region(inp.u):  # the gate and its regulariser in float32 under a bf16 autocast
-            u = self.in_norm(inp.u.float())                                    # (b, c)
+        with routing_region(inp.u):  # the gate and its regulariser in float32 under a bf16 autocast
+            u = self.in_norm(routing_float(inp.u))                             # (b, c)
             z = self.z_proj(u).view(b, self.k, self.num_bits)                  # (b, k, m)
             w = self.w_proj(u) if self.w_proj is not None else None            # (b, k)
             q, r = dselect_weights(z, w, self.num_experts, self.cfg.dselect_gamma)  # (b, n), (b, k, n)

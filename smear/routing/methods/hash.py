@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from smear.configs import ConfigError, field
-from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, one_hot
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, one_hot, routing_dtype
 from smear.routing._registry import register_method
 
 _SEED_STRIDE = 1_000_003  # a prime, so hash_seed s and a global draw d rarely collide with another (s', d')
@@ -75,5 +75,5 @@ class Hash(RoutingMethod):
             raise IndexError(f"hash routing: example id {int(bad[0])} is outside the table of "
                              f"{self.table.numel()} examples; set routing.hash_num_examples to the dataset size") from None
         y = experts.apply(inp.x, *experts.gather(idx))                      # (b, s, c)
-        probs = one_hot(idx, self.num_experts)                              # (b, n)
+        probs = one_hot(idx, self.num_experts, routing_dtype(y.dtype))      # (b, n)
         return RoutingOutput(y=y, probs=probs, aux_loss=self.zero(y), extras={"experts": idx})

@@ -13,6 +13,7 @@ Per block a task x expert logit matrix Z (init U(-1e-3, 1e-3)). For an example o
 Z learns at ``cfg.latent_skills_lr_mult`` (10) times the base learning rate: :meth:`param_groups`
 declares it and ``smear.routing.optimizer_param_groups`` builds the optimiser groups.
 Cost: ~1 adapter plus the merge.
+The sample's uniforms come from ``inp.ctx.generator`` (None: the global RNG, as ``rsample`` draws them).
 """
 from __future__ import annotations
 
@@ -20,24 +21,31 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.distributions.relaxed_bernoulli import LogitRelaxedBernoulli
 from torch.distributions.transforms import SigmoidTransform
+from torch.distributions.utils import clamp_probs
 
 from smear.configs import field
 from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
 from smear.routing._registry import register_method
 
 
-def relaxed_bernoulli_rsample(logits: Tensor, tau: float) -> Tensor:
-    """One reparameterised ``RelaxedBernoulli(tau, logits=logits).rsample()`` (the same numbers), with no host sync.
+def relaxed_bernoulli_rsample(logits: Tensor, tau: float, generator: torch.Generator | None = None) -> Tensor:
+    """One reparameterised ``RelaxedBernoulli(tau, logits=logits).rsample()`` (the same numbers), with no host
+    sync, its uniforms drawn from ``generator`` (None: the global RNG, the same draw as ``rsample``'s).
 
-    ``RelaxedBernoulli`` validates its base distribution's arguments whatever ``validate_args`` says, and the
-    check reads a device tensor back to the host; this is its sample written with the same parts (sigmoid of
-    a logit-relaxed Bernoulli sample), unvalidated. ``tau`` becomes a tensor by ``torch.full``, with no
-    host-to-device copy. logits: (...) -> (...) in (0, 1).
+    The binary Concrete sample (Maddison et al. 2017), as torch's ``LogitRelaxedBernoulli.rsample`` computes it,
+    then its sigmoid (``RelaxedBernoulli``'s transform):
+        A = sigmoid((log U - log(1 - U) + log p - log(1 - p)) / tau),  p = sigmoid(logits),  U ~ Uniform(0, 1),
+    p and U clamped to [eps, 1 - eps] (``clamp_probs``). Written out because ``RelaxedBernoulli`` validates its
+    base distribution's arguments whatever ``validate_args`` says (the check reads a device tensor back to the
+    host), and ``rsample`` takes no generator. ``tau`` becomes a tensor by ``torch.full``, with no host-to-device
+    copy. logits: (...) -> (...) in (0, 1).
     """
     temperature = torch.full((), tau, dtype=logits.dtype, device=logits.device)
-    return SigmoidTransform()(LogitRelaxedBernoulli(temperature, logits=logits, validate_args=False).rsample())
+    probs = clamp_probs(torch.sigmoid(logits))                                       # (...) p
+    uniforms = clamp_probs(torch.rand(logits.shape, dtype=probs.dtype, device=probs.device, generator=generator))
+    logit_sample = (uniforms.log() - (-uniforms).log1p() + probs.log() - (-probs).log1p()) / temperature
+    return SigmoidTransform()(logit_sample)
 
 
 @dataclass
@@ -71,7 +79,7 @@ class LatentSkills(RoutingMethod):
             z = self.skill_logits                                                    # (tasks, n)
             if self.cfg.latent_skills_sample == "per_example":
                 z = z[tasks]                                                         # (b, n)
-            a = relaxed_bernoulli_rsample(z, self.cfg.latent_skills_tau)            # (tasks or b, n) in (0, 1)
+            a = relaxed_bernoulli_rsample(z, self.cfg.latent_skills_tau, inp.ctx.generator)  # (tasks or b, n) in (0, 1)
             if self.cfg.latent_skills_sample == "per_task":
                 a = a[tasks]                                                         # (b, n): one draw per task
         else:

@@ -18,7 +18,13 @@ reward). The terms are zero in evaluation (e is not sampled there).
 Over blocks the three terms are averaged (the official trainers, ``t5_trainer.py`` ``_compute_loss`` and
 ``cvl/src/models/resnet_classifier.py`` ``forward``, take each term's mean over (batch, blocks));
 ``cfg.reinforce_block_reduction="sum"`` sums them (60x stronger in T5, 8x in ResNet).
-Under a bf16 autocast log p, H(p) and the baseline are float32, so the three terms are too.
+Under a bf16 autocast log p, H(p) and the baseline are float32, so the three terms are too (float64 in a
+float64 block). The sample comes from ``inp.ctx.generator`` (None: the global RNG).
+
+Gradient check: with the sample fixed by a generator, the block output f_e(x), the probabilities and the
+baseline are ordinary differentiable functions (``gradcheck = "all"``). The policy-gradient surrogate
+log p_e * sg(L_ex - b) is not checked: by design its gradient is the score-function estimate, not the
+derivative of its value (which moves with b).
 """
 from __future__ import annotations
 
@@ -29,7 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smear.configs import field
-from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, entropy, fp32_region
+from smear.routing._base import (
+    ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, entropy, routing_float, routing_region,
+)
 from smear.routing._registry import register_method
 
 
@@ -80,12 +88,13 @@ class Reinforce(RoutingMethod):
             # NaN probabilities (a router broken by a non-finite step the loop has not read back yet) would
             # make multinomial raise on the CPU and device-assert on CUDA; NaN -> 1 keeps the draw valid
             # (finite p unchanged), and the loop's non-finite check fails the trial with the step
-            idx = torch.multinomial(p.detach().float().nan_to_num(nan=1.0), 1).squeeze(1)  # (b,) e ~ Categorical(p)
+            weights = routing_float(p.detach()).nan_to_num(nan=1.0)             # (b, n)
+            idx = torch.multinomial(weights, 1, generator=inp.ctx.generator).squeeze(1)  # (b,) e ~ Categorical(p)
         else:
             idx = p.argmax(-1)                                                  # (b,)
         y = experts.apply(inp.x, *experts.gather(idx))                          # (b, s, c)
-        with fp32_region(inp.u):                                                # the value loss's input, float32
-            baseline = self.baseline(self._baseline_input(inp).detach().float()).squeeze(-1)  # (b,) b(sg(LN(u)))
+        with routing_region(inp.u):                                             # the value loss's input, float32
+            baseline = self.baseline(routing_float(self._baseline_input(inp).detach())).squeeze(-1)  # (b,) b(sg(LN(u)))
         extras = {
             "log_prob": log_p.gather(1, idx[:, None]).squeeze(1),              # (b,) log p_e
             "baseline": baseline,

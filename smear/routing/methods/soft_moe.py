@@ -16,7 +16,7 @@ the dispatch/combine einsums; static shapes. Outputs depend on other positions o
 (``mixes_positions``), so it is only valid in bidirectional (encoder / image) blocks.
 ``probs`` = combine weight per expert, averaged over the example's real positions.
 Under a bf16 autocast the slot logits (from a float32 copy of x) and both softmaxes are float32; the
-dispatch, the experts and the combine run in bf16.
+dispatch, the experts and the combine run in bf16. In a float64 block everything is float64.
 """
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smear.configs import field
-from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, add_bias, fp32_region, swish
+from smear.routing._base import (
+    ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, add_bias, routing_float, routing_region, swish,
+)
 from smear.routing._registry import register_method
 
 
@@ -57,8 +59,8 @@ class SoftMoE(RoutingMethod):
         x, mask = inp.x, inp.mask                                                              # (b, s, c), (b, s)
         b, s, c = x.shape
         n, m = self.num_experts, self.slots_per_expert
-        with fp32_region(x):  # slot logits and both softmaxes in float32 under a bf16 autocast
-            sim = torch.einsum("bsc,cj->bsj", F.normalize(x.float(), dim=-1), F.normalize(self.phi, dim=0))  # (b, s, j)
+        with routing_region(x):  # slot logits and both softmaxes in float32 under a bf16 autocast
+            sim = torch.einsum("bsc,cj->bsj", F.normalize(routing_float(x), dim=-1), F.normalize(self.phi, dim=0))  # (b, s, j)
             slot_logits = self.scale * sim                                                     # (b, s, j)
             neg = torch.finfo(slot_logits.dtype).min
             dispatch = slot_logits.masked_fill(~mask[:, :, None], neg).softmax(dim=1)          # (b, s, j) over s

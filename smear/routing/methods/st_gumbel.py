@@ -8,7 +8,14 @@ expert runs (1 adapter). Evaluation: argmax of the noise-free p (no temperature 
 Temperature tau follows :func:`gumbel_temperature` at the global step ``inp.ctx.step``; it is
 reported in ``extras["temperature"]`` (training and evaluation), a Python float (never read back from the
 device). Under a bf16 autocast the logits (the block's float32 router), the noise, the tempered softmax and
-the straight-through gate are float32; only the chosen expert runs in bf16.
+the straight-through gate are float32; only the chosen expert runs in bf16 (in a float64 block: all float64).
+The noise comes from ``inp.ctx.generator`` (None: the global RNG).
+
+Gradient check (``gradcheck = "experts"``): the straight-through output's gradient w.r.t. the router (and
+w.r.t. the block input, which feeds the router) is f_e(x) * d y_e, while its value does not move with the
+router at all, so finite differences cannot match it by construction. What is checked in training is the
+output as a function of the parameters the router does not read (the experts, the norm after them), with
+the noise fixed; the evaluation forward is checked in full.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import torch
 from torch import Tensor
 
 from smear.configs import ConfigError, field
-from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, routing_dtype, routing_float
 from smear.routing._registry import register_method
 
 
@@ -54,9 +61,11 @@ def gumbel_temperature(step: int, *, tau0: float, tau_min: float, rate: float, u
     return max(tau0 * math.exp(-exponent), tau_min)
 
 
-def gumbel_noise(like: Tensor) -> Tensor:
-    """g = -log(-log U), U ~ Uniform(0, 1) (Gumbel 1954; Jang et al. 2017 section 2); float32 (finite in bf16 runs)."""
-    u = torch.rand(like.shape, device=like.device).clamp_(1e-10, 1.0 - 1e-7)
+def gumbel_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """g = -log(-log U), U ~ Uniform(0, 1) (Gumbel 1954; Jang et al. 2017 section 2), shaped like ``like``, drawn
+    from ``generator`` (None: the global RNG); float32 (finite in bf16 runs), float64 for a float64 ``like``."""
+    u = torch.rand(like.shape, dtype=routing_dtype(like.dtype), device=like.device, generator=generator)
+    u = u.clamp_(1e-10, 1.0 - 1e-7)
     return -torch.log(-torch.log(u))
 
 
@@ -76,6 +85,7 @@ class StGumbelParams:
 @register_method("st_gumbel")
 class StGumbel(RoutingMethod):
     Params = StGumbelParams
+    gradcheck = "experts"  # straight-through: the router's gradient is not the output's derivative (docstring)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -98,7 +108,8 @@ class StGumbel(RoutingMethod):
         p = logits.softmax(-1)                                                 # (b, n), noise-free
         tau = self.temperature(inp.ctx.step)
         if inp.training:
-            y_soft = ((logits.float() + gumbel_noise(logits)) / tau).softmax(-1).to(p.dtype)  # (b, n), Jang eq. 2
+            g = gumbel_noise(logits, inp.ctx.generator)                        # (b, n)
+            y_soft = ((routing_float(logits) + g) / tau).softmax(-1).to(p.dtype)  # (b, n), Jang eq. 2
             idx = y_soft.argmax(-1)                                            # (b,)
             y_e = y_soft.gather(1, idx[:, None])                               # (b, 1)
             gate = 1.0 - y_e.detach() + y_e                                    # (b, 1): value 1, grad of y_e

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from smear.configs import ConfigError
-from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, one_hot
+from smear.routing._base import ExpertBank, RoutingInputs, RoutingMethod, RoutingOutput, one_hot, routing_dtype
 from smear.routing._registry import register_method
 
 
@@ -34,5 +34,5 @@ class Tag(RoutingMethod):
             raise ValueError("tag routing needs task_ids in the routing context")
         idx = self.task_to_expert[inp.ctx.task_ids]                          # (b,)
         y = experts.apply(inp.x, *experts.gather(idx))                       # (b, s, c)
-        probs = one_hot(idx, self.num_experts)                               # (b, n)
+        probs = one_hot(idx, self.num_experts, routing_dtype(y.dtype))       # (b, n)
         return RoutingOutput(y=y, probs=probs, aux_loss=self.zero(y))
