@@ -51,8 +51,8 @@ def run_variant(name: str, trials: int) -> dict:
 
     from service.runner import start_local_ray
     from smear.configs import unflatten
-    from trainables.settings import make_config
-    from trainables.ray_trainable import TRIAL_KEY, trial, trial_resources
+    from trainables.identity import TRIAL_KEY, SweepTrials
+    from trainables.ray_trainable import trial
 
     workers, product_settings = VARIANTS[name]
     if product_settings:
@@ -62,9 +62,9 @@ def run_variant(name: str, trials: int) -> dict:
         ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
     configs = [unflatten({**CONFIG, "num_workers": workers, "seed": s}) for s in range(trials)]
     cpus = 1 if workers == 1 else 0.5
-    trainable = tune.with_resources(tune.with_parameters(trial, resources={"resnet_domainnet": {"cpu": cpus, "gpu": 0.0}},
-                                                         configs=configs),
-                                    trial_resources(make_config(configs[0]), cpus))
+    trials = SweepTrials(configs, {"resnet_domainnet": {"cpu": cpus, "gpu": 0.0}})
+    trainable = tune.with_resources(tune.with_parameters(trial, trials=trials),
+                                    trials.resources_of({TRIAL_KEY: 0}).placement_group())
     storage = Path(os.environ["BENCH_TMP"]) / name
     tuner = tune.Tuner(trainable, param_space={TRIAL_KEY: tune.grid_search(list(range(trials)))},
                        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=product_settings),

@@ -169,10 +169,9 @@ def resolve_data(sweep: Sweep, data_root: str | None, *, create: bool, images: s
 
 def check_resources(sweep: Sweep) -> None:
     """Every trial's resource request, as Tune will ask for it (a bad combination is a one-line ConfigError)."""
-    from service.runner import trial_resource_request
-
+    trials = sweep.identity()
     for t in sweep.trials:
-        trial_resource_request(sweep, t.config)
+        trials.resources_of(t.config)
 
 
 def print_trials(sweep: Sweep) -> None:
@@ -205,7 +204,6 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
     from service.runner import build_tuner, can_resume, connect_ray
     from service.provenance import provenance
     from service.tracking import MLflowTracker, fail_fast_http
-    from trainables.ray_trainable import trial_config
     from trainables.settings import get_setting
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -224,7 +222,7 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
     if ext is not None:
         ext.start(parent, sweep)
     tracker = MLflowTracker(uri, parent.experiment_id, parent.run_id, name,
-                            {**code, **({"extension": ext.experiment} if ext else {})}, configs=sweep.configs)
+                            {**code, **({"extension": ext.experiment} if ext else {})}, trials=sweep.identity())
     again = f"--extend --seeds {','.join(map(str, ext.seeds))}" if ext else "--resume"
     print(f"sweep {name}: {sweep.num_trials} {'new ' if ext else ''}trials; if interrupted, "
           f"continue with: python service/launch.py --sweep {args.sweep} --name {name} --storage {storage} "
@@ -260,7 +258,7 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
     metric = get_setting(sweep.setting).primary_metric
     rows = []
     for r in grid:
-        cfg, m = trial_config(r.config, sweep.configs), r.metrics or {}
+        cfg, m = tracker.trials.config(r.config), r.metrics or {}
         rows.append({"method": cfg["routing"]["method"], "seed": cfg["seed"], "val": m.get(f"val/best_{metric}"),
                      "test": m.get(f"test/{metric}"), "status": "ERROR" if r.error else "OK"})
     table = console_table(rows, metric)

@@ -16,7 +16,6 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from smear.configs import ConfigError
 from smear.hub import PROBE_TIMEOUT_S
@@ -96,23 +95,6 @@ def probe_tracking_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
                       "MLflow server (mlflow server --host ... --port ...), or a sqlite:/// store")
 
 
-def trial_bundles(sweep, config: dict[str, Any]) -> list[tuple[float, float]]:
-    """(CPUs, GPUs) of each resource bundle one trial holds: its own request, then one per Ray Train worker
-    when it has several (each bundle lands on one node; a trial's bundles may spread over nodes)."""
-    from trainables.ray_trainable import trial_resources
-
-    r = sweep.resources[config["setting"]]
-    own = trial_resources(_typed(config), r["cpu"], r["gpu"])
-    n = config["num_workers"]
-    return [(own["cpu"], own.get("gpu", 0.0))] + ([(r["cpu"], r["gpu"])] * n if n > 1 else [])
-
-
-def trial_needs(sweep, config: dict[str, Any]) -> tuple[float, float]:
-    """(CPUs, GPUs) one trial holds in all: its own request, plus its Ray Train workers' when it has several."""
-    bundles = trial_bundles(sweep, config)
-    return sum(b[0] for b in bundles), sum(b[1] for b in bundles)
-
-
 def _distinct_trials(sweep):
     """One config per (setting, num_workers, use_gpu): the keys its resource needs depend on."""
     seen: dict[tuple, dict] = {}
@@ -128,8 +110,9 @@ def check_local_resources(sweep) -> None:
     import torch
 
     cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    trials = sweep.identity()
     for c in _distinct_trials(sweep):
-        cpu, gpu = trial_needs(sweep, c)
+        cpu, gpu = trials.resources_of(c).total
         if cpu > cpus or gpu > gpus:
             workers = f" ({c['num_workers']} workers)" if c["num_workers"] > 1 else ""
             raise ConfigError(f"a trial asks for cpu={cpu:g}, gpu={gpu:g}{workers}, but this machine has cpu={cpus}, "
@@ -150,9 +133,10 @@ def check_cluster_resources(sweep, shapes) -> None:
               "unknown", file=sys.stderr)
         return
     where = f"the cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
+    trials = sweep.identity()
     for c in _distinct_trials(sweep):
         workers = f" ({c['num_workers']} workers)" if c["num_workers"] > 1 else ""
-        for (cpu, gpu), n in Counter(trial_bundles(sweep, c)).items():
+        for (cpu, gpu), n in Counter(trials.resources_of(c).bundles).items():
             room = shapes.room_for(cpu, gpu)
             if room == 0:
                 raise ConfigError(f"a trial asks for cpu={cpu:g}, gpu={gpu:g} on one node{workers}, but no node of "
@@ -229,9 +213,3 @@ def check_weights_on_nodes(sweep, timeout: float = NODE_CHECK_TIMEOUT_S) -> None
             continue
         if message:
             raise ConfigError(f"on {where} of the cluster: {message}")
-
-
-def _typed(config: dict[str, Any]):
-    from trainables.settings import make_config
-
-    return make_config(config)

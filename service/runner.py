@@ -9,15 +9,14 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
 from ray.tune import Callback
 
 from service.spaces import Sweep, param_space
 from service.tables import progress_line
-from service.tracking import MLflowTracker, trial_run_name
-from trainables.settings import make_config
-from trainables.ray_trainable import trial, trial_config, trial_resources
+from service.tracking import MLflowTracker
+from trainables.identity import SweepTrials
+from trainables.ray_trainable import trial
 
 
 def start_local_ray(**init_kwargs) -> None:
@@ -51,16 +50,6 @@ def connect_ray(**init_kwargs) -> None:
             start_local_ray()
 
 
-def trial_resource_request(sweep: Sweep, config: dict[str, Any]):
-    """What one Tune trial asks Ray for: its setting's resources, shaped by its own ``num_workers``."""
-    from ray.tune import PlacementGroupFactory
-
-    cfg = make_config(trial_config(config, sweep.configs))
-    r = sweep.resources[cfg.setting]
-    res = trial_resources(cfg, r["cpu"], r["gpu"])
-    return PlacementGroupFactory([{"CPU": res["cpu"], **({"GPU": res["gpu"]} if res.get("gpu") else {})}])
-
-
 def _search_and_scheduler(sweep: Sweep):
     """Tune's search algorithm and trial scheduler for the declaration."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -89,14 +78,14 @@ class ProgressLine(Callback):
     of the sweep's, and per method the running mean of ``metric`` (the primary validation metric) over the
     trials that have reported it so far, finished or still running."""
 
-    def __init__(self, total: int, metric: str, configs: list[dict] | None):
-        self.total, self.metric, self.configs = total, metric, configs
+    def __init__(self, total: int, metric: str, trials: SweepTrials):
+        self.total, self.metric, self.trials = total, metric, trials
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         done = sum(t.is_finished() or t is trial for t in trials)
         scores: dict[str, list[float]] = {}
         for t in trials:
-            values = scores.setdefault(trial_config(t.config, self.configs)["routing"]["method"], [])
+            values = scores.setdefault(self.trials.method(t.config), [])
             v = (t.last_result or {}).get(self.metric)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 values.append(float(v))
@@ -167,18 +156,19 @@ def repair_experiment_state(exp_path: str) -> list[str]:
 
 
 def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker, tracking, resume: bool):
-    """(Tuner, the tracker Tune will call). On resume, Tune restores the pickled tracker with its state."""
+    """(Tuner, the tracker Tune will call). On resume, Tune restores the pickled tracker with its state. Every
+    trial is resolved through the tracker's :class:`~trainables.identity.SweepTrials` (the sweep's one)."""
     from ray import tune
 
     exp_path = experiment_path(storage, name)
-    by_setting = sweep.resources
+    trials = tracker.trials
     # on resume, the trials the record holds as FINISHED report their final metrics and end: Tune's saved
     # state can predate their end (a driver killed right after it), and they must not train or log again
     finished = tracker.finished_trials() if resume else None
     trainable = tune.with_resources(
-        tune.with_parameters(trial, train_storage=f"{exp_path}/_train", resources=by_setting, configs=sweep.configs,
-                             tracking=tracking, experiment_path=exp_path, finished=finished),
-        lambda config: trial_resource_request(sweep, config))
+        tune.with_parameters(trial, trials=trials, train_storage=f"{exp_path}/_train", tracking=tracking,
+                             experiment_path=exp_path, finished=finished),
+        lambda config: trials.resources_of(config).placement_group())
     if resume:
         for f in repair_experiment_state(exp_path):
             print(f"resume: Tune's {f} was cut short (the driver died while writing it): its last complete copy "
@@ -190,7 +180,7 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
     search_alg, scheduler = _search_and_scheduler(sweep)
 
     def run_name(t) -> str:  # Tune's trial name and folder: the MLflow run's name
-        return trial_run_name(trial_config(t.config, sweep.configs), t.trial_id)
+        return trials.run_name(t.config, t.trial_id)
 
     tuner = tune.Tuner(
         trainable,
@@ -205,7 +195,7 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
             max_concurrent_trials=None if search_alg is not None else (sweep.max_concurrent_trials or None)),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, verbose=1,
-            callbacks=[tracker, ProgressLine(sweep.num_trials, sweep.metric, sweep.configs), StateBackup(exp_path)],
+            callbacks=[tracker, ProgressLine(sweep.num_trials, sweep.metric, trials), StateBackup(exp_path)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
     )

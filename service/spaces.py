@@ -26,7 +26,7 @@ from smear.configs import ConfigError, to_dict, unflatten
 from smear.routing import available_methods
 from trainables.settings import make_config
 from trainables.settings import DEFAULT_SETTING, available_settings, get_setting
-from trainables.ray_trainable import TRIAL_KEY
+from trainables.identity import TRIAL_KEY, SweepTrials
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -70,6 +70,11 @@ class Sweep:
     def configs(self) -> list[dict[str, Any]] | None:
         """What a trial index refers to (None for Optuna, whose trials carry their config)."""
         return None if self.search == "optuna" else [t.config for t in self.trials]
+
+    def identity(self) -> SweepTrials:
+        """The trials' one identity (``trainables.identity``): Tune's config -> config and resources. Make it once
+        the resources are final (after the flags' overrides) and share it."""
+        return SweepTrials(self.configs, self.resources)
 
     def asha_params(self) -> dict[str, int]:
         """ASHA's settings: time is in evaluations (``training_iteration``); max_t defaults to all of them."""

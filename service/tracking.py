@@ -19,7 +19,6 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -27,7 +26,7 @@ from ray.tune import Callback
 
 from smear.configs import flatten
 from trainables.names import ROUTING_HEATMAP
-from trainables.ray_trainable import trial_config
+from trainables.identity import SweepTrials, run_name
 from trainables.settings import get_setting
 
 log = logging.getLogger(__name__)
@@ -70,11 +69,6 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str
     return client.create_experiment(name, artifact_location=artifact_root, tags=EXPERIMENT_KIND)
 
 
-def trial_run_name(config: dict[str, Any], trial_id: str) -> str:
-    """Readable, deterministic: method, seed, then the trial id (e.g. ``smear-s0-a1b2c_00000``)."""
-    return f"{config['routing']['method']}-s{config['seed']}-{trial_id}"
-
-
 # How long an interrupted sweep waits for queued writes before ending its runs KILLED. `ray job stop` SIGKILLs
 # the driver RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM (Ray's default: 3 s): the shipped cluster configs give
 # it more than this (ray_cluster.yaml, docker/kuberay-rayjob.yaml; tests/test_cluster_config.py checks).
@@ -91,9 +85,9 @@ class MLflowTracker(Callback):
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, tags: dict[str, str],
-                 configs: list[dict] | None = None):
+                 trials: SweepTrials | None = None):
         self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
-        self.configs = configs  # grid / random sweeps: Tune's config is an index into these
+        self.trials = trials or SweepTrials(None, {})  # the sweep's trial identity: Tune's config -> the trial's
         self.sweep, self.tags = sweep, dict(tags)
         self.runs: dict[str, str] = {}   # trial_id -> run_id
         self.seconds = 0.0               # the logging thread's time in MLflow calls
@@ -246,7 +240,7 @@ class MLflowTracker(Callback):
                     "method": cfg["routing"]["method"], "seed": str(cfg["seed"]),
                     **get_setting(cfg["setting"]).record_tags(cfg)}  # setting, its metric names and groups
             run = self._safe("create_run", self.client.create_run, self.experiment_id,
-                             run_name=trial_run_name(cfg, tid), tags=tags)
+                             run_name=run_name(cfg, tid), tags=tags)
             if run is None:
                 return None
             run_id = run.info.run_id
@@ -260,7 +254,7 @@ class MLflowTracker(Callback):
         return run_id
 
     def _cfg(self, trial) -> dict:
-        return trial_config(trial.config, self.configs)
+        return self.trials.config(trial.config)
 
     # -- Tune's hooks: capture what is needed now, log on the thread ---------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -305,7 +299,7 @@ class MLflowTracker(Callback):
             return
         heat = result.get(ROUTING_HEATMAP)
         if isinstance(heat, dict) and heat.get("blocks"):
-            self._safe("log heatmap", self._log_heatmap, run_id, heat, trial_run_name(cfg, tid))
+            self._safe("log heatmap", self._log_heatmap, run_id, heat, run_name(cfg, tid))
         step = int(result.get("step", result.get("training_iteration", 0)))
         final = bool(result.get("done")) and EVAL_KEY not in result
         last = self._last_logged_step(tid, run_id)

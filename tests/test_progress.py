@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from service.tables import progress_line
+from trainables.identity import SweepTrials
 
 
 def test_progress_line_worked_by_hand():
@@ -24,7 +25,7 @@ def test_progress_callback_on_tune_trials(capsys):
         trials[i].update_last_result({"val/best_accuracy": v})
     trials[0].set_status(TuneTrial.TERMINATED)
     trials[2].set_status(TuneTrial.ERROR)
-    cb = ProgressLine(total=6, metric="val/best_accuracy", configs=configs)
+    cb = ProgressLine(total=6, metric="val/best_accuracy", trials=SweepTrials(configs, {}))
     cb.on_trial_complete(0, trials, trials[1])      # trial 1 ends now: with 0 and 2, 3 of 6 are done
     # smear: trials 0 (.5) and 3 (.7, still running, has reported) -> .600 over 2
     assert capsys.readouterr().out == "progress: 3/6 done | smear 0.600 (2) tag 0.600 (1) adapter 0.400 (1)\n"

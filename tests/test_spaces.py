@@ -119,14 +119,13 @@ def _tune_order(sweep, tmp_path) -> list[dict]:
     from ray.tune.search import BasicVariantGenerator
 
     from service.spaces import param_space
-    from trainables.ray_trainable import trial_config
 
     gen = BasicVariantGenerator()
     gen.add_configurations([Experiment("order", run=lambda config: None, config=param_space(sweep),
                                        storage_path=str(tmp_path))])
     out = []
     while (t := gen.next_trial()) is not None:
-        out.append(trial_config(t.config, sweep.configs))
+        out.append(sweep.identity().config(t.config))
     return out
 
 

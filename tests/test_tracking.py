@@ -10,7 +10,7 @@ from ray.tune.experiment import Trial
 from service.tracking import MLflowTracker
 from smear.configs import to_dict, unflatten
 from trainables.settings import make_config
-from trainables.ray_trainable import TRIAL_KEY
+from trainables.identity import TRIAL_KEY, SweepTrials
 
 
 def _sweep(tmp_path, n: int):
@@ -20,7 +20,7 @@ def _sweep(tmp_path, n: int):
     parent = client.create_run(exp, run_name="sweep").info.run_id
     configs = [to_dict(make_config(unflatten({"routing.method": m, "seed": s})))
                for m, s in [("smear", 0), ("tag", 1)][:n]]
-    tracker = MLflowTracker(uri, exp, parent, "sweep", {"git_commit": "abc"}, configs=configs)
+    tracker = MLflowTracker(uri, exp, parent, "sweep", {"git_commit": "abc"}, trials=SweepTrials(configs, {}))
     trials = [Trial("trial", config={TRIAL_KEY: i}, trial_id=f"t_{i:05d}", stub=True) for i in range(n)]
     return client, exp, parent, tracker, trials
 
@@ -173,7 +173,7 @@ def test_an_unreachable_tracking_server_holds_the_queue_then_says_what_was_not_w
     uri = f"http://127.0.0.1:{free_port()}"
     assert not server_answers(uri)
     _, exp, parent, local, (a,) = _sweep(tmp_path, 1)
-    tracker = MLflowTracker(uri, exp, parent, "sweep", {}, configs=local.configs)
+    tracker = MLflowTracker(uri, exp, parent, "sweep", {}, trials=local.trials)
     tracker.RETRY_S = 0.2
     tracker.on_trial_start(0, [], a)
     tracker.on_trial_result(0, [], a, {"step": 10, "train/loss": 1.0})

@@ -16,24 +16,14 @@ import ray.train
 import ray.tune
 
 
+from smear.configs import to_dict
 from trainables.config import TrainConfig
-from trainables.settings import make_config
+from trainables.identity import SweepTrials
+from trainables.resources import TrialResources
 from trainables.loop import train_loop
 from trainables.step import NonFiniteLoss
 
 NONFINITE_MARKER = "NONFINITE_LOSS"  # left in the trial folder: Tune's retries of that trial fail at once
-
-
-TRIAL_KEY = "trial_index"  # grid / random sweeps: Tune grids over indices into the resolved trial configs
-
-
-def trial_config(config: dict[str, Any], configs: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """The TrainConfig dict of a Tune trial: ``configs[index]`` for grid / random sweeps (whose Tune config
-    is just the index, so Tune's tables and folder names stay short), the config itself for Optuna."""
-    if TRIAL_KEY in config:
-        assert configs is not None, "a trial index needs the sweep's resolved configs"
-        return configs[config[TRIAL_KEY]]
-    return config
 
 
 def _assigned_cpus() -> float | None:
@@ -132,14 +122,13 @@ def train_worker(config: dict[str, Any]) -> None:
     train_loop(config, TrainSession(), wrap_model=lambda m: prepare_model(m, move_to_device=False))
 
 
-def trial(config: dict[str, Any], train_storage: str | None = None,
-          resources: dict[str, dict[str, float]] | None = None, configs: list[dict[str, Any]] | None = None,
+def trial(config: dict[str, Any], trials: SweepTrials, train_storage: str | None = None,
           tracking: tuple[str, str] | None = None, experiment_path: str | None = None,
           finished: dict[str, dict[str, float]] | None = None) -> None:
     """The Tune function trainable of every sweep trial (bind the keywords with tune.with_parameters).
 
-    ``resources``: setting -> {cpu, gpu} per worker (the declaration's); a data-parallel trial gives each
-    of its Ray Train workers its setting's share. With ``tracking`` = (tracking URI, experiment id), the
+    ``trials``: the sweep's trial identity (``trainables.identity``): Tune's ``config`` -> the trial's config
+    and resources (a data-parallel trial gives each of its Ray Train workers its setting's share). With ``tracking`` = (tracking URI, experiment id), the
     trial's process logs system metrics (CPU, memory, GPU when present) to the trial's MLflow run, which
     the driver creates, tagged with the trial id. ``experiment_path``: the sweep's folder in a local storage
     (its checkpoints are found there on a restore). ``finished``: on ``--resume``, trial id -> the final
@@ -150,10 +139,7 @@ def trial(config: dict[str, Any], train_storage: str | None = None,
     if finished and ctx.get_trial_id() in finished:
         ray.tune.report({**finished[ctx.get_trial_id()], "done": 1.0})
         return
-    config = trial_config(config, configs)
-    cfg = make_config(config)
-    r = (resources or {}).get(cfg.setting, {})
-    cpus_per_worker, gpus_per_worker = r.get("cpu", 1.0), r.get("gpu", 0.0)
+    cfg, resources = trials.typed(config), trials.resources_of(config)
     # Tune ends a trial at its final report (``done``) and, with reuse_actors, hands this process to the next
     # trial once this function has returned; it waits TUNE_FUNCTION_THREAD_TIMEOUT_S (Ray's default 2 s) and
     # otherwise puts the next trial in ERROR ("Trainable runner reuse requires reset_config()"). Read in this
@@ -163,7 +149,7 @@ def trial(config: dict[str, Any], train_storage: str | None = None,
     folder = os.path.join(experiment_path, ctx.get_trial_name()) if experiment_path and "://" not in experiment_path \
         else None
     try:
-        _guarded(cfg, config, train_storage, cpus_per_worker, gpus_per_worker, folder)
+        _guarded(cfg, resources, train_storage, folder)
     finally:
         if monitor is not None:
             monitor.stop()  # never waits on the tracking server
@@ -226,15 +212,15 @@ class SystemMetrics:
             threading.Thread(target=monitor.finish, name="system-metrics-finish", daemon=True).start()
 
 
-def _guarded(cfg: TrainConfig, config: dict[str, Any], train_storage: str | None, cpus_per_worker: float,
-             gpus_per_worker: float, trial_folder: str | None = None) -> None:
+def _guarded(cfg: TrainConfig, resources: TrialResources, train_storage: str | None,
+             trial_folder: str | None = None) -> None:
     """Run the trial; a non-finite loss leaves a marker so that Tune's retries fail at once."""
     marker = os.path.join(ray.tune.get_context().get_trial_dir(), NONFINITE_MARKER)
     if os.path.exists(marker):  # a retry after a non-finite loss fails again at once, with the same reason
         with open(marker) as f:
             raise NonFiniteLoss(f.read())
     try:
-        _run(cfg, config, train_storage, cpus_per_worker, gpus_per_worker, trial_folder)
+        _run(cfg, resources, train_storage, trial_folder)
     except Exception as e:
         if isinstance(e, NonFiniteLoss) or "NonFiniteLoss" in str(e):
             with open(marker, "w") as f:
@@ -242,12 +228,12 @@ def _guarded(cfg: TrainConfig, config: dict[str, Any], train_storage: str | None
         raise
 
 
-def _run(cfg: TrainConfig, config: dict[str, Any], train_storage: str | None, cpus_per_worker: float,
-         gpus_per_worker: float, trial_folder: str | None = None) -> None:
-    if cfg.num_workers <= 1:
+def _run(cfg: TrainConfig, resources: TrialResources, train_storage: str | None,
+         trial_folder: str | None = None) -> None:
+    if not resources.data_parallel:
         train_loop(cfg, TuneSession(trial_folder))
         return
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -257,34 +243,12 @@ def _run(cfg: TrainConfig, config: dict[str, Any], train_storage: str | None, cp
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_S))
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=_worker_resources(cpus_per_worker, gpus_per_worker)),
+        train_loop_config=to_dict(cfg),
+        scaling_config=resources.scaling_config(),
         run_config=RunConfig(name=f"train-{ctx.get_trial_id()}", storage_path=train_storage or os.path.join(ctx.get_trial_dir(), "_train"),
                              callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
 
 
-def _worker_resources(cpus: float, gpus: float) -> dict[str, float]:
-    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-
-
 TRAIN_POLL_S = 0.25  # Ray Train controller poll interval (s) in data-parallel trials
-DRIVER_CPU = 0.01  # what the trial itself holds while its Ray Train workers run (it only waits)
-
-
-def trial_resources(cfg: TrainConfig, cpus_per_worker: float = 1, gpus_per_worker: float = 0) -> dict[str, float]:
-    """Resources of the Tune trial itself: the worker's for one worker, ~nothing when Ray Train runs workers.
-
-    Tune refuses an all-zero request, so a multi-worker trial holds DRIVER_CPU; its workers ask for
-    ``cpus_per_worker`` / ``gpus_per_worker`` each (never fractional GPUs for several workers: NCCL).
-    """
-    if cfg.num_workers <= 1:
-        return {"cpu": cpus_per_worker, **({"gpu": gpus_per_worker} if gpus_per_worker else {})}
-    if 0 < gpus_per_worker < 1:
-        from smear.configs import ConfigError
-
-        raise ConfigError(f"resources.gpu={gpus_per_worker} is fractional with num_workers={cfg.num_workers}; "
-                          "multi-worker trials need whole GPUs")
-    return {"cpu": DRIVER_CPU}
