@@ -222,10 +222,28 @@ def _guarded(cfg: TrainConfig, resources: TrialResources, train_storage: str | N
     try:
         _run(cfg, resources, train_storage, trial_folder)
     except Exception as e:
-        if isinstance(e, NonFiniteLoss) or "NonFiniteLoss" in str(e):
+        diverged = raised(e, NonFiniteLoss)
+        if diverged is not None:
             with open(marker, "w") as f:
-                f.write(str(e).strip().splitlines()[-1])
+                f.write(str(diverged).strip().splitlines()[-1])
         raise
+
+
+def raised(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """``error`` or the first exception of type ``kind`` it carries: through its cause and context chain, and
+    through what a data-parallel trial's Ray Train run reports (``WorkerGroupError.worker_failures``, a
+    ``ControllerError``'s ``controller_failure``). A failure's kind is its type, never a substring."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "controller_failure", None),
+                 *(getattr(e, "worker_failures", None) or {}).values()]
+    return None
 
 
 def _run(cfg: TrainConfig, resources: TrialResources, train_storage: str | None,

@@ -1,4 +1,5 @@
-"""What a trial asks of Ray (trainables/resources.py) and the sweep's one trial identity (trainables/identity.py)."""
+"""What a trial asks of Ray (trainables/resources.py), the sweep's one trial identity (trainables/identity.py), and a
+failure's kind found by its type (trainables/ray_trainable.py)."""
 from __future__ import annotations
 
 import pickle
@@ -45,3 +46,24 @@ def test_the_trial_identity_resolves_an_index_and_an_optuna_config_alike():
     assert optuna.typed(configs[1]).routing.method == "tag" and optuna.method(configs[1]) == "tag"
     again = pickle.loads(pickle.dumps(trials))  # Tune pickles it into the trainable and the tracker's state
     assert again.configs == configs and again.resources == trials.resources and again._typed == {}
+
+
+def test_a_failure_kind_is_found_by_type_through_ray_trains_wrappers():
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from trainables.ray_trainable import raised
+    from trainables.step import NonFiniteLoss
+
+    diverged = NonFiniteLoss("non-finite training loss nan at step 7")
+    group = WorkerGroupError("training failed", {0: RuntimeError("other"), 1: diverged})
+    assert raised(group, NonFiniteLoss) is diverged
+    assert raised(ControllerError(group), NonFiniteLoss) is diverged
+    try:
+        try:
+            raise diverged
+        except NonFiniteLoss as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as outer:
+        assert raised(outer, NonFiniteLoss) is diverged
+    # a message that merely mentions the name is not that failure
+    assert raised(RuntimeError("NonFiniteLoss: mentioned, not raised"), NonFiniteLoss) is None
