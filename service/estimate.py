@@ -63,6 +63,13 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         p.error(f"--calibration-batch={args.calibration_batch} is not valid; valid: >= 1")
 
 
+
+def device_share(gpu: float, workers: int = 1) -> float:
+    """The device share of one trial: ``resources.gpu`` x its workers (0.25: four trials share a GPU), or 1
+    for a CPU-only trial (the "device" is then the trial's CPUs). The unit of every device-hour figure: this
+    bill and the running sweep's progress display (service/progress.py)."""
+    return gpu * workers if gpu > 0 else 1.0
+
 @dataclass
 class Row:
     setting: str
@@ -78,8 +85,8 @@ class Row:
 
     @property
     def share(self) -> float:
-        """The device share of one trial: resources.gpu x workers, or 1 (its CPUs) for a CPU-only trial."""
-        return self.gpu * self.workers if self.gpu > 0 else 1.0
+        """The device share of one trial (:func:`device_share`)."""
+        return device_share(self.gpu, self.workers)
 
     @property
     def per_gpu(self) -> str:
