@@ -7,7 +7,12 @@
 Local Ray is started for the sweep unless RAY_ADDRESS names a cluster (``ray job submit`` sets it).
 MLflow goes to ``sqlite:///$PWD/mlflow.db`` unless ``--tracking-uri`` or MLFLOW_TRACKING_URI says
 otherwise; Tune results and checkpoints go under ``./results`` unless ``--storage`` says otherwise.
-Bad input exits with code 2 and a one-line message before anything starts or is written.
+Bad input exits with code 2 and a one-line message before anything starts or is written. The console is one
+progress display (service/progress.py); ``--verbose`` adds Ray Tune's own tables. ``smear-sweep run``,
+``resume``, ``extend``, ``estimate`` and ``data check`` are this command with some flags set (service/cli.py).
+
+It imports the installed package: the venv's editable install (``pip install -e .``), or under ``ray job
+submit --working-dir .`` the uploaded copy, which Ray puts first on the job's PYTHONPATH.
 """
 from __future__ import annotations
 
