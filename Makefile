@@ -37,7 +37,7 @@ submit: install       ## ray job submit of launch.py $(ARGS), recording the git 
 	  --working-dir . -- python service/launch.py $(ARGS)
 
 bench: install        ## routing block cost per method (see BENCHMARKS.md)
-	$(PY) benchmarks/routing_cost.py --quick
+	$(PY) -m benchmarks.routing_cost --quick
 
 clean:
 	rm -rf results mlflow.db mlartifacts .pytest_cache

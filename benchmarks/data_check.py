@@ -1,6 +1,6 @@
 """Time the up-front DomainNet check (smear.data.check.check_domainnet) on a generated root.
 
-    python benchmarks/data_check.py [--images N] [--root DIR] [--decode header|full] [--workers W]
+    python -m benchmarks.data_check [--images N] [--root DIR] [--decode header|full] [--workers W]
                                     [--cold] [--pil-sample M] [--keep] [--json PATH]
 
 Generates a root in DomainNet's layout with N lines in all. The 12 split files get DomainNet's own
@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -34,10 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from smear.data.check import check_domainnet  # noqa: E402
+from smear.data.check import check_domainnet
 
 # DomainNet (cleaned) list sizes: domain -> (train, test)
 DOMAINNET_LINES = {"clipart": (33525, 14604), "infograph": (36023, 15582), "painting": (50416, 21850),

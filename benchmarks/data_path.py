@@ -1,6 +1,6 @@
 """Images/s per core of the DomainNet training data path: PIL (as before issue 13) against torchvision.
 
-    python benchmarks/data_path.py [--images N] [--min-side A] [--max-side B] [--repeats R] [--json PATH]
+    python -m benchmarks.data_path [--images N] [--min-side A] [--max-side B] [--repeats R] [--json PATH]
 
 Generates a root in DomainNet's layout (one domain, ``real``) with N JPEGs of a random size between A and B
 pixels a side (DomainNet's originals are a few hundred pixels), quality 90, smooth structure plus noise,
@@ -27,7 +27,6 @@ import argparse
 import io
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,13 +35,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from smear.data import pipeline  # noqa: E402
-from smear.data.domainnet import DomainNetDataset  # noqa: E402
-from smear.data.images import to_rgb  # noqa: E402
-from smear.data.prepare import prepare  # noqa: E402
+from smear.data import pipeline
+from smear.data.domainnet import DomainNetDataset
+from smear.data.images import to_rgb
+from smear.data.prepare import prepare
 
 BATCH, RES = 128, 224
 

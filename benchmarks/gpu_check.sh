@@ -72,13 +72,13 @@ part() {  # part NAME COMMAND...: run under min(its limit, what is left of the b
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   echo "cpus $(nproc)"; } 2>&1 | tee -a "$SUMMARY"
 
-part precision "$PY" benchmarks/trial_throughput.py $TT --setting resnet,t5 --methods smear --precision fp32,bf16 \
+part precision "$PY" -m benchmarks.trial_throughput $TT --setting resnet,t5 --methods smear --precision fp32,bf16 \
     --loader-workers "$WORKERS_FAST" --json "$OUT_DIR/precision.json"
-part packing "$PY" benchmarks/trial_throughput.py $TT --setting resnet --methods smear --precision bf16 --pack 1,4 \
+part packing "$PY" -m benchmarks.trial_throughput $TT --setting resnet --methods smear --precision bf16 --pack 1,4 \
     --loader-workers 3 --json "$OUT_DIR/packing.json"
-part wait0 "$PY" benchmarks/trial_throughput.py $TT --setting resnet --methods smear --precision bf16 \
+part wait0 "$PY" -m benchmarks.trial_throughput $TT --setting resnet --methods smear --precision bf16 \
     --loader-workers 0 --json "$OUT_DIR/wait0.json"
-part routing "$PY" benchmarks/routing_cost.py $RC --methods smear --json "$OUT_DIR/routing.json"
+part routing "$PY" -m benchmarks.routing_cost $RC --methods smear --json "$OUT_DIR/routing.json"
 part bill_resnet "$PY" service/launch.py --sweep resnet-domainnet --dry-run --estimate $CAL_R --price-per-gpu-hour "$PRICE"
 part bill_t5 "$PY" service/launch.py --sweep t5-glue --dry-run --estimate $CAL_T --price-per-gpu-hour "$PRICE"
 

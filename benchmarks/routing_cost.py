@@ -1,7 +1,7 @@
 """Cost of one expert routing block, forward + backward, for every registered routing method.
 
 Usage:
-    python benchmarks/routing_cost.py [--quick] [--json PATH] [--methods a,b] [--reps N]
+    python -m benchmarks.routing_cost [--quick] [--json PATH] [--methods a,b] [--reps N]
                                       [--warmup N] [--threads N] [--device cpu|cuda]
                                       [--malloc reuse|default] [--breakdown]
 
@@ -67,13 +67,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import smear.routing as routing  # noqa: E402
-from smear.routing import ExpertRoutingBlock, RoutingConfig, available_methods, set_context  # noqa: E402
-from trainables.throughput import cpu_model  # noqa: E402
+import smear.routing as routing
+from smear.routing import ExpertRoutingBlock, RoutingConfig, available_methods, set_context
+from trainables.throughput import cpu_model
 
 
 @dataclass
@@ -445,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             and platform.system() == "Linux":
         env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
         sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads these only at start-up
+        again = ["-m", __spec__.name] if __spec__ else [sys.argv[0]]  # python -m benchmarks.routing_cost
+        os.execve(sys.executable, [sys.executable, *again, *sys.argv[1:]], env)  # glibc reads these only at start-up
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)

@@ -1,6 +1,6 @@
 """Per-trial start-up overhead of a sweep and the cost of its MLflow logging.
 
-    python benchmarks/sweep_overhead.py [--trials N] [--steps S] [--json PATH]
+    python -m benchmarks.sweep_overhead [--trials N] [--steps S] [--json PATH]
 
 Runs the same N tiny ResNet trials (digits stand-in, 16 px, 1 thread) three ways, one trial at a time:
   plain   -- the train loop called N times in one process (no Ray, no MLflow): the work itself
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 BASE = {"steps": 20, "eval_every": 10, "batch_size": 16, "torch_threads": 1, "data.resolution": 16,
         "data.augment": "none", "data.domains": ["real", "sketch"], "routing.method": "smear"}

@@ -1,6 +1,6 @@
 """Start-up cost of one sweep trial: a Tune function trainable against one that fits a Ray Train TorchTrainer.
 
-    python benchmarks/trial_startup.py [--trials N] [--json PATH]
+    python -m benchmarks.trial_startup [--trials N] [--json PATH]
 
 Every variant runs in a fresh process with its own local Ray. Each runs N trials one at a time through
 the product's trial function (trainables.ray_trainable.trial). The config is a 1-step tiny ResNet, so the
@@ -28,7 +28,6 @@ from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 CONFIG = {"steps": 1, "eval_every": 1, "batch_size": 16, "torch_threads": 1, "data.resolution": 16,
           "data.augment": "none", "data.domains": ["real", "sketch"], "routing.method": "smear"}
@@ -118,8 +117,9 @@ def main() -> None:
     out = {"machine": f"{platform.node()} {os.cpu_count()} cpus", "variants": []}
     for name in VARIANTS:
         with tempfile.TemporaryDirectory() as d:
-            proc = subprocess.run([sys.executable, __file__, "--variant", name, "--trials", str(a.trials)],
-                                  env={**os.environ, "BENCH_TMP": d}, capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.trial_startup", "--variant", name,
+                                   "--trials", str(a.trials)],
+                                  cwd=REPO, env={**os.environ, "BENCH_TMP": d}, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             raise RuntimeError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

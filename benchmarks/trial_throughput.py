@@ -1,6 +1,6 @@
 """One trial's end-to-end training throughput at the paper's shapes, through the trial's own code (issue 13).
 
-    python benchmarks/trial_throughput.py [--setting resnet,t5] [--methods smear,adapter] [--device cpu|cuda]
+    python -m benchmarks.trial_throughput [--setting resnet,t5] [--methods smear,adapter] [--device cpu|cuda]
         [--precision fp32,bf16] [--steps N] [--warmup N] [--loader-workers N] [--pack 1,4] [--threads N]
         [--batch-size N] [--quick] [--data-dir DIR] [--timeout S] [--json PATH]
 
@@ -33,11 +33,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from trainables.throughput import calibration_config, measure_packed, paper_config, scratch_data  # noqa: E402
+from trainables.throughput import calibration_config, measure_packed, paper_config, scratch_data
 
 SETTINGS = {"resnet": "resnet_domainnet", "t5": "t5_glue"}
 QUICK_BATCH = {"resnet_domainnet": 16, "t5_glue": 4}

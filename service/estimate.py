@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.spaces import Sweep
+from trainables.resources import device_share
 
 WARMUP = 1
 
@@ -63,6 +64,7 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         p.error(f"--calibration-batch={args.calibration_batch} is not valid; valid: >= 1")
 
 
+
 @dataclass
 class Row:
     setting: str
@@ -78,8 +80,8 @@ class Row:
 
     @property
     def share(self) -> float:
-        """The device share of one trial: resources.gpu x workers, or 1 (its CPUs) for a CPU-only trial."""
-        return self.gpu * self.workers if self.gpu > 0 else 1.0
+        """The device share of one trial (:func:`trainables.resources.device_share`)."""
+        return device_share(self.gpu, self.workers)
 
     @property
     def per_gpu(self) -> str:

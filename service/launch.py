@@ -7,26 +7,28 @@
 Local Ray is started for the sweep unless RAY_ADDRESS names a cluster (``ray job submit`` sets it).
 MLflow goes to ``sqlite:///$PWD/mlflow.db`` unless ``--tracking-uri`` or MLFLOW_TRACKING_URI says
 otherwise; Tune results and checkpoints go under ``./results`` unless ``--storage`` says otherwise.
-Bad input exits with code 2 and a one-line message before anything starts or is written.
+Bad input exits with code 2 and a one-line message before anything starts or is written. The console is one
+progress display (service/progress.py); ``--verbose`` adds Ray Tune's own tables. ``smear-sweep run``,
+``resume``, ``extend``, ``estimate`` and ``data check`` are this command with some flags set (service/cli.py).
+
+It imports the installed package: the venv's editable install (``pip install -e .``), or under ``ray job
+submit --working-dir .`` the uploaded copy, which Ray puts first on the job's PYTHONPATH.
 """
 from __future__ import annotations
 
+import argparse
+import re
+import signal
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, e.g. by `ray job submit`
-
-import argparse  # noqa: E402
-import re  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
-
-from smear.configs import ConfigError  # noqa: E402
-from smear.data.domainnet import DataError  # noqa: E402
-from service import estimate  # noqa: E402  (light: torch only when it calibrates)
-from service.preflight import check_environment  # noqa: E402
-from service.report import resolve_tracking_uri  # noqa: E402  (light: mlflow + matplotlib)
-from service.spaces import Sweep, load_sweep  # noqa: E402
+from smear.configs import ConfigError
+from smear.data.domainnet import DataError
+from service import estimate  # (light: torch only when it calibrates)
+from service.preflight import check_environment
+from service.report import resolve_tracking_uri  # (light: mlflow + matplotlib)
+from service.spaces import Sweep, load_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 EXIT_BAD_INPUT = 2
@@ -44,8 +46,21 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.splitlines()[0])
+EXAMPLES = """examples:
+  python service/launch.py                                   # the default sweep (smear-sweep run)
+  python service/launch.py --sweep t5-glue-smoke --smoke     # a shipped declaration, tiny budget
+  python service/launch.py --sweep default --dry-run         # validate, print the trials, start nothing
+  python service/launch.py --resume --name RUN               # continue a sweep whose driver died
+  python service/launch.py --extend --name RUN --seeds 3,4   # more seeds for a finished sweep
+  python service/launch.py --dry-run --estimate --sweep resnet-domainnet   # projected device-hours
+"""
+
+
+def parse_args(argv: list[str] | None = None, *, usage: str | None = None, epilog: str | None = None) -> argparse.Namespace:
+    """launch.py's flags, checked: the one definition of each (``smear-sweep`` passes its own ``usage`` and
+    ``epilog`` for its subcommands' --help, service/cli.py). A bad value or combination: one line, exit 2."""
+    p = _Parser(description=__doc__.splitlines()[0], usage=usage, epilog=EXAMPLES if epilog is None else epilog,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", default="default", help="a declaration in search_spaces/ (name) or a path to one")
     p.add_argument("--smoke", action="store_true", help="the same sweep with a tiny budget")
     p.add_argument("--dry-run", action="store_true", help="validate, print the trial list, start and write nothing")
@@ -63,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-system-metrics", action="store_true", help="do not log CPU / memory / GPU metrics of trials")
     p.add_argument("--check-images", action="store_true",
                    help="decode every image of the data before the sweep (parallel; default: headers only)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print Ray Tune's trial tables and each trial's results (default: one progress display)")
     estimate.add_arguments(p)  # --estimate, --price-per-gpu-hour, --calibration-steps, --calibration-batch
     _extend_arguments(p)
     args = p.parse_args(argv)
@@ -77,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume and args.max_concurrent_trials is not None:  # Tune restores the saved sweep's TuneConfig
         p.error(f"--max-concurrent-trials={args.max_concurrent_trials} cannot be combined with --resume: the resumed "
                 "sweep keeps the limit it started with; valid: --resume without it")
+    if args.resume and args.verbose:  # Tune restores the saved sweep's RunConfig, its console included
+        p.error("--verbose cannot be combined with --resume: the resumed sweep keeps the console it started with; "
+                "valid: --resume without it")
     if args.resume and args.dry_run:
         p.error("--dry-run and --resume cannot be combined: a dry run starts nothing, so there is nothing to resume")
     if args.name is not None and (not SAFE_NAME.fullmatch(args.name) or args.name in (".", "..")):
@@ -201,6 +221,7 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
     from service.record import NoParentRun, ParentRun, experiment_name
     from service.report import write_report
     from service.tables import console_table
+    from service.progress import close_displays
     from service.runner import build_tuner, can_resume, connect_ray
     from service.provenance import provenance
     from service.tracking import MLflowTracker, fail_fast_http
@@ -233,9 +254,12 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)  # ray.init() installs its own SIGTERM handler: ours again
         fail_fast_http()  # the driver's MLflow calls: the tracker retries an outage itself (service/tracking.py)
         tuner, tracker = build_tuner(sweep, name=ext.experiment if ext else name, storage=storage, tracker=tracker,
-                                     resume=args.resume or (ext is not None and ext.resume),
+                                     resume=args.resume or (ext is not None and ext.resume), verbose=args.verbose,
                                      tracking=None if args.no_system_metrics else (uri, parent.experiment_id))
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        finally:  # a sweep interrupted or failed before Tune's end: its live display stops here
+            close_displays()
         tracker.flush()  # normally a no-op: Tune's on_experiment_end has flushed it
         if ext is not None:
             ext.done(parent)
@@ -347,9 +371,11 @@ def _interrupt(signum, frame):
 EXIT_SIGTERM, EXIT_SIGINT = 128 + signal.SIGTERM, 128 + signal.SIGINT  # 143, 130: the shell's convention
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, usage: str | None = None, epilog: str | None = None) -> int:
+    """The launcher (``python service/launch.py``, ``smear-sweep run|resume|extend|estimate|data check``):
+    ``usage`` and ``epilog`` only change its --help."""
     signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, kill: end MLflow runs as KILLED, like Ctrl-C
-    args = parse_args(argv)
+    args = parse_args(argv, usage=usage, epilog=epilog)
     try:
         sweep = load_sweep(args.sweep, smoke=args.smoke, num_samples=args.num_samples, seeds=args.seeds)
         ext = plan_extension(args, sweep) if args.extend else None  # issue 14: checked before anything starts

@@ -27,23 +27,20 @@ Imports stay light (mlflow, matplotlib; no ray, torch or trainables).
 """
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
-
-import argparse  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-
-from service.sections import (  # noqa: E402
+from service.sections import (
     HEATMAP_ARTIFACT, heatmap_figure, heatmap_of, learning_curves, routing_diagnostics, save, sensitivity_section,
 )
-from service.tables import (  # noqa: E402
+from service.tables import (
     column_statistics, compute_table, method_order, method_table, seed_scores, trial_table,
 )
-from service.stats import default_reference  # noqa: E402
-from service.trials import ReportError, Trial, find_sweep, read_trials, score_key  # noqa: E402
+from service.stats import default_reference
+from service.trials import ReportError, Trial, find_sweep, read_trials, score_key
 
 EXIT_BAD_INPUT = 2
 
@@ -280,10 +277,19 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def main(argv: list[str] | None = None) -> int:
+EXAMPLES = """examples:
+  python service/report.py default-20261201-101500            # the sweep launch.py ran as --name
+  python service/report.py t5-try --ci bootstrap --reference adapter --storage /mnt/shared/results
+"""
+
+
+def main(argv: list[str] | None = None, *, usage: str | None = None, epilog: str | None = None) -> int:
+    """report.py's command line (also ``smear-sweep report``, whose --help passes its own ``usage`` and
+    ``epilog``: service/cli.py)."""
     from service.stats import INTERVALS
 
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = _Parser(description=__doc__.splitlines()[0], usage=usage, epilog=EXAMPLES if epilog is None else epilog,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="the sweep's run name (launch.py --name; tag sweep=<name> on its parent run)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///$PWD/mlflow.db)")
     p.add_argument("--storage", default="results", help="the sweep's storage; the report goes to <storage>/<sweep>/report")

@@ -6,6 +6,7 @@ Only public Ray APIs. Local sweeps get a fresh local Ray instance (:func:`start_
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -13,9 +14,8 @@ from pathlib import Path
 from ray.tune import Callback
 
 from service.spaces import Sweep, param_space
-from service.tables import progress_line
+from service.progress import SweepProgress
 from service.tracking import MLflowTracker
-from trainables.identity import SweepTrials
 from trainables.ray_trainable import trial
 
 
@@ -73,25 +73,9 @@ def _search_and_scheduler(sweep: Sweep):
     return search_alg, scheduler
 
 
-class ProgressLine(Callback):
-    """Prints one console line each time a trial ends (:func:`service.tables.progress_line`): trials done out
-    of the sweep's, and per method the running mean of ``metric`` (the primary validation metric) over the
-    trials that have reported it so far, finished or still running."""
-
-    def __init__(self, total: int, metric: str, trials: SweepTrials):
-        self.total, self.metric, self.trials = total, metric, trials
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        done = sum(t.is_finished() or t is trial for t in trials)
-        scores: dict[str, list[float]] = {}
-        for t in trials:
-            values = scores.setdefault(self.trials.method(t.config), [])
-            v = (t.last_result or {}).get(self.metric)
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                values.append(float(v))
-        print(progress_line(done, max(self.total, len(trials)), scores), flush=True)
-
-    on_trial_error = on_trial_complete
+# The sweep's console: service.progress.SweepProgress. A sweep started before it pickled its progress callback
+# as service.runner.ProgressLine (tuner.pkl): --resume of such a sweep unpickles it through this name.
+ProgressLine = SweepProgress
 
 
 class StateBackup(Callback):
@@ -155,11 +139,28 @@ def repair_experiment_state(exp_path: str) -> list[str]:
     return repaired
 
 
-def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker, tracking, resume: bool):
-    """(Tuner, the tracker Tune will call). On resume, Tune restores the pickled tracker with its state. Every
-    trial is resolved through the tracker's :class:`~trainables.identity.SweepTrials` (the sweep's one)."""
+def quiet_tune_logs() -> None:
+    """Under the default console, the two log lines of Ray Tune (2.60) that its ``verbose=0`` leaves on:
+    TensorboardX's warning on a result value it cannot write, which prints the value (the routing heatmap's
+    group names), and the hint that experiment snapshots are frequent, printed every few seconds while short
+    trials end (its environment variable, if the user set none; Tune reads it when the sweep starts)."""
+    logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker, tracking, resume: bool,
+                verbose: bool = False):
+    """(Tuner, the tracker Tune will call). On resume, Tune restores the pickled tracker with its state, and
+    the sweep's console as it started (its RunConfig: ``verbose`` applies to a new sweep).
+
+    The console (service/progress.py): one live display on a terminal, one line per trial end elsewhere.
+    ``verbose``: Ray Tune's own trial tables and results too (with the plain lines, which suit them). Every
+    trial is resolved through the tracker's :class:`~trainables.identity.SweepTrials` (the sweep's one).
+    """
     from ray import tune
 
+    if not verbose:
+        quiet_tune_logs()
     exp_path = experiment_path(storage, name)
     trials = tracker.trials
     # on resume, the trials the record holds as FINISHED report their final metrics and end: Tune's saved
@@ -194,8 +195,10 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
             trial_name_creator=run_name, trial_dirname_creator=run_name,
             max_concurrent_trials=None if search_alg is not None else (sweep.max_concurrent_trials or None)),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, verbose=1,
-            callbacks=[tracker, ProgressLine(sweep.num_trials, sweep.metric, trials), StateBackup(exp_path)],
+            # Tune's tables print each trial's final result, lists and all (the routing heatmap): off unless asked
+            name=name, storage_path=storage, verbose=1 if verbose else 0,
+            callbacks=[tracker, SweepProgress(sweep.num_trials, sweep.metric, trials, live=False if verbose else None),
+                       StateBackup(exp_path)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
     )

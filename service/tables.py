@@ -121,15 +121,41 @@ def method_table(trials: list[Trial], scale: float = 100.0, reference: str | Non
     return "\n".join(lines)
 
 
-def progress_line(done: int, total: int, scores: dict[str, list[float]], digits: int = 3) -> str:
+def progress_line(done: int, total: int, scores: dict[str, list[float]], digits: int = 3, *,
+                  failed: int | None = None, running: int | None = None, elapsed: float | None = None,
+                  eta: float | None = None, device_hours: float | None = None) -> str:
     """The console line printed when a trial ends: trials done out of the sweep's, then per method (in the
     given order) the running mean of its reported values and how many trials it rests on (``-`` for none),
-    e.g. ``progress: 4/6 done | smear 0.547 (2) adapter 0.540 (1) tag - (0)``."""
+    e.g. ``progress: 4/6 done | smear 0.547 (2) adapter 0.540 (1) tag - (0)``. Given ``failed`` and ``running``
+    (trials), ``elapsed`` and ``eta`` (seconds; ``eta`` None: not known yet) and ``device_hours``, the line
+    carries them too (:mod:`service.progress` defines each), e.g. ``progress: 4/6 done (1 failed), 2 running |
+    smear 0.547 (2) ... | elapsed 1m05s, ETA 33s, device-hours 0.036``."""
     parts = []
     for m, vs in scores.items():
         ms = mean_std(vs)
         parts.append(f"{m} {'-' if ms is None else f'{ms[0]:.{digits}f}'} ({0 if ms is None else ms[2]})")
-    return f"progress: {done}/{total} done" + (" | " + " ".join(parts) if parts else "")
+    head = f"progress: {done}/{total} done"
+    if failed is not None:
+        head += f" ({failed} failed)"
+    if running is not None:
+        head += f", {running} running"
+    line = head + (" | " + " ".join(parts) if parts else "")
+    times = [f"elapsed {duration(elapsed)}", f"ETA {duration(eta)}"] if elapsed is not None else []
+    if device_hours is not None:
+        times.append(f"device-hours {device_hours:.3f}")
+    return line + (" | " + ", ".join(times) if times else "")
+
+
+def duration(seconds: float | None) -> str:
+    """``45s``, ``3m05s``, ``2h03m``; ``-`` for None (not known)."""
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def console_table(rows: list[dict], metric: str = "accuracy") -> str:

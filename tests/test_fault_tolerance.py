@@ -320,7 +320,8 @@ def test_mlflow_server_outage_of_a_minute_loses_nothing_and_blocks_no_trial(tmp_
         ends = [t["rows"][-1]["timestamp"] for t in _tune_trials(tmp_path).values()]
         assert any(down_at < end < down_at + 60 for end in ends), (down_at, ends)
         assert "unreachable" in out and "answers again after" in out, out[-4000:]
-        assert "Could not re-use actor" not in out and "ERROR" not in out.split("Trial status")[-1]
+        assert "Could not re-use actor" not in out
+        assert [x for x in out.splitlines() if x.startswith("progress: ")][-1].startswith("progress: 4/4 done (0 failed)")
         note = parent.data.tags.get("tracking_note", "")
         assert "1 tracking outage(s)" in note and "every queued call was written" in note, note
         assert note in out

@@ -58,6 +58,20 @@ def test_sweep_single_worker_trials(tmp_path, env_with_venv):
     assert [p.split(" done")[0] for p in progress] == ["progress: 1/3", "progress: 2/3", "progress: 3/3"], progress
     best = {r.data.tags["method"]: r.data.metrics["val/best_accuracy"] for r in children}
     assert all(f"{m} {v:.3f} (1)" in progress[-1] for m, v in best.items()), (progress[-1], best)
+    assert progress[-1].startswith("progress: 3/3 done (0 failed), 0 running | ") and "device-hours " in progress[-1]
+    # the quiet console (stdout is a pipe here: plain lines): none of Ray Tune's trial tables or result tables,
+    # so no routing heatmap (a nested list in each trial's final result) and no nested list at all
+    both = out + proc.stderr
+    assert "Trial status" not in both and "routing_heatmap" not in both and "[[" not in both, both[-3000:]
+
+
+def test_verbose_brings_back_tunes_tables(tmp_path, env_with_venv):
+    one = TINY.replace("[smear, tag, adapter]", "[smear]")
+    proc = run_launch(tmp_path, env_with_venv, one, "--verbose")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Trial status" in proc.stdout and "routing_heatmap" in proc.stdout
+    assert [line for line in proc.stdout.splitlines() if line.startswith("progress: ")][-1].startswith(
+        "progress: 1/1 done (0 failed), 0 running | smear ")
 
 
 def test_sweep_with_asha_early_stopping_closes_every_run(tmp_path, env_with_venv):

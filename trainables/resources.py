@@ -13,6 +13,13 @@ DRIVER_CPU = 0.01  # what a data-parallel trial itself holds while its Ray Train
 Bundle = tuple[float, float]  # (CPUs, GPUs) that land on one node
 
 
+def device_share(gpu: float, workers: int = 1) -> float:
+    """The device share of one trial: ``resources.gpu`` x its workers (0.25: four trials share a GPU), or 1
+    for a CPU-only trial (the "device" is then the trial's CPUs). The unit of every device-hour figure: the
+    bill (``service/estimate.py``) and the running sweep's progress display (``service/progress.py``)."""
+    return gpu * workers if gpu > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class TrialResources:
     """A trial's request: ``cpu`` / ``gpu`` per worker (the declaration's ``resources``, or the flags'), for
@@ -38,6 +45,10 @@ class TrialResources:
     @property
     def data_parallel(self) -> bool:
         return self.num_workers > 1
+
+    @property
+    def device_share(self) -> float:
+        return device_share(self.gpu, self.num_workers)
 
     @property
     def own(self) -> Bundle:

@@ -134,8 +134,16 @@ def prepare(src: str | Path, dst: str | Path, *, short_side: int = 256, quality:
     return len(pairs), resized
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m smear.data.prepare", description=__doc__.splitlines()[0])
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's own prints the usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None, *, usage: str | None = None, epilog: str | None = None) -> int:
+    """The command line (also ``smear-sweep data prepare``, whose --help passes its own ``usage`` and ``epilog``)."""
+    ap = _Parser(prog="python -m smear.data.prepare", description=__doc__.splitlines()[0], usage=usage,
+                 epilog=epilog or "example:\n  python -m smear.data.prepare /data/domainnet /data/domainnet-256\n",
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="a DomainNet root (official layout)")
     ap.add_argument("dst", help="the copy to write (a new or empty folder)")
     ap.add_argument("--short-side", type=int, default=256, help="short side of the written images (default 256)")
