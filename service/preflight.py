@@ -213,3 +213,20 @@ def check_weights_on_nodes(sweep, timeout: float = NODE_CHECK_TIMEOUT_S) -> None
             continue
         if message:
             raise ConfigError(f"on {where} of the cluster: {message}")
+
+
+def check_sweep_name(storage: str, name: str | None, *, resume: bool, extend: bool) -> None:
+    """``--resume`` needs the sweep ``name`` in ``storage``; a new sweep must not reuse the name of one there
+    (its experiment folder would mix two sweeps); ``--extend`` checks its own (service/extend.py)."""
+    from service.runner import can_resume
+
+    if name is None or extend:
+        return
+    exists = can_resume(storage, name)
+    if resume and not exists:
+        found = (sorted(p.name for p in Path(storage).glob("*") if (p / "tuner.pkl").exists())
+                 if "://" not in storage and Path(storage).is_dir() else [])
+        raise ConfigError(f"no sweep {name!r} to resume under {storage}; found: {', '.join(found) or 'none'}")
+    if not resume and exists:
+        raise ConfigError(f"--name={name!r}: a sweep of that name is already in {storage}; valid: a new --name, or "
+                          "--resume (an interrupted sweep) or --extend (more seeds) to continue it")

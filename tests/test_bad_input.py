@@ -283,7 +283,8 @@ def test_printed_continue_command_carries_the_flags_that_shape_the_trials(tmp_pa
     given: without them a resume would load other trials (the smoke budget, another sample count, data)."""
     import shlex
 
-    from service.launch import _same_trials, parse_args
+    from service.inputs import parse_args
+    from service.launch import _same_trials
 
     args = parse_args(["--smoke", "--num-samples", "3", "--data-root", str(tmp_path), "--name", "r"])
     again = parse_args(shlex.split(_same_trials(args)) + ["--name", "r", "--resume"])
