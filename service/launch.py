@@ -202,7 +202,7 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
     from service.report import write_report
     from service.tables import console_table
     from service.runner import build_tuner, can_resume, connect_ray
-    from service.provenance import provenance
+    from service.provenance import note, provenance
     from service.tracking import MLflowTracker, fail_fast_http
     from trainables.settings import get_setting
 
@@ -213,12 +213,14 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
         found = (sorted(p.name for p in Path(storage).glob("*") if (p / "tuner.pkl").exists())
                  if "://" not in storage and Path(storage).is_dir() else [])
         return _bad(f"no sweep {name!r} to resume under {storage}; found: {', '.join(found) or 'none'}")
-    code = provenance(REPO)  # git commit and dirty flag, also under `ray job submit` (service/provenance.py)
+    code = provenance(REPO)  # git commit, tree and dirty flag, also under `ray job submit` (service/provenance.py)
     try:
         parent = ParentRun.open(uri, sweep, name, resume=args.resume or ext is not None,
                                 tags={**code, "smoke": str(args.smoke)})
     except NoParentRun as e:
         return _bad(str(e))
+    if unknown := note(REPO, code):  # the sweep starts: say once that its commit is unknown (a plain `ray job submit`)
+        print(unknown, file=sys.stderr, flush=True)
     if ext is not None:
         ext.start(parent, sweep)
     tracker = MLflowTracker(uri, parent.experiment_id, parent.run_id, name,
