@@ -59,18 +59,20 @@ def run_sweep(inputs: Inputs) -> int:
     from service.tables import console_table
     from service.progress import close_displays
     from service.runner import build_tuner, connect_ray
-    from service.provenance import provenance
+    from service.provenance import note, provenance
     from service.tracking import MLflowTracker, fail_fast_http
     from trainables.settings import get_setting
 
     args, sweep, ext, uri, storage = inputs.args, inputs.sweep, inputs.extension, inputs.tracking_uri, inputs.storage
     name = args.name or f"{sweep.name}{'-smoke' if args.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
-    code = provenance(REPO)  # git commit and dirty flag, also under `ray job submit` (service/provenance.py)
+    code = provenance(REPO)  # git commit, tree and dirty flag, also under `ray job submit` (service/provenance.py)
     try:
         parent = ParentRun.open(uri, sweep, name, resume=args.resume or ext is not None,
                                 tags={**code, "smoke": str(args.smoke)})
     except NoParentRun as e:
         return refuse(str(e))
+    if unknown := note(REPO, code):  # the sweep starts: say once that its commit is unknown (a plain `ray job submit`)
+        print(unknown, file=sys.stderr, flush=True)
     if ext is not None:
         ext.start(parent, sweep)
     tracker = MLflowTracker(uri, parent.experiment_id, parent.run_id, name,

@@ -6,11 +6,14 @@ docker/mlflow-server.sh on loopback (basic auth when mlflow[auth] is installed),
 nodes' environment only (as the YAML's start commands do), then `ray job submit -- python service/launch.py`
 from a client that holds the Ray token but no MLflow password.
 
-Trials on more than one node: each node has 1 CPU and each trial needs 1 CPU, so two concurrent trials
-cannot share a node; the test checks it after the fact rather than trusting it. On one machine every node
-has the same IP (Tune's result "node_ip" cannot tell them apart), so each trial's actor is found by the
-"pid" of its result.json in Ray's state API, which gives the actor's node_id; the worker node is the one
-with the custom resource `second_node`.
+The driver on one node, every trial on the other, by construction: as ray_cluster.yaml's head, the head
+node has no CPU for a trial (`--num-cpus=0`), so Ray can place each trial (1 CPU) only on the worker node
+(2 CPUs), and `ray job submit` runs the driver on the head. (Which nodes trials land on when both have CPUs
+is timing: Tune reuses a finished trial's process for the next one, so "trials on both nodes" failed once in
+745 runs on a busy machine.) Each trial logs to the MLflow server from the worker node, the driver from the
+head. On one machine every node has the same IP (Tune's result "node_ip" cannot tell them apart), so each
+trial's actor is found by the "pid" of its result.json in Ray's state API, which gives the actor's node_id;
+the worker node is the one with the custom resource `second_node`.
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,32 +31,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, VENV_BIN
+from tests.helpers import REPO, VENV_BIN, free_ports, ray_node_ports
 
 pytestmark = pytest.mark.slow
-# Trials long enough (tens of seconds on a loaded 2-core machine) to overlap: with tiny ones, the first trial
-# could finish before the second node's trial process had started, and Tune rightly reused the finished
-# trial's process on the first node for every other trial (reuse_actors), so "ran on both nodes" was luck.
 
 SWEEP = """\
-description: cluster rehearsal, 4 small trials over 2 nodes
-base: {steps: 60, eval_every: 30, batch_size: 16, torch_threads: 1, data.resolution: 16, data.augment: none,
+description: cluster rehearsal, 4 small trials on the worker node, the driver on the head
+base: {steps: 20, eval_every: 10, batch_size: 16, torch_threads: 1, data.resolution: 16, data.augment: none,
        data.domains: [real, sketch]}
 grid: {routing.method: [smear, tag], seed: [0, 1]}
 resources: {cpu: 1}
 max_concurrent_trials: 2
 """
 BASIC_AUTH = importlib.util.find_spec("flask_wtf") is not None  # mlflow[auth]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -93,7 +82,7 @@ def _env_file(path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def cluster(env_with_venv, tmp_path):
-    gcs, dash, client, mlflow_port, *node_ports = _free_ports(14)
+    gcs, dash, client, mlflow_port, *node_ports = free_ports(14)
     secrets = tmp_path / "secrets"
     made = subprocess.run(["bash", str(REPO / "docker" / "make-secrets.sh"), str(secrets)],
                           env=env_with_venv, capture_output=True, text=True, timeout=60)
@@ -117,14 +106,14 @@ def cluster(env_with_venv, tmp_path):
         node_env = dict(env_with_venv, **token, **_env_file(secrets / "mlflow.env"), MLFLOW_TRACKING_URI=uri)
         head_log, worker_log = tmp_path / "ray-head.log", tmp_path / "ray-worker.log"
         ray = str(VENV_BIN / "ray")
-        head = _start([ray, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=1", f"--temp-dir={temp_dirs[0]}",
+        head = _start([ray, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=0", f"--temp-dir={temp_dirs[0]}",
                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-                       *_node_ports(node_ports[:5]), "--disable-usage-stats"], node_env, head_log)
+                       *ray_node_ports(node_ports[:5]), "--disable-usage-stats"], node_env, head_log)
         procs.append(head)
         dashboard = f"http://127.0.0.1:{dash}"
         _wait("ray head", lambda: _answers(f"{dashboard}/api/version"), head, head_log)
-        worker = _start([ray, "start", f"--address=127.0.0.1:{gcs}", "--block", "--num-cpus=1", f"--temp-dir={temp_dirs[1]}",
-                         '--resources={"second_node": 1}', *_node_ports(node_ports[5:]), "--disable-usage-stats"],
+        worker = _start([ray, "start", f"--address=127.0.0.1:{gcs}", "--block", "--num-cpus=2", f"--temp-dir={temp_dirs[1]}",
+                         '--resources={"second_node": 1}', *ray_node_ports(node_ports[5:]), "--disable-usage-stats"],
                         node_env, worker_log)
         procs.insert(0, worker)
         client_env = dict(env_with_venv, **token)  # the Ray token, no MLflow password
@@ -137,11 +126,6 @@ def cluster(env_with_venv, tmp_path):
             _stop(p)
         for d in temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _node_ports(p: list[int]) -> list[str]:
-    return [f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}", f"--dashboard-agent-listen-port={p[2]}",
-            f"--dashboard-agent-grpc-port={p[3]}", f"--runtime-env-agent-port={p[4]}"]
 
 
 def _answers(url: str) -> bool:
@@ -194,8 +178,8 @@ def test_sweep_job_on_two_node_cluster_logs_every_trial_to_mlflow_server(cluster
     # every trial is in the MLflow server, read back with the job account's credentials
     from mlflow.tracking import MlflowClient
 
-    if BASIC_AUTH:  # nothing on the cluster was refused: the driver and the trials (system metrics, on both
-        # nodes) authenticated with the account in their node's environment
+    if BASIC_AUTH:  # nothing on the cluster was refused: the driver (head) and the trials (worker node, with
+        # their system metrics) authenticated with the account in their node's environment
         access = cluster["logs"][0].read_text().splitlines()
         assert not [ln for ln in access if '" 401' in ln or '" 403' in ln]
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -214,10 +198,11 @@ def test_sweep_job_on_two_node_cluster_logs_every_trial_to_mlflow_server(cluster
     for r in children:
         assert r.info.status == "FINISHED", r.info
         assert {"train/loss", "val/accuracy", "test/accuracy"} <= set(r.data.metrics), sorted(r.data.metrics)
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "val/accuracy")] == [30, 60]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val/accuracy")] == [10, 20]
     assert "summary.md" in [a.path for a in client.list_artifacts(parent.info.run_id)]  # proxied artifacts
 
-    # trials ran on both nodes: trial pid (result.json) -> actor (state API) -> node
+    # every trial ran on the worker node, the driver on the head: trial pid (result.json) -> actor (state API)
+    # -> node; the job's driver node from the state API
     pids = {}
     for result in (storage / "rehearsal").glob("*/result.json"):
         last = json.loads(result.read_text().splitlines()[-1])
@@ -225,9 +210,11 @@ def test_sweep_job_on_two_node_cluster_logs_every_trial_to_mlflow_server(cluster
     assert len(pids) == 4, sorted(p.name for p in (storage / "rehearsal").iterdir())
     env, dashboard = cluster["client_env"], cluster["dashboard"]
     node_of_pid = {a["pid"]: a["node_id"] for a in _state(env, dashboard, "actors") if a.get("pid")}
-    second = {n["node_id"] for n in _state(env, dashboard, "nodes") if "second_node" in n["resources_total"]}
+    nodes = _state(env, dashboard, "nodes")
+    (second,) = [n["node_id"] for n in nodes if "second_node" in n["resources_total"]]
+    (head,) = [n["node_id"] for n in nodes if n["node_id"] != second]
     trial_nodes = {tid: node_of_pid[pid] for tid, pid in pids.items()}
-    assert len(set(trial_nodes.values())) == 2, trial_nodes
-    assert second & set(trial_nodes.values()), (trial_nodes, second)
-    print(f"\nrehearsal: job {time.time() - t0:.0f} s; trials per node: "
-          f"{ {n[:8]: list(trial_nodes.values()).count(n) for n in set(trial_nodes.values())} }")
+    assert set(trial_nodes.values()) == {second}, (trial_nodes, second)
+    drivers = {j.get("driver_node_id") for j in _state(env, dashboard, "jobs")}
+    assert drivers == {head}, (drivers, head)
+    print(f"\nrehearsal: job {time.time() - t0:.0f} s; driver on the head, {len(trial_nodes)} trials on the worker node")

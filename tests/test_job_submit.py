@@ -13,11 +13,10 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import REPO, VENV_BIN
+from tests.helpers import REPO, VENV_BIN, free_ports, ray_node_ports
 from tests.helpers import child_runs
 
 pytestmark = pytest.mark.slow
-DASHBOARD = "http://127.0.0.1:8265"
 
 
 @pytest.fixture
@@ -29,22 +28,26 @@ def ray_head(env_with_venv, tmp_path):
     env = dict(env_with_venv, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_JOB_STOP_WAIT_TIME_S="60")
     # --block keeps `ray start` in the foreground: terminating it stops this cluster only (never `ray stop`,
     # which would stop every Ray on the machine)
-    head = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--head", "--block", "--port=6390", "--num-cpus=2",
-                             "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--disable-usage-stats"],
+    # ports of its own: another Ray on this machine (another engineer's run of this test) is never reached
+    gcs, dash, client, *node = free_ports(8)
+    dashboard = f"http://127.0.0.1:{dash}"
+    head = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+                             *ray_node_ports(node), "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 90
         while True:  # the job server answers once the dashboard is up (401 without a token still means up)
             assert head.poll() is None, "ray start --head exited"
             try:
-                urllib.request.urlopen(f"{DASHBOARD}/api/version", timeout=2)
+                urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
                 break
             except urllib.error.HTTPError:
                 break
             except Exception:
                 assert time.time() < deadline, "dashboard did not come up"
                 time.sleep(1)
-        yield env
+        yield env, dashboard, f"127.0.0.1:{gcs}"
     finally:
         head.terminate()
         try:
@@ -54,13 +57,13 @@ def ray_head(env_with_venv, tmp_path):
 
 
 def test_ray_job_submit_smoke_sweep(ray_head, tmp_path):
-    env = ray_head
+    env, dashboard, gcs = ray_head
     no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_TOKEN")}
-    refused = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", DASHBOARD],
+    refused = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", dashboard],
                              env=dict(no_token, HOME=str(tmp_path)), capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
     db = tmp_path / "mlflow.db"
-    submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", DASHBOARD, "--working-dir", "."]
+    submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", "."]
     launch = ["python", "service/launch.py", "--smoke", "--tracking-uri", f"sqlite:///{db}",
               "--storage", str(tmp_path / "results"), "--name", "job"]
     # issue 12: a trial no node of this cluster (2 CPUs, no GPU, no autoscaler) can hold is refused before
@@ -77,6 +80,7 @@ def test_ray_job_submit_smoke_sweep(ray_head, tmp_path):
     assert "live nodes: 1x cpu=2 gpu=0" in line and "valid:" in line
     assert "Traceback" not in out and not db.exists() and not (tmp_path / "results").exists()
     assert "Connecting to existing Ray cluster" not in out        # the driver's output is the one line
+    assert "provenance:" not in out                               # refused input: no word on the commit either
     # ImageNet weights the cluster's node has not cached and cannot download (the job's env: no network, an
     # empty torch hub): refused by a check on that node, before anything starts
     decl = tmp_path / "imagenet.yaml"
@@ -95,7 +99,7 @@ def test_ray_job_submit_smoke_sweep(ray_head, tmp_path):
     # the shapes read from this live cluster and an autoscaler config (the shipped one, as on a `ray up` head)
     read = subprocess.run([sys.executable, "-c", "from service.cluster_shapes import cluster_shapes; "
                            "print(cluster_shapes().describe())"], cwd=REPO, capture_output=True, text=True,
-                          env=dict(env, RAY_ADDRESS="127.0.0.1:6390", PYTHONPATH=str(REPO),
+                          env=dict(env, RAY_ADDRESS=gcs, PYTHONPATH=str(REPO),
                                    SMEAR_AUTOSCALING_CONFIG=str(REPO / "ray_cluster.yaml")), timeout=120)
     assert read.returncode == 0, read.stderr[-3000:]
     assert read.stdout.strip().splitlines()[-1] == (
@@ -114,13 +118,13 @@ def test_ray_job_submit_smoke_sweep(ray_head, tmp_path):
     job = re.search(r"raysubmit_[A-Za-z0-9]+", proc.stdout + proc.stderr)
     assert proc.returncode == 0 and job, proc.stdout[-3000:] + proc.stderr[-3000:]
     deadline = time.time() + 300
-    while len(list((tmp_path / "results" / "stop").glob("*/checkpoint_*"))) < 2:   # both trials training
+    while len({p.parent for p in (tmp_path / "results" / "stop").glob("*/checkpoint_*")}) < 2:  # both training
         assert time.time() < deadline, "no checkpoints"
         time.sleep(1)
     jobs = [str(VENV_BIN / "ray"), "job"]
-    subprocess.run([*jobs, "stop", "--address", DASHBOARD, job.group(0)], env=env, check=True, capture_output=True,
+    subprocess.run([*jobs, "stop", "--address", dashboard, job.group(0)], env=env, check=True, capture_output=True,
                    timeout=180)
-    logs = subprocess.run([*jobs, "logs", "--address", DASHBOARD, job.group(0)], env=env, capture_output=True,
+    logs = subprocess.run([*jobs, "logs", "--address", dashboard, job.group(0)], env=env, capture_output=True,
                           text=True, timeout=60).stdout
     assert "launch.py: interrupted (SIGTERM): the sweep's MLflow runs are KILLED" in logs, logs[-3000:]
     parent, children = child_runs(str(stop_db), experiment="smear-sweep/long")
@@ -138,3 +142,34 @@ def test_ray_job_submit_smoke_sweep(ray_head, tmp_path):
     assert {r.data.tags["git_dirty"] for r in [parent, *children]} <= {"true", "false"}
     assert len(children) == 15 and all(r.info.status == "FINISHED" for r in children)
     assert all("test/accuracy" in r.data.metrics and "val/accuracy" in r.data.metrics for r in children)
+    # issue 20: a plain `ray job submit` (no provenance step) records the tree the upload came from, git's own
+    # HEAD^{tree}, and says once that the commit is unknown. The working dir is an export of this checkout's
+    # tracked files as they are now (`git stash create`: a commit of them, HEAD itself when clean), so the tree
+    # is well defined whatever the developer's working tree holds, and the job runs the code under test.
+    snapshot = subprocess.run(["git", "stash", "create"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip() or "HEAD"
+    tree = subprocess.run(["git", "rev-parse", f"{snapshot}^{{tree}}"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    export = tmp_path / "export"
+    export.mkdir()
+    archive = subprocess.run(["git", "archive", snapshot], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(export)], input=archive, check=True)
+    assert not (export / ".git").exists() and not (export / ".smear-provenance.json").exists()
+    plain_db = tmp_path / "plain.db"
+    one = tmp_path / "one.yaml"
+    one.write_text("description: x\nbase: {steps: 2, eval_every: 1, batch_size: 8, torch_threads: 1, "
+                   "data.resolution: 16, data.augment: none, data.domains: [real, sketch]}\n"
+                   "grid: {routing.method: [smear], seed: [0]}\nresources: {cpu: 1}\n")
+    proc = subprocess.run([*submit[:-1], str(export), "--", "python", "service/launch.py", "--sweep", str(one),
+                           "--tracking-uri", f"sqlite:///{plain_db}", "--storage", str(tmp_path / "results"),
+                           "--name", "plain", "--no-system-metrics"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in proc.stdout, out[-4000:]
+    parent, children = child_runs(str(plain_db), experiment="smear-sweep/one")
+    assert len(children) == 1 and parent.info.status == "FINISHED"
+    assert {r.data.tags["git_tree"] for r in [parent, *children]} == {tree}          # the checkout's tree
+    assert {r.data.tags["git_commit"] for r in [parent, *children]} == {"unknown"}
+    said = {line for line in out.splitlines() if line.startswith("provenance: ")}    # streamed, once
+    assert len(said) == 1 and f"git_tree={tree}" in said.pop(), out[-4000:]
+    assert out.count("python -m service.provenance") == 1, out[-4000:]

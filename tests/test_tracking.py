@@ -94,17 +94,18 @@ def test_provenance_from_git_then_the_recorded_file_then_the_environment(tmp_pat
     copy = tmp_path / "upload"                                   # what `ray job submit` runs: no .git
     copy.mkdir()
     monkeypatch.delenv("SMEAR_GIT_COMMIT", raising=False)
-    assert provenance(copy) == {"git_commit": "unknown", "git_dirty": "unknown"}
+    empty = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"          # no files: git's empty tree
+    assert provenance(copy) == {"git_commit": "unknown", "git_tree": empty, "git_dirty": "unknown"}
     monkeypatch.setenv("SMEAR_GIT_COMMIT", "abc123")
     assert provenance(copy)["git_commit"] == "abc123"
     (copy / FILE).write_text(json.dumps({"git_commit": head, "git_dirty": "false"}))
-    assert provenance(copy) == {"git_commit": head, "git_dirty": "false"}    # the recorded file wins over env
+    assert provenance(copy) == {"git_commit": head, "git_tree": empty, "git_dirty": "false"}  # the file wins over env
     repo = tmp_path / "repo"                                     # record() writes the file and git-excludes it
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     subprocess.run(["git", "-C", str(repo), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
                     "--allow-empty", "-m", "x"], check=True)
     path = record(repo)
-    assert json.loads(path.read_text())["git_dirty"] == "false"
+    assert json.loads(path.read_text())["git_dirty"] == "false" and len(json.loads(path.read_text())["git_tree"]) == 40
     assert FILE in (repo / ".git" / "info" / "exclude").read_text()
     status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True).stdout
     assert status == ""                                          # the record does not dirty the tree

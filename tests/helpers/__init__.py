@@ -67,6 +67,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all held open while they are chosen)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def ray_node_ports(p: list[int]) -> list[str]:
+    """`ray start` flags giving a node's own ports (5 of ``p``): two Rays on one machine (another engineer's test,
+    a second node) never meet on a default one."""
+    return [f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}", f"--dashboard-agent-listen-port={p[2]}",
+            f"--dashboard-agent-grpc-port={p[3]}", f"--runtime-env-agent-port={p[4]}"]
+
+
 class MlflowServer:
     """A real ``mlflow server`` on a sqlite store, as a process group that can be killed and started again on
     the same port and store (a tracking outage)."""
