@@ -11,6 +11,7 @@ built and validated (its setting's TrainConfig) on load: a bad key or value is a
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -93,12 +94,15 @@ def available_sweeps() -> list[str]:
 
 
 def find_declaration(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        return p.resolve()
-    cand = SPACES_DIR / f"{name_or_path}.yaml"
-    if cand.is_file():
-        return cand
+    """A shipped declaration by name, or a .yaml file by path; anything else (a path the file system cannot
+    even look up: too long, a NUL) is an unknown sweep."""
+    with contextlib.suppress(OSError, ValueError):
+        p = Path(name_or_path)
+        if p.suffix in (".yaml", ".yml") and p.is_file():
+            return p.resolve()
+        cand = SPACES_DIR / f"{name_or_path}.yaml"
+        if cand.is_file():
+            return cand
     raise ConfigError(f"unknown sweep {name_or_path!r}; valid: {', '.join(available_sweeps())} (or a path to a .yaml file)")
 
 
@@ -111,6 +115,8 @@ def _setting_of(flat: dict[str, Any]) -> str:
 
 
 MAX_YAML_NODES = 100_000  # a declaration is small: more nodes means an alias bomb, not a sweep
+MAX_YAML_DEPTH = 32       # mappings and lists nested deeper than this are not a declaration
+MAX_DECLARATION_BYTES = 1 << 20
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -121,6 +127,9 @@ class _StrictLoader(yaml.SafeLoader):
         seen: dict = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                raise ConfigError(f"key {key!r} (line {key_node.start_mark.line + 1}) is a {type(key).__name__}; "
+                                  "valid: keys written as text (names, dotted names)")
             if key in seen:
                 raise ConfigError(f"key {key!r} is written twice (lines {seen[key] + 1} and "
                                   f"{key_node.start_mark.line + 1}); valid: each key once")
@@ -128,28 +137,68 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _count_nodes(node, budget: list[int]) -> None:
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise ConfigError(f"the declaration expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases of "
-                          "aliases?); valid: a declaration without alias expansion")
-    children = node.value if isinstance(node.value, list) else []
-    for child in children:
-        for n in (child if isinstance(child, tuple) else (child,)):
-            _count_nodes(n, budget)
+def _count_nodes(root) -> None:
+    """Refuse a document that expands past MAX_YAML_NODES nodes (each alias expansion counted, as a consumer
+    would walk it) or nests deeper than MAX_YAML_DEPTH (iterative: any depth is measured, none overflows)."""
+    budget, todo = MAX_YAML_NODES, [(root, 1)]
+    while todo:
+        node, depth = todo.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(f"the declaration expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases of "
+                              "aliases?); valid: a declaration without alias expansion")
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"the declaration nests deeper than {MAX_YAML_DEPTH} levels (line "
+                              f"{node.start_mark.line + 1}); valid: at most {MAX_YAML_DEPTH}")
+        for child in node.value if isinstance(node.value, list) else []:
+            todo += [(n, depth + 1) for n in (child if isinstance(child, tuple) else (child,))]
 
 
 def load_yaml(text: str):
-    """Parse a declaration strictly (see :class:`_StrictLoader`); {} for an empty document."""
+    """Parse a declaration strictly (see :class:`_StrictLoader`); {} for an empty document. A syntax error is a
+    ConfigError naming its line and column."""
+    try:
+        return _load(text)
+    except RecursionError:  # the composer recurses per level: nesting past Python's stack
+        raise ConfigError(f"the declaration nests deeper than {MAX_YAML_DEPTH} levels; valid: at most "
+                          f"{MAX_YAML_DEPTH}") from None
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(f"not valid YAML at {_where(e)}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:  # the reader's (a character YAML does not allow) and any other
+        raise ConfigError(f"not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def _load(text: str):
     loader = _StrictLoader(text)
     try:
         root = loader.get_single_node()
         if root is None:
             return {}
-        _count_nodes(root, [MAX_YAML_NODES])  # counts each alias expansion, as a consumer would walk it
+        _count_nodes(root)
         return loader.construct_document(root)
     finally:
         loader.dispose()
+
+
+def _where(e: yaml.MarkedYAMLError) -> str:
+    mark = e.problem_mark or e.context_mark
+    return "an unknown position" if mark is None else f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def read_declaration(path: Path) -> str:
+    """The declaration file's text: UTF-8 (a BOM allowed), at most MAX_DECLARATION_BYTES, else one line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read ({e.strerror}); valid: a readable declaration file") from None
+    if len(data) > MAX_DECLARATION_BYTES:
+        raise ConfigError(f"{path.name} is {len(data):,} bytes; valid: a declaration of at most "
+                          f"{MAX_DECLARATION_BYTES:,} bytes")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path.name} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); valid: a "
+                          "YAML file in UTF-8") from None
 
 
 def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | None = None,
@@ -158,12 +207,9 @@ def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | Non
 
     ``seeds`` replaces the grid's seeds (``launch.py --extend``: the same grid at new seeds)."""
     path = find_declaration(name_or_path)
-    text = path.read_text()
+    text = read_declaration(path)
     try:
-        try:
-            raw = load_yaml(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"not valid YAML ({str(e).splitlines()[0]})") from None
+        raw = load_yaml(text)
         if not raw:
             raise ConfigError("the declaration is empty; valid: at least a description and a base or grid "
                               "(an empty one would run the paper's full defaults)")
