@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass, field as dc_field
 from typing import Any
 
-from smear.configs import ConfigError, build, field
+from smear.configs import ConfigError, build, field, leaves
 
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
@@ -150,6 +150,9 @@ class Declaration:
             raise ConfigError(f"search: {self.search} needs a 'space' of distributions")
         for k, spec in self.space.items():
             Distribution.parse(k, spec)
+        if self.search == "optuna" and "seed" in self.space:  # Optuna would tune the seed as a hyper-parameter
+            raise ConfigError("space.seed: an Optuna search would tune the seed like a hyper-parameter; valid: "
+                              "grid.seed (every Optuna point runs once per seed)")
         if self.search == "optuna" and self.grid:
             extra = [k for k in self.grid if k != "seed"]
             if extra:
@@ -159,7 +162,7 @@ class Declaration:
                 raise ConfigError("seed is in both grid and space; keep grid.seed (every Optuna point runs once per seed)")
             if self.scheduler == "asha":
                 raise ConfigError("scheduler: asha with grid.seed would stop some seeds of an Optuna point early "
-                                  "and average what they reached; valid: scheduler: fifo with grid.seed, or seed in space")
+                                  "and average what they reached; valid: scheduler: fifo with grid.seed")
 
     def distributions(self) -> dict[str, Distribution]:
         return {k: Distribution.parse(k, v) for k, v in self.space.items()}
@@ -180,8 +183,8 @@ def _resources(values: dict, prefix: str) -> Resources:
     if bad:
         raise ConfigError(f"unknown resource {bad[0]!r}; valid: cpu, gpu")
     for k, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ConfigError(f"{prefix}{k}={v!r} must be a number >= 0")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{prefix}{k}={v!r} must be a finite number >= 0")
     return build(Resources, {k: float(v) for k, v in values.items()}, prefix=prefix)
 
 
@@ -193,6 +196,9 @@ def parse_declaration(decl: Any) -> Declaration:
         if decl.get(key) is not None and not isinstance(decl[key], dict):
             raise ConfigError(f"{key!r} must be a mapping of dotted config keys, got {decl[key]!r}")
     values = {k: v for k, v in decl.items() if v is not None}
+    for key in ("base", "smoke"):  # one spelling, dotted: a key given both dotted and nested is refused here
+        if key in values:
+            values[key] = _dotted(values[key], key)
     if "asha" in values:
         bad = sorted(set(values["asha"]) - set(Asha.__dataclass_fields__))
         if bad:
@@ -203,6 +209,23 @@ def parse_declaration(decl: Any) -> Declaration:
             hint = "; leave it out for as many as the cluster fits" if key == "max_concurrent_trials" else ""
             raise ConfigError(f"{key}={v!r} must be an integer >= {low:g}{hint}")
     return build(Declaration, values)
+
+
+def _dotted(mapping: dict, where: str) -> dict:
+    """``mapping`` with nested config sections written as dotted keys (``data: {resolution: 16}`` ->
+    ``data.resolution: 16``); a key given twice in two spellings is a one-line ConfigError."""
+    out: dict = {}
+    spelled: dict[str, str] = {}  # dotted key -> how the declaration wrote it
+    for top, section in mapping.items():
+        for path, value in leaves(tuple(top.split(".")), section):
+            key = ".".join(path)
+            how = top if key == top else f"{top}: {{...}}"
+            clash = next((k for k in out if k == key or k.startswith(f"{key}.") or key.startswith(f"{k}.")), None)
+            if clash is not None:
+                raise ConfigError(f"{where}.{key} is given twice (as {spelled[clash]!r} and as {how!r}); valid: each "
+                                  "key once, dotted or nested")
+            out[key], spelled[key] = value, how
+    return out
 
 
 MAX_TRIALS = 10_000  # more is a typo (a list pasted twice, a stray range), not a sweep anyone meant to run

@@ -23,19 +23,28 @@ from smear.hub import PROBE_TIMEOUT_S
 
 def check_environment(sweep, *, storage: str, tracking_uri: str) -> None:
     """Every check of this module, cheapest first (the server probe, up to a few seconds, last)."""
+    from service.probes import probe_ray_address, probe_storage, probe_tracking
+
     check_folder("--storage", storage)
     check_tracking_store(tracking_uri)
     if not os.environ.get("RAY_ADDRESS"):
         check_local_resources(sweep)
         check_weights(sweep)
     probe_tracking_server(tracking_uri)
+    probe_tracking(tracking_uri)  # opened as the sweep will open it (service/probes.py)
+    probe_storage(storage)
     if os.environ.get("RAY_ADDRESS"):  # connects to the cluster (nothing is created there or here)
+        probe_ray_address(os.environ["RAY_ADDRESS"])
         import logging
 
         from service.cluster_shapes import cluster_shapes
         from service.runner import connect_ray
 
-        connect_ray(logging_level=logging.WARNING)  # quietly: a refusal is one line, not Ray's INFO lines first
+        try:  # quietly: a refusal is one line, not Ray's INFO lines first
+            connect_ray(logging_level=logging.WARNING)
+        except ConnectionError as e:  # answered the probe, then refused the connection (auth, version)
+            raise ConfigError(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']!r}: Ray refused the connection "
+                              f"({str(e).splitlines()[0][:200]}); valid: a cluster this driver can join") from None
         check_cluster_resources(sweep, cluster_shapes())
         check_weights_on_nodes(sweep)
         logging.getLogger("ray").setLevel(logging.INFO)  # Ray's default for the sweep itself

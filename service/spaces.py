@@ -276,6 +276,7 @@ def _resolve(path: Path, text: str, decl: Declaration, *, smoke: bool, num_sampl
                   asha={k: v for k, v in dataclasses.asdict(decl.asha).items() if v}, base_config=_build(fixed({})),
                   text=text, seeds=seeds)
     if decl.scheduler == "asha":
+        _check_asha(sweep.asha_params())
         a = sweep.asha_params()
         if a["grace_period"] > a["max_t"]:
             if not smoke:
@@ -283,6 +284,17 @@ def _resolve(path: Path, text: str, decl: Declaration, *, smoke: bool, num_sampl
                                   f"evaluations; valid: 1 to {a['max_t']}")
             sweep.asha["grace_period"] = a["max_t"]  # --smoke shrinks the budget: ASHA's first rung shrinks too
     return sweep
+
+
+def _check_asha(params: dict[str, int]) -> None:
+    """ASHA's settings by Ray Tune's own rules: the scheduler is built here, before anything starts."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    try:
+        ASHAScheduler(time_attr="training_iteration", metric="m", mode="max", **params)
+    except (AssertionError, ValueError, TypeError) as e:
+        raise ConfigError(f"asha {params} is refused by Ray Tune ({str(e) or type(e).__name__}); valid: "
+                          "grace_period >= 1, reduction_factor >= 2, max_t >= grace_period") from None
 
 
 def _refuse_identical(trials: list[Trial]) -> None:

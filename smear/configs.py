@@ -134,14 +134,29 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def unflatten(d: dict[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1} -> {"a": {"b": 1}}``: dotted keys of a search space into nested config dicts."""
+    """``{"a.b": 1} -> {"a": {"b": 1}}``: dotted keys of a search space into nested config dicts. A key may be
+    written dotted or nested (``data.resolution: 16`` or ``data: {resolution: 16}``), and spellings merge; a
+    value given twice, in two spellings, is refused (one line naming both)."""
     out: dict[str, Any] = {}
+    written: dict[tuple[str, ...], str] = {}  # each leaf's path -> the key that wrote it
     for k, v in d.items():
-        cur = out
-        *heads, last = k.split(".")
-        for h in heads:
-            cur = cur.setdefault(h, {})
-            if not isinstance(cur, dict):
-                raise ConfigError(f"key {k!r} conflicts with a non-mapping value at {h!r}")
-        cur[last] = v
+        for path, leaf in leaves(tuple(k.split(".")), v):
+            clash = next((p for p in written if p[:len(path)] == path or path[:len(p)] == p), None)
+            if clash is not None:
+                raise ConfigError(f"key {'.'.join(path)!r} is given twice (as {written[clash]!r} and {k!r}); "
+                                  "valid: each key once, dotted or nested")
+            written[path] = k
+            cur = out
+            for h in path[:-1]:
+                cur = cur.setdefault(h, {})
+            cur[path[-1]] = leaf
     return out
+
+
+def leaves(path: tuple[str, ...], value: Any):
+    """(path, value) of each leaf under ``path``: a non-empty mapping is its keys' leaves (dotted keys split)."""
+    if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+        for k, v in value.items():
+            yield from leaves((*path, *k.split(".")), v)
+    else:
+        yield path, value

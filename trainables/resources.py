@@ -3,6 +3,7 @@ request (its placement group), its Ray Train workers' bundles and scaling config
 launcher checks against this machine or the cluster."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from smear.configs import ConfigError
@@ -37,6 +38,11 @@ class TrialResources:
         """The request of the trial ``cfg`` with ``per_worker`` = {cpu, gpu}; a fractional GPU with several
         workers is a one-line ConfigError."""
         cpu, gpu = float(per_worker.get("cpu", 1.0)), float(per_worker.get("gpu", 0.0))
+        if not (math.isfinite(cpu) and math.isfinite(gpu) and cpu >= 0 and gpu >= 0):
+            raise ConfigError(f"resources cpu={cpu:g}, gpu={gpu:g}; valid: finite numbers >= 0")
+        if cpu == 0 and gpu == 0:  # Ray refuses a request for nothing
+            raise ConfigError("resources cpu=0 with gpu=0 (resources / --cpus-per-trial / --gpus-per-trial): a "
+                              "trial must hold something; valid: cpu > 0 or gpu > 0")
         if cfg.num_workers > 1 and 0 < gpu < 1:
             raise ConfigError(f"resources.gpu={gpu:g} is fractional with num_workers={cfg.num_workers}; "
                               "multi-worker trials need whole GPUs")
