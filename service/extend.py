@@ -95,7 +95,7 @@ def plan(uri: str, storage: str, name: str, sweep: Sweep, smoke: bool, seeds: li
     from service.record import experiment_name
     from service.report import open_store
     from service.runner import can_resume
-    from service.trials import ReportError, find_sweep
+    from service.report.trials import ReportError, find_sweep
 
     try:
         client = open_store(uri)

@@ -220,7 +220,7 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
     ``ext`` (--extend): the sweep's new seeds as their own Tune experiment under its parent run."""
     from service.record import NoParentRun, ParentRun, experiment_name
     from service.report import write_report
-    from service.tables import console_table
+    from service.report.tables import console_table
     from service.progress import close_displays
     from service.runner import build_tuner, can_resume, connect_ray
     from service.provenance import provenance
@@ -307,7 +307,7 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
         print(f"\nReport: {write_report(uri, name, storage, experiment=experiment_name(sweep))}")
     except Exception as e:  # a report failure never fails the sweep
         print(f"\nReport not written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-              f"retry with: python service/report.py {name} --tracking-uri {uri} --storage {storage}")
+              f"retry with: python -m service.report {name} --tracking-uri {uri} --storage {storage}")
     print(f"\nMLflow: experiment {experiment_name(sweep)!r}, parent run '{name}' in {uri}")
     print(f"Browse: {ui_command(uri)}")
     return code

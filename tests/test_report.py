@@ -1,4 +1,4 @@
-"""service/report.py: the sweep report (table, plots) read back from MLflow, on hand-made and real records."""
+"""service/report/: the sweep report (table, plots) read back from MLflow, on hand-made and real records."""
 from __future__ import annotations
 
 import subprocess
@@ -9,11 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from service.report import write_report
-from service.tables import mean_std, method_table
-from service.trials import Trial, trial_from_run
+from service.report.tables import mean_std, method_table
+from service.report.trials import Trial, trial_from_run
 from tests.helpers import REPO
 
-REPORT = REPO / "service" / "report.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("scores.png", "score_vs_cost.png", "heatmaps_best_smear.png")
 
@@ -25,8 +24,9 @@ def assert_png(path: Path, min_bytes: int = 5000) -> None:
 
 
 def run_report(*args: str, env=None, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPORT), *args], capture_output=True, text=True, timeout=120,
-                          env=env, cwd=cwd)
+    """``python -m service.report ARGS`` as a process (``cwd`` None: the repository root)."""
+    return subprocess.run([sys.executable, "-m", "service.report", *args], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=cwd or REPO)
 
 
 def _table_rows(md: str) -> list[list[str]]:
@@ -106,7 +106,7 @@ def test_method_table_marks_significant_differences_per_group_holm_within_the_co
 
 
 def test_method_table_bootstrap_interval_and_several_trials_per_seed():
-    from service.stats import bootstrap_interval
+    from service.report.stats import bootstrap_interval
 
     trials = _paired_trials()
     # a second hyper-parameter setting of tag at seed 0 (.55 next to .53): seed 0 counts once, as their mean .54
@@ -278,7 +278,7 @@ def test_cli_sweep_not_found_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-# --- a real sweep through launch.py, then report.py --------------------------------------------------
+# --- a real sweep through launch.py, then the report --------------------------------------------------
 
 @pytest.mark.slow
 def test_report_of_a_real_sweep(tmp_path, env_with_venv):
@@ -330,9 +330,9 @@ def test_report_of_a_real_sweep(tmp_path, env_with_venv):
 
 
 def test_cli_bootstrap_interval_and_reference(tmp_path, capsys):
-    """report.py --ci bootstrap --n-boot N --reference METHOD; an unknown reference or N < 1: exit 2, one line."""
+    """The report's --ci bootstrap --n-boot N --reference METHOD; an unknown reference or N < 1: exit 2, one line."""
     from service.report import main
-    from service.stats import bootstrap_interval
+    from service.report.stats import bootstrap_interval
 
     db = tmp_path / "mlflow.db"
     _fake_sweep(db, "boot", methods=[("smear", 0, 0.50), ("smear", 1, 0.52), ("smear", 2, 0.54),

@@ -1,7 +1,7 @@
 """The report's diagnostic sections: learning curves (and the ST-Gumbel temperature), every routed method's
 specialisation heatmaps, a one-figure specialisation summary (mutual information per block), and the
 sensitivity of the score to each hyper-parameter a sweep varies. Each returns summary.md lines and the
-files it wrote; the numbers come from :mod:`service.diagnostics`, the figures from :mod:`service.plots`.
+files it wrote; the numbers come from :mod:`service.report.diagnostics`, the figures from :mod:`service.report.plots`.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from service.diagnostics import curve_band, sensitivity, specialisation, varied_params
-from service.trials import Trial, score_key
+from service.report.diagnostics import curve_band, sensitivity, specialisation, varied_params
+from service.report.trials import Trial, score_key
 
 HEATMAP_ARTIFACT = "routing/heatmaps.json"
 
@@ -51,7 +51,7 @@ def tidy_heatmaps(fig, n_blocks: int, cols: int = 4) -> None:
 
 def heatmap_figure(heat: dict, trial: Trial, label: str, kind: str, path: Path) -> Path:
     """The trial's specialisation heatmaps (one panel per block, rows: groups, columns: experts) as a PNG."""
-    from service.plots import routing_heatmaps
+    from service.report.plots import routing_heatmaps
 
     fig = routing_heatmaps(heat, f"{label} {trial.run_name} (seed {trial.seed}): mean routing weight per {kind} "
                                  "x expert on test")
@@ -67,7 +67,7 @@ def _history(client, trial: Trial, key: str) -> list[tuple[int, float]]:
 
 
 def learning_curves(client, ts: list[Trial], order: list[str], out_dir: Path, suffix: str, name: str):
-    from service.plots import learning_curves as plot
+    from service.report.plots import learning_curves as plot
 
     primary = ts[0].primary
     bands = {m: curve_band([_history(client, t, f"val/{primary}") for t in ts if t.method == m]) for m in order}
@@ -94,7 +94,7 @@ def learning_curves(client, ts: list[Trial], order: list[str], out_dir: Path, su
 
 def routing_diagnostics(client, ts: list[Trial], order: list[str], out_dir: Path, suffix: str, name: str):
     """Every routed method: its best trial's heatmaps, and the specialisation summary over all its trials."""
-    from service.plots import specialisation_lines
+    from service.report.plots import specialisation_lines
 
     kind, primary = ts[0].group_kind, ts[0].primary
     lines, files, mi = [], [], {}
@@ -135,7 +135,7 @@ def routing_diagnostics(client, ts: list[Trial], order: list[str], out_dir: Path
 
 def sensitivity_section(ts: list[Trial], out_dir: Path, suffix: str, name: str):
     """Score against each hyper-parameter the sweep varies (seed and method aside), per method."""
-    from service.plots import sensitivity_plot
+    from service.report.plots import sensitivity_plot
 
     primary = ts[0].primary
     keys = varied_params([t.params for t in ts], ignore=("seed", "routing.method"))

@@ -1,7 +1,7 @@
 """The report of a finished sweep, read back from MLflow: the paper-style table and three plots.
 
-    python service/report.py SWEEP_RUN_NAME [--tracking-uri URI] [--storage DIR] [--experiment NAME]
-                             [--reference METHOD] [--ci t|bootstrap] [--n-boot N]
+    python -m service.report SWEEP_RUN_NAME [--tracking-uri URI] [--storage DIR] [--experiment NAME]
+                              [--reference METHOD] [--ci t|bootstrap] [--n-boot N]
 
 Finds the sweep's parent run (tag ``sweep=<name>``, in the experiments ``smear-sweep/*`` unless
 ``--experiment`` names one), reads its child runs (one per trial) and writes under
@@ -10,7 +10,7 @@ Finds the sweep's parent run (tag ``sweep=<name>``, in the experiments ``smear-s
 - ``summary.md``: method x domain (ResNet-DomainNet: test accuracy per domain) or method x task
   (T5-GLUE: test score per task), plus the overall primary metric, each cell the mean over seeds (x100)
   with its 95% CI and seed count, ``*`` where the paired difference to ``--reference`` is significant
-  (Holm within the column), methods best first; the statistics over seeds (``service.stats``: 95% CIs,
+  (Holm within the column), methods best first; the statistics over seeds (``service.report.stats``: 95% CIs,
   Student t or with ``--ci bootstrap`` a percentile bootstrap over seeds; the paired difference to
   ``--reference``, default smear, with a Holm-corrected paired test); then one line per trial;
 - ``table.tex`` (booktabs) and ``table.csv``: the statistics table, paper-ready;
@@ -33,20 +33,20 @@ import sys
 import time
 from pathlib import Path
 
-from service.sections import (
+from service.report.sections import (
     HEATMAP_ARTIFACT, heatmap_figure, heatmap_of, learning_curves, routing_diagnostics, save, sensitivity_section,
 )
-from service.tables import (
+from service.report.tables import (
     column_statistics, compute_table, method_order, method_table, seed_scores, trial_table,
 )
-from service.stats import default_reference
-from service.trials import ReportError, Trial, find_sweep, read_trials, score_key
+from service.report.stats import default_reference
+from service.report.trials import ReportError, Trial, find_sweep, read_trials, score_key
 
 EXIT_BAD_INPUT = 2
 
 
 # ---------------------------------------------------------------------------------------------------
-# the plots (service.plots)
+# the plots (service.report.plots)
 
 def best_trial(trials: list[Trial], method: str) -> Trial | None:
     """The trial of ``method`` with the best overall test metric (else any of its trials; else None)."""
@@ -69,11 +69,11 @@ def _settings(trials: list[Trial]) -> list[str]:
 
 def seed_statistics(ts: list[Trial], reference: str, out_dir: Path, suffix: str, interval: str = "t",
                     n_boot: int = 10_000) -> tuple[list[str], list[Path]]:
-    """The statistics over seeds (service.stats) of one setting's trials: per method the mean and its 95%
+    """The statistics over seeds (service.report.stats) of one setting's trials: per method the mean and its 95%
     CI (``interval``: "t" or "bootstrap" with ``n_boot`` resamples), against ``reference`` the paired
     difference over shared seeds, its CI and a Holm-corrected test; markdown lines for summary.md, and the
     same table as LaTeX (booktabs) and CSV files."""
-    from service.stats import format_markdown, to_csv, to_latex_booktabs
+    from service.report.stats import format_markdown, to_csv, to_latex_booktabs
 
     primary = ts[0].primary
     by_method, by_comparison = column_statistics(seed_scores(ts), reference, interval, n_boot)
@@ -99,8 +99,8 @@ def seed_statistics(ts: list[Trial], reference: str, out_dir: Path, suffix: str,
 def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
                  reference: str | None = None, interval: str = "t", n_boot: int = 10_000) -> tuple[str, list[Path]]:
     """Write the plots and tables into ``out_dir``; return summary.md's text and the files written.
-    ``reference``: None = ``service.stats.default_reference``."""
-    from service.plots import score_per_method, score_vs_cost
+    ``reference``: None = ``service.report.stats.default_reference``."""
+    from service.report.plots import score_per_method, score_vs_cost
 
     reference = reference or default_reference()
 
@@ -278,17 +278,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 EXAMPLES = """examples:
-  python service/report.py default-20261201-101500            # the sweep launch.py ran as --name
-  python service/report.py t5-try --ci bootstrap --reference adapter --storage /mnt/shared/results
+  python -m service.report default-20261201-101500            # the sweep launch.py ran as --name
+  python -m service.report t5-try --ci bootstrap --reference adapter --storage /mnt/shared/results
 """
 
 
 def main(argv: list[str] | None = None, *, usage: str | None = None, epilog: str | None = None) -> int:
-    """report.py's command line (also ``smear-sweep report``, whose --help passes its own ``usage`` and
-    ``epilog``: service/cli.py)."""
-    from service.stats import INTERVALS
+    """The report's command line: ``python -m service.report``, also ``smear-sweep report``, whose --help passes
+    its own ``usage`` and ``epilog`` (service/cli.py)."""
+    from service.report.stats import INTERVALS
 
-    p = _Parser(description=__doc__.splitlines()[0], usage=usage, epilog=EXAMPLES if epilog is None else epilog,
+    p = _Parser(prog="python -m service.report", description=__doc__.splitlines()[0], usage=usage, epilog=EXAMPLES if epilog is None else epilog,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="the sweep's run name (launch.py --name; tag sweep=<name> on its parent run)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///$PWD/mlflow.db)")

@@ -1,4 +1,4 @@
-"""The sweep's tables (markdown): per method x group with the statistics over seeds (:mod:`service.stats`), per
+"""The sweep's tables (markdown): per method x group with the statistics over seeds (:mod:`service.report.stats`), per
 trial, compute, the console table printed at the end of a sweep and its progress line. The report (:mod:`service.report`) is their one user besides the
 launcher's console line; nothing else keeps a summary.
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import statistics
 
-from service.trials import Trial, _finite
+from service.report.trials import Trial, _finite
 
 
 def mean_std(values) -> tuple[float, float, int] | None:
@@ -43,7 +43,7 @@ def groups_of(trials: list[Trial]) -> list[str]:
 
 
 def seed_scores(trials: list[Trial], value=lambda t: t.test) -> dict[str, dict[str, float | None]]:
-    """``{method: {seed: score}}`` for the statistics over seeds (:mod:`service.stats`), methods best first,
+    """``{method: {seed: score}}`` for the statistics over seeds (:mod:`service.report.stats`), methods best first,
     seeds in ascending order.
 
     A method with several trials at one seed (a sweep that also varies hyper-parameters) counts that seed
@@ -63,7 +63,7 @@ def column_statistics(scores: dict[str, dict[str, float | None]], reference: str
                       n_boot: int = 10_000):
     """One column of the method table: (summaries by method, paired comparisons with ``reference`` by method;
     Holm over the methods of this column). No comparison when ``reference`` has no trial here."""
-    from service.stats import compare, summarize
+    from service.report.stats import compare, summarize
 
     if reference in scores:
         summaries, comparisons = compare(scores, reference=reference, interval=interval, n_boot=n_boot)
@@ -92,13 +92,13 @@ def method_table(trials: list[Trial], scale: float = 100.0, reference: str | Non
 
     Each cell: the test metric x ``scale``, mean over the seeds that have a value with the half-width of its
     95% confidence interval (``interval`` "t", or "bootstrap": the interval itself), and n = those seeds
-    (:mod:`service.stats`). ``*`` marks a method whose paired difference to ``reference`` in that column is
-    significant (Holm-adjusted over the column's methods, p < 0.05; None: ``service.stats.default_reference``).
+    (:mod:`service.report.stats`). ``*`` marks a method whose paired difference to ``reference`` in that column is
+    significant (Holm-adjusted over the column's methods, p < 0.05; None: ``service.report.stats.default_reference``).
     One seed: its value, "no CI". The best mean of each column is bold; "seeds" counts trials with an overall
     value out of all the method's trials.
     """
     if reference is None:
-        from service.stats import default_reference
+        from service.report.stats import default_reference
 
         reference = default_reference()
     primary = trials[0].primary if trials else "accuracy"
