@@ -27,8 +27,8 @@ from smear.configs import ConfigError
 from smear.data.domainnet import DataError
 from service import estimate  # (light: torch only when it calibrates)
 from service.preflight import check_environment
-from service.report import resolve_tracking_uri  # (light: mlflow + matplotlib)
 from service.spaces import Sweep, load_sweep
+from service.uris import resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent
 EXIT_BAD_INPUT = 2

@@ -40,7 +40,8 @@ from service.report.tables import (
     column_statistics, compute_table, method_order, method_table, seed_scores, trial_table,
 )
 from service.report.stats import default_reference
-from service.report.trials import ReportError, Trial, find_sweep, read_trials, score_key
+from service.report.trials import ReportError, Trial, find_sweep, open_store, read_trials, score_key
+from service.uris import resolve_tracking_uri
 
 EXIT_BAD_INPUT = 2
 
@@ -219,26 +220,6 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
     return "\n".join(lines), files
 
 
-def open_store(tracking_uri: str):
-    """An MlflowClient of a store that exists and answers; else ReportError (one line). A missing sqlite file
-    is not created (MLflow would create an empty store). Shared with launch.py --extend."""
-    from mlflow.tracking import MlflowClient
-
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
-        if not db.is_file():  # MLflow would create an empty store here: say it is missing instead
-            raise ReportError(f"no MLflow store at {db} (tracking URI {tracking_uri})")
-    try:
-        client = MlflowClient(tracking_uri)
-        client.search_experiments(max_results=1)
-    except ReportError:
-        raise
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ReportError(f"cannot read the MLflow store {tracking_uri!r}: {first}") from None
-    return client
-
-
 def write_report(tracking_uri: str, sweep_run_name: str, storage: str | Path, experiment: str | None = None,
                  reference: str | None = None, interval: str = "t", n_boot: int = 10_000) -> Path:
     """Write ``<storage>/<sweep>/report/summary.md`` and its plots, log them to the parent run under
@@ -260,15 +241,6 @@ def write_report(tracking_uri: str, sweep_run_name: str, storage: str | Path, ex
     for f in [summary, *files]:
         client.log_artifact(parent.info.run_id, str(f), "report")
     return summary
-
-
-def resolve_tracking_uri(arg: str | None) -> str:
-    """``arg``, else $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db; a relative sqlite path made absolute
-    (trials chdir into their folders: a relative path would land there). Shared with launch.py."""
-    uri = arg or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    return uri
 
 
 class _Parser(argparse.ArgumentParser):
