@@ -219,13 +219,10 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
     """Run a validated sweep: the parent run (service.record), the Tuner (service.runner), the report.
     ``ext`` (--extend): the sweep's new seeds as their own Tune experiment under its parent run."""
     from service.record import NoParentRun, ParentRun, experiment_name
-    from service.report import write_report
-    from service.report.tables import console_table
     from service.progress import close_displays
     from service.runner import build_tuner, can_resume, connect_ray
     from service.provenance import provenance
     from service.tracking import MLflowTracker, fail_fast_http
-    from trainables.settings import get_setting
 
     uri = resolve_tracking_uri(args.tracking_uri)
     storage = resolve_storage(args.storage)
@@ -279,38 +276,43 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
                 print(note, file=sys.stderr)
             parent.finish(status, tags={k: v for k, v in (("sweep_error", reason), ("tracking_note", note)) if v})
     wall = time.time() - t0
-    metric = get_setting(sweep.setting).primary_metric
-    rows = []
-    for r in grid:
-        cfg, m = tracker.trials.config(r.config), r.metrics or {}
-        rows.append({"method": cfg["routing"]["method"], "seed": cfg["seed"], "val": m.get(f"val/best_{metric}"),
-                     "test": m.get(f"test/{metric}"), "status": "ERROR" if r.error else "OK"})
-    table = console_table(rows, metric)
-    n_err = sum(r["status"] != "OK" for r in rows)
+    n_trials, n_err = len(grid), sum(1 for r in grid if r.error)  # Tune's results: the exit code
     note = tracker.record_summary()  # what a tracking outage cost the record, if there was one
     reason = sweep_failure(None, storage, tracker.errors.values()) if n_err else None
-    what = f"sweep/{'extend_' if ext else ''}"  # an extension keeps the sweep's own summary.md and wall time
+    what = f"sweep/{'extend_' if ext else ''}"  # an extension keeps the sweep's own wall time
     parent.finish("FINISHED" if n_err == 0 else "FAILED",
-                  summary=f"# {ext.experiment if ext else name}\n\n{sweep.description}\n\nwall time {wall:.0f} s"
-                          f"\n\n{table}\n" + "".join(f"\n{x}\n" for x in (reason, note) if x),
                   metrics={f"{what}wall_s": wall, f"{what}tracking_s": tracker.seconds},
-                  summary_name=f"summary-{ext.experiment}.md" if ext else "summary.md",
                   tags={k: v for k, v in (("sweep_error", reason), ("tracking_note", note)) if v})
-    print(f"\nsweep {name}: {len(rows)} {'new ' if ext else ''}trials, {n_err} failed, wall {wall:.0f} s\n")
-    print(table)
+    print(f"\nsweep {name}: {n_trials} {'new ' if ext else ''}trials, {n_err} failed, wall {wall:.0f} s\n")
+    where = _report(uri, name, storage, sweep, ext)
     code = 0 if n_err == 0 else EXIT_SWEEP_FAILED if reason.startswith("storage ") else 1
     if reason:
-        print(f"launch.py: sweep {name}: {n_err} of {len(rows)} trials failed (exit {code}): {reason}", file=sys.stderr)
+        print(f"launch.py: sweep {name}: {n_err} of {n_trials} trials failed (exit {code}): {reason}", file=sys.stderr)
     if note:
         print(note)
-    try:  # the paper-style report: summary.md + plots under <storage>/<sweep>/report, logged to the parent run
-        print(f"\nReport: {write_report(uri, name, storage, experiment=experiment_name(sweep))}")
-    except Exception as e:  # a report failure never fails the sweep
-        print(f"\nReport not written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-              f"retry with: python -m service.report {name} --tracking-uri {uri} --storage {storage}")
+    print(where)
     print(f"\nMLflow: experiment {experiment_name(sweep)!r}, parent run '{name}' in {uri}")
     print(f"Browse: {ui_command(uri)}")
     return code
+
+
+def _report(uri: str, name: str, storage: str, sweep: Sweep, ext) -> str:
+    """The sweep's one summary, its report (service/report), read back from MLflow: written under
+    <storage>/<name>/report, logged to the parent run (summary.md; an extension's also as summary-<ext>.md),
+    and its trials' table printed. A report that cannot be built (e.g. the tracking server is down) never
+    fails the sweep. Returns the line that says where the report is, or how to retry it."""
+    from service.record import experiment_name
+    from service.report import publish_report
+    from service.report.tables import console_table
+
+    names = ("summary.md", f"summary-{ext.experiment}.md") if ext else ("summary.md",)
+    try:
+        report = publish_report(uri, name, storage, experiment=experiment_name(sweep), summary_names=names)
+    except Exception as e:  # a report failure never fails the sweep
+        return (f"\nReport not written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                f"retry with: python -m service.report {name} --tracking-uri {uri} --storage {storage}")
+    print(console_table(report.trials))
+    return f"\nReport: {report.path}"
 
 
 EXIT_SWEEP_FAILED = 3  # the sweep itself could not go on (storage full or unwritable, Tune failed, ...)

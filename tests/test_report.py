@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from service.report import write_report
-from service.report.tables import mean_std, method_table
+from service.report.tables import console_table, mean_std, method_table
 from service.report.trials import Trial, trial_from_run
 from tests.helpers import REPO
 
@@ -117,6 +117,28 @@ def test_method_table_bootstrap_interval_and_several_trials_per_seed():
     assert body["tag"][4] == f"**{(.54 + .56 + .59) / 3 * 100:.2f} [{lo * 100:.2f}, {hi * 100:.2f}]** (n=3)*"
 
 
+def test_console_table_is_the_reports_trials():
+    """The table printed at the end of a sweep, from the trials the report read back: method x seed (seeds in
+    numeric order), then mean +- std per method, best test mean first; a failed run is ERROR, its values "-"."""
+    trials = [Trial("tag", "10", test=0.70, val_best=0.72), Trial("tag", "2", test=0.60, val_best=0.62),
+              Trial("smear", "0", test=0.64, val_best=0.66), Trial("adapter", "0", status="FAILED")]
+    assert console_table(trials).splitlines() == [
+        "| method | seed | val accuracy (best) | test accuracy | status |", "|---|---|---|---|---|",
+        "| adapter | 0 | - | - | ERROR |",
+        "| smear | 0 | 0.6600 | 0.6400 | OK |",
+        "| tag | 2 | 0.6200 | 0.6000 | OK |",
+        "| tag | 10 | 0.7200 | 0.7000 | OK |",
+        "",
+        "| method | trials | val accuracy mean +- std | test accuracy mean +- std |", "|---|---|---|---|",
+        "| tag | 2 | 0.6700 +- 0.0707 | 0.6500 +- 0.0707 |",        # sd of (.60, .70) = .070711
+        "| smear | 1 | 0.6600 +- 0.0000 | 0.6400 +- 0.0000 |",
+        "| adapter | 1 | - | - |"]
+    t5 = [Trial("smear", "0", setting="t5_glue", primary="average", test=0.5, val_best=0.5)]
+    two = console_table(trials + t5)                               # one table pair per setting, titled
+    assert two.startswith("?:\n\n| method | seed | val accuracy (best)") and "\n\nt5_glue:\n\n| method | seed | " \
+        "val average (best) | test average | status |" in two
+
+
 def test_mean_std_ignores_missing_and_non_finite():
     assert mean_std([None, float("nan")]) is None
     assert mean_std([0.5]) == (0.5, 0.0, 1)
@@ -215,6 +237,28 @@ def test_write_report_on_hand_made_record_with_a_failed_trial(tmp_path):
     assert "1 seed" in text and "\\toprule" in (summary.parent / "table.tex").read_text()
     csv_rows = (summary.parent / "table.csv").read_text().splitlines()
     assert csv_rows[0].startswith("method") and {r.split(",")[0] for r in csv_rows[1:]} >= {"smear", "tag"}
+
+
+def test_the_parent_runs_summary_is_the_report(tmp_path):
+    """publish_report logs summary.md as the parent run's own summary.md (and under any other name asked for, as
+    an extension does); its header carries what the launcher recorded on the parent run."""
+    from service.report import publish_report
+
+    db = tmp_path / "mlflow.db"
+    pid = _fake_sweep(db, heatmap=False)
+    client = MlflowClient(f"sqlite:///{db}")
+    client.set_tag(pid, "mlflow.note.content", "two methods,\n one seed")
+    client.set_tag(pid, "sweep_error", "ValueError: boom")
+    for key, value in (("sweep/wall_s", 61.4), ("sweep/tracking_s", 1.26)):
+        client.log_metric(pid, key, value)
+    report = publish_report(f"sqlite:///{db}", "fake", tmp_path / "results", summary_names=("summary.md", "s-x.md"))
+    assert report.path.read_text() == report.text and {t.method for t in report.trials} == {"smear", "tag", "adapter"}
+    for name in ("summary.md", "s-x.md"):
+        assert Path(client.download_artifacts(pid, name, str(tmp_path))).read_text() == report.text
+    assert "- description: two methods, one seed\n" in report.text
+    assert "- wall time of the sweep: 61 s (the tracker's time in MLflow calls: 1.3 s)\n" in report.text
+    assert "- tag `sweep_error`: ValueError: boom\n" in report.text
+    assert report.files == [f for s in report.sections for f in s.files] and report.path not in report.files
 
 
 def test_report_statistics_over_seeds_mark_a_real_difference(tmp_path):
