@@ -220,6 +220,7 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
     ``ext`` (--extend): the sweep's new seeds as their own Tune experiment under its parent run."""
     from service.record import NoParentRun, ParentRun, experiment_name
     from service.progress import close_displays
+    from service.report import end_of_sweep
     from service.runner import build_tuner, can_resume, connect_ray
     from service.provenance import provenance
     from service.tracking import MLflowTracker, fail_fast_http
@@ -284,7 +285,7 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
                   metrics={f"{what}wall_s": wall, f"{what}tracking_s": tracker.seconds},
                   tags={k: v for k, v in (("sweep_error", reason), ("tracking_note", note)) if v})
     print(f"\nsweep {name}: {n_trials} {'new ' if ext else ''}trials, {n_err} failed, wall {wall:.0f} s\n")
-    where = _report(uri, name, storage, sweep, ext)
+    where = end_of_sweep(uri, name, storage, experiment_name(sweep), ext.experiment if ext else None)  # the summary
     code = 0 if n_err == 0 else EXIT_SWEEP_FAILED if reason.startswith("storage ") else 1
     if reason:
         print(f"launch.py: sweep {name}: {n_err} of {n_trials} trials failed (exit {code}): {reason}", file=sys.stderr)
@@ -294,25 +295,6 @@ def run_sweep(args, sweep: Sweep, ext=None) -> int:
     print(f"\nMLflow: experiment {experiment_name(sweep)!r}, parent run '{name}' in {uri}")
     print(f"Browse: {ui_command(uri)}")
     return code
-
-
-def _report(uri: str, name: str, storage: str, sweep: Sweep, ext) -> str:
-    """The sweep's one summary, its report (service/report), read back from MLflow: written under
-    <storage>/<name>/report, logged to the parent run (summary.md; an extension's also as summary-<ext>.md),
-    and its trials' table printed. A report that cannot be built (e.g. the tracking server is down) never
-    fails the sweep. Returns the line that says where the report is, or how to retry it."""
-    from service.record import experiment_name
-    from service.report import publish_report
-    from service.report.tables import console_table
-
-    names = ("summary.md", f"summary-{ext.experiment}.md") if ext else ("summary.md",)
-    try:
-        report = publish_report(uri, name, storage, experiment=experiment_name(sweep), summary_names=names)
-    except Exception as e:  # a report failure never fails the sweep
-        return (f"\nReport not written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                f"retry with: python -m service.report {name} --tracking-uri {uri} --storage {storage}")
-    print(console_table(report.trials))
-    return f"\nReport: {report.path}"
 
 
 EXIT_SWEEP_FAILED = 3  # the sweep itself could not go on (storage full or unwritable, Tune failed, ...)

@@ -24,8 +24,8 @@ under ``<storage>/<sweep>/report/``:
 A report is a list of sections, each one :class:`~service.report.sections.Section` (its markdown, files and
 numbers): :func:`build_report` puts them in order. All of it is also logged to the parent run under
 ``report/``, and summary.md as the parent run's own ``summary.md``. :func:`publish_report` is the same as a
-function and returns the :class:`Report` with the trials it read (launch.py prints their table at the end of
-a sweep); :func:`write_report` returns summary.md's path. Failed trials and missing metrics show as "-" and
+function and returns the :class:`Report` with the trials it read; :func:`write_report` returns summary.md's
+path; :func:`end_of_sweep` is what launch.py calls at the end of a sweep (the report, then its trials' table). Failed trials and missing metrics show as "-" and
 are left out of means. A sweep that is not found, or a store that cannot be read, exits with code 2 and a
 one-line message.
 
@@ -44,6 +44,7 @@ from service.report import scores
 from service.report.sections import Scope, Section, best_heatmaps, learning_curves, routing_diagnostics
 from service.report.sections import sensitivity_section
 from service.report.stats import default_reference
+from service.report.tables import console_table
 from service.report.trials import ReportError, Trial, find_sweep, open_store, read_trials
 from service.uris import resolve_tracking_uri
 
@@ -144,6 +145,22 @@ def write_report(tracking_uri: str, sweep_run_name: str, storage: str | Path, ex
                  reference: str | None = None, interval: str = "t", n_boot: int = 10_000) -> Path:
     """:func:`publish_report`, returning summary.md's path."""
     return publish_report(tracking_uri, sweep_run_name, storage, experiment, reference, interval, n_boot).path
+
+
+def end_of_sweep(tracking_uri: str, sweep_run_name: str, storage: str | Path, experiment: str,
+                 extension: str | None = None) -> str:
+    """The report at the end of a sweep (launch.py): published (an extension's summary.md also as
+    ``summary-<extension>.md``) and the table of its trials printed (:func:`service.report.tables.console_table`).
+    A report that cannot be built (e.g. the tracking server is down) never fails the sweep. Returns the line
+    that says where the report is, or that it was not written and how to retry."""
+    names = ("summary.md", f"summary-{extension}.md") if extension else ("summary.md",)
+    try:
+        report = publish_report(tracking_uri, sweep_run_name, storage, experiment, summary_names=names)
+    except Exception as e:  # a report failure never fails the sweep
+        return (f"\nReport not written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); retry "
+                f"with: python -m service.report {sweep_run_name} --tracking-uri {tracking_uri} --storage {storage}")
+    print(console_table(report.trials))
+    return f"\nReport: {report.path}"
 
 
 class _Parser(argparse.ArgumentParser):
