@@ -261,6 +261,27 @@ def test_the_parent_runs_summary_is_the_report(tmp_path):
     assert report.files == [f for s in report.sections for f in s.files] and report.path not in report.files
 
 
+def test_end_of_sweep_prints_the_reports_trials_or_how_to_retry(tmp_path, capsys):
+    """What launch.py calls at the end of a sweep: the report, its trials' table on the console, the line saying
+    where the report is; a store that cannot be read is no failure, only a line with the command to retry."""
+    from service.report import end_of_sweep
+
+    db = tmp_path / "mlflow.db"
+    pid = _fake_sweep(db, heatmap=False)
+    line = end_of_sweep(f"sqlite:///{db}", "fake", tmp_path / "results", "smear-sweep/space", extension="fake-extend-1")
+    assert line == f"\nReport: {tmp_path / 'results' / 'fake' / 'report' / 'summary.md'}"
+    out = capsys.readouterr().out
+    assert "| method | seed | val accuracy (best) | test accuracy | status |\n" in out and "| adapter | 0 | - | - | ERROR |" in out
+    assert "| tag | 1 | 0.7000 +- 0.0000 | 0.7000 +- 0.0000 |" in out
+    root = {a.path for a in MlflowClient(f"sqlite:///{db}").list_artifacts(pid)}
+    assert {"summary.md", "summary-fake-extend-1.md", "report"} <= root
+    missing = f"sqlite:///{tmp_path}/missing.db"
+    line = end_of_sweep(missing, "fake", tmp_path / "r2", "smear-sweep/space")
+    assert line.startswith("\nReport not written (ReportError: no MLflow store at ") and line.endswith(
+        f"retry with: python -m service.report fake --tracking-uri {missing} --storage {tmp_path / 'r2'}")
+    assert capsys.readouterr().out == "" and not (tmp_path / "r2").exists()
+
+
 def test_report_statistics_over_seeds_mark_a_real_difference(tmp_path):
     db = tmp_path / "mlflow.db"
     # tag beats smear by 0.03, 0.04, 0.05 on seeds 0-2 (paired t: p = 0.0202, worked in tests/test_stats.py);
