@@ -1,11 +1,11 @@
 """The ``smear-sweep`` command: one subcommand per thing users do, each delegating to the one entry point that
-owns its flags (``service/launch.py``, ``service/report.py``, ``smear.data.prepare``).
+owns its flags (``service/launch.py``, ``service.report``, ``smear.data.prepare``).
 
     smear-sweep run [FLAGS]                  python service/launch.py [FLAGS]
     smear-sweep resume NAME [FLAGS]          python service/launch.py --resume --name NAME [FLAGS]
     smear-sweep extend NAME --seeds S [...]  python service/launch.py --extend --name NAME --seeds S [...]
     smear-sweep estimate [FLAGS]             python service/launch.py --dry-run --estimate [FLAGS]
-    smear-sweep report NAME [FLAGS]          python service/report.py NAME [FLAGS]
+    smear-sweep report NAME [FLAGS]          python -m service.report NAME [FLAGS]
     smear-sweep data prepare SRC DST [...]   python -m smear.data.prepare SRC DST [...]
     smear-sweep data check [ROOT] [FLAGS]    python service/launch.py --dry-run --check-images [--data-root ROOT] [FLAGS]
 
@@ -91,10 +91,10 @@ COMMANDS = [
             + "\nsame as: python service/launch.py --dry-run --estimate [FLAGS]\n",
             _launch(["--dry-run", "--estimate"])),
     Command("report", "write the report of a finished sweep (from MLflow)",
-            f"{PROG} report NAME [--tracking-uri URI] [--storage DIR] [report.py flags below]",
+            f"{PROG} report NAME [--tracking-uri URI] [--storage DIR] [report flags below]",
             _examples("report default-20261201-101500",
                       "report t5-try --ci bootstrap --reference adapter --storage /mnt/shared/results")
-            + "\nsame as: python service/report.py NAME [FLAGS]\n",
+            + "\nsame as: python -m service.report NAME [FLAGS]\n",
             _report),
     Command("data prepare", "write a pre-resized copy of a DomainNet root (faster trials)",
             f"{PROG} data prepare SRC DST [--short-side 256] [--quality 90] [--workers N]",

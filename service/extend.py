@@ -93,9 +93,8 @@ def plan(uri: str, storage: str, name: str, sweep: Sweep, smoke: bool, seeds: li
     """Check that ``name`` is a finished sweep of this declaration that lacks every one of ``seeds``, and say
     how to run the extension. Reads the MLflow store, writes nothing; ConfigError (one line) otherwise."""
     from service.record import experiment_name
-    from service.report import open_store
+    from service.report.trials import ReportError, find_sweep, open_store
     from service.runner import can_resume
-    from service.trials import ReportError, find_sweep
 
     try:
         client = open_store(uri)

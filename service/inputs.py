@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from smear.configs import ConfigError
 from smear.data.domainnet import DataError
 from service import estimate  # (light: torch only when it calibrates)
 from service.spaces import Sweep, load_sweep
+from service.uris import check_uri, resolve_tracking_uri
 
 EXIT_BAD_INPUT = 2
 DESCRIPTION = "Launch a sweep: validate the declaration, run it on Ray Tune, record every trial in MLflow, report."
@@ -33,10 +33,6 @@ DESCRIPTION = "Launch a sweep: validate the declaration, run it on Ray Tune, rec
 DEFAULT_STORAGE = "results"  # --storage when not given: Tune's results and checkpoints under ./results
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_NAME_BYTES = 200  # a run name names folders (storage, Tune's trial folders add ~60 bytes): file systems allow 255
-SCHEMES = {"tracking": ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks"),
-           "storage": ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")}
-
-
 def check_name(name: str) -> None:
     """A sweep's run name: one safe path component a file system can hold (it names the sweep's folder)."""
     if not SAFE_NAME.fullmatch(name) or name in (".", ".."):
@@ -45,18 +41,6 @@ def check_name(name: str) -> None:
     if len(name.encode()) > MAX_NAME_BYTES:
         raise ConfigError(f"--name={name[:40]!r}... is {len(name.encode())} bytes long; valid: at most "
                           f"{MAX_NAME_BYTES} (it names folders under --storage)")
-
-
-def check_uri(where: str, value: str, kind: str) -> None:
-    """A tracking URI or storage location (``kind``), wherever it came from (``where``: a flag or an environment
-    variable): not empty, printable, and of a scheme the sweep can use."""
-    if not value.strip():
-        raise ConfigError(f"{where}={value!r} is empty; valid: a path or a URI")
-    if not value.isprintable():
-        raise ConfigError(f"{where}={value!r} has control characters; valid: a path or a URI")
-    scheme = value.split("://", 1)[0] if "://" in value else None
-    if scheme is not None and scheme not in SCHEMES[kind]:
-        raise ConfigError(f"{where}={value!r} has an unknown scheme {scheme!r}; valid: {', '.join(SCHEMES[kind])}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -211,19 +195,6 @@ def check_resources(sweep: Sweep) -> None:
     trials = sweep.identity()
     for t in sweep.trials:
         trials.resources_of(t.config)
-
-
-def resolve_tracking_uri(arg: str | None) -> str:
-    """``arg``, else $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db; a relative sqlite path made absolute
-    (trials chdir into their folders: a relative path would land there). The environment's value is checked as
-    the flag's is."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if arg is None and env is not None:
-        check_uri("MLFLOW_TRACKING_URI", env, "tracking")
-    uri = arg or env or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    return uri
 
 
 @dataclass

@@ -55,13 +55,11 @@ def run_sweep(inputs: Inputs) -> int:
     """Run a validated sweep: the parent run (service.record), the Tuner (service.runner), the report.
     ``inputs.extension`` (--extend): the sweep's new seeds as their own Tune experiment under its parent run."""
     from service.record import NoParentRun, ParentRun, experiment_name
-    from service.report import write_report
-    from service.tables import console_table
     from service.progress import close_displays
+    from service.report import end_of_sweep
     from service.runner import build_tuner, connect_ray
-    from service.provenance import note, provenance
+    from service.provenance import note as provenance_note, provenance
     from service.tracking import MLflowTracker, fail_fast_http
-    from trainables.settings import get_setting
 
     args, sweep, ext, uri, storage = inputs.args, inputs.sweep, inputs.extension, inputs.tracking_uri, inputs.storage
     name = args.name or f"{sweep.name}{'-smoke' if args.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -71,7 +69,7 @@ def run_sweep(inputs: Inputs) -> int:
                                 tags={**code, "smoke": str(args.smoke)})
     except NoParentRun as e:
         return refuse(str(e))
-    if unknown := note(REPO, code):  # the sweep starts: say once that its commit is unknown (a plain `ray job submit`)
+    if unknown := provenance_note(REPO, code):  # the sweep starts: say once that its commit is unknown (a plain `ray job submit`)
         print(unknown, file=sys.stderr, flush=True)
     if ext is not None:
         ext.start(parent, sweep)
@@ -112,35 +110,21 @@ def run_sweep(inputs: Inputs) -> int:
                 print(note, file=sys.stderr)
             parent.finish(status, tags={k: v for k, v in (("sweep_error", reason), ("tracking_note", note)) if v})
     wall = time.time() - t0
-    metric = get_setting(sweep.setting).primary_metric
-    rows = []
-    for r in grid:
-        cfg, m = tracker.trials.config(r.config), r.metrics or {}
-        rows.append({"method": cfg["routing"]["method"], "seed": cfg["seed"], "val": m.get(f"val/best_{metric}"),
-                     "test": m.get(f"test/{metric}"), "status": "ERROR" if r.error else "OK"})
-    table = console_table(rows, metric)
-    n_err = sum(r["status"] != "OK" for r in rows)
+    n_trials, n_err = len(grid), sum(1 for r in grid if r.error)  # Tune's results: the exit code
     note = tracker.record_summary()  # what a tracking outage cost the record, if there was one
     reason = sweep_failure(None, storage, tracker.errors.values()) if n_err else None
-    what = f"sweep/{'extend_' if ext else ''}"  # an extension keeps the sweep's own summary.md and wall time
+    what = f"sweep/{'extend_' if ext else ''}"  # an extension keeps the sweep's own wall time
     parent.finish("FINISHED" if n_err == 0 else "FAILED",
-                  summary=f"# {ext.experiment if ext else name}\n\n{sweep.description}\n\nwall time {wall:.0f} s"
-                          f"\n\n{table}\n" + "".join(f"\n{x}\n" for x in (reason, note) if x),
                   metrics={f"{what}wall_s": wall, f"{what}tracking_s": tracker.seconds},
-                  summary_name=f"summary-{ext.experiment}.md" if ext else "summary.md",
                   tags={k: v for k, v in (("sweep_error", reason), ("tracking_note", note)) if v})
-    print(f"\nsweep {name}: {len(rows)} {'new ' if ext else ''}trials, {n_err} failed, wall {wall:.0f} s\n")
-    print(table)
+    print(f"\nsweep {name}: {n_trials} {'new ' if ext else ''}trials, {n_err} failed, wall {wall:.0f} s\n")
+    where = end_of_sweep(uri, name, storage, experiment_name(sweep), ext.experiment if ext else None)  # the summary
     code = 0 if n_err == 0 else EXIT_SWEEP_FAILED if reason.startswith("storage ") else 1
     if reason:
-        print(f"launch.py: sweep {name}: {n_err} of {len(rows)} trials failed (exit {code}): {reason}", file=sys.stderr)
+        print(f"launch.py: sweep {name}: {n_err} of {n_trials} trials failed (exit {code}): {reason}", file=sys.stderr)
     if note:
         print(note)
-    try:  # the paper-style report: summary.md + plots under <storage>/<sweep>/report, logged to the parent run
-        print(f"\nReport: {write_report(uri, name, storage, experiment=experiment_name(sweep))}")
-    except Exception as e:  # a report failure never fails the sweep
-        print(f"\nReport not written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-              f"retry with: python service/report.py {name} --tracking-uri {uri} --storage {storage}")
+    print(where)
     print(f"\nMLflow: experiment {experiment_name(sweep)!r}, parent run '{name}' in {uri}")
     print(f"Browse: {ui_command(uri)}")
     return code

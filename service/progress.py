@@ -4,7 +4,7 @@
 
 - trials done (finished or failed) of the sweep's, how many of them failed, how many run now;
 - per method, the running mean of the primary validation metric over the trials that have reported it so far,
-  finished or still running (:func:`service.tables.progress_line`);
+  finished or still running (:func:`service.report.tables.progress_line`);
 - elapsed: wall time since this driver started the sweep (a resumed sweep counts from its resume);
 - ETA: elapsed / trials ended in this run x trials left: the sweep's own pace so far (``-`` until one ends);
 - device-hours: the sum over trials of the device share a trial holds times the wall time it has held it,
@@ -26,7 +26,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from service.tables import duration, mean_std, progress_line
+from service.report.tables import duration, mean_std, progress_line
 from trainables.identity import SweepTrials
 
 REFRESH_S = 1.0  # the live display's redraw interval
@@ -95,7 +95,7 @@ class SweepProgress(Callback):
                 "elapsed": elapsed, "eta": eta, "device_hours": seconds / 3600}
 
     def line(self, trials: list, ending=None, failing: bool = False) -> str:
-        """The plain line (:func:`service.tables.progress_line` with every field)."""
+        """The plain line (:func:`service.report.tables.progress_line` with every field)."""
         s = self.snapshot(trials, ending, failing)
         return progress_line(s["done"], s["total"], s["scores"], failed=s["failed"], running=s["running"],
                              elapsed=s["elapsed"], eta=s["eta"], device_hours=s["device_hours"])

@@ -50,18 +50,16 @@ class ParentRun:
             client.log_dict(run_id, [{"index": t.index, **t.overrides} for t in sweep.trials], "trials.json")
         return cls(client, exp_id, run_id, name)
 
-    def finish(self, status: str, summary: str | None = None, metrics: dict[str, float] | None = None,
-               tags: dict[str, str] | None = None, summary_name: str = "summary.md") -> bool:
+    def finish(self, status: str, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> bool:
         """End the parent run with ``status``; ``tags`` (e.g. ``sweep_error``: why the sweep ended) are set
         first. A tracking store that fails here (down, full) is said in one line on stderr, never raised:
-        the sweep's own outcome stands. Returns whether everything was written."""
+        the sweep's own outcome stands. Returns whether everything was written. Its summary.md is the report's
+        (:func:`service.report.publish_report`, after this)."""
         import sys
 
         try:
             for k, v in (tags or {}).items():
                 self.client.set_tag(self.run_id, k, v[:5000])
-            if summary is not None:
-                self.client.log_text(self.run_id, summary, summary_name)
             for k, v in (metrics or {}).items():
                 self.client.log_metric(self.run_id, k, v)
             self.client.set_terminated(self.run_id, status)

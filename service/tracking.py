@@ -316,7 +316,7 @@ class MLflowTracker(Callback):
     def _log_heatmap(self, run_id: str, heat: dict, title: str) -> None:
         import matplotlib.pyplot as plt
 
-        from service.plots import routing_heatmaps
+        from service.report.plots import routing_heatmaps
 
         self.client.log_dict(run_id, heat, "routing/heatmaps.json")
         fig = routing_heatmaps(heat, title)

@@ -1,11 +1,11 @@
-"""service/diagnostics.py on numbers worked by hand."""
+"""service/report/diagnostics.py on numbers worked by hand."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from service.diagnostics import curve_band, mutual_information, sensitivity, specialisation, varied_params
+from service.report.diagnostics import curve_band, mutual_information, sensitivity, specialisation, varied_params
 
 
 def test_mutual_information_hand_worked():

@@ -7,7 +7,7 @@ import logging
 import pickle
 import sys
 
-from service.tables import progress_line
+from service.report.tables import progress_line
 from trainables.identity import SweepTrials
 
 

@@ -1,4 +1,4 @@
-"""service/report.py: the sweep report (table, plots) read back from MLflow, on hand-made and real records."""
+"""service/report/: the sweep report (table, plots) read back from MLflow, on hand-made and real records."""
 from __future__ import annotations
 
 import subprocess
@@ -9,11 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from service.report import write_report
-from service.tables import mean_std, method_table
-from service.trials import Trial, trial_from_run
+from service.report.tables import console_table, mean_std, method_table
+from service.report.trials import Trial, trial_from_run
 from tests.helpers import REPO
 
-REPORT = REPO / "service" / "report.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("scores.png", "score_vs_cost.png", "heatmaps_best_smear.png")
 
@@ -25,8 +24,9 @@ def assert_png(path: Path, min_bytes: int = 5000) -> None:
 
 
 def run_report(*args: str, env=None, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPORT), *args], capture_output=True, text=True, timeout=120,
-                          env=env, cwd=cwd)
+    """``python -m service.report ARGS`` as a process (``cwd`` None: the repository root)."""
+    return subprocess.run([sys.executable, "-m", "service.report", *args], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=cwd or REPO)
 
 
 def _table_rows(md: str) -> list[list[str]]:
@@ -106,7 +106,7 @@ def test_method_table_marks_significant_differences_per_group_holm_within_the_co
 
 
 def test_method_table_bootstrap_interval_and_several_trials_per_seed():
-    from service.stats import bootstrap_interval
+    from service.report.stats import bootstrap_interval
 
     trials = _paired_trials()
     # a second hyper-parameter setting of tag at seed 0 (.55 next to .53): seed 0 counts once, as their mean .54
@@ -115,6 +115,28 @@ def test_method_table_bootstrap_interval_and_several_trials_per_seed():
     lo, hi = bootstrap_interval([.54, .56, .59], n_boot=2000)
     assert body["tag"][1] == "4/4"
     assert body["tag"][4] == f"**{(.54 + .56 + .59) / 3 * 100:.2f} [{lo * 100:.2f}, {hi * 100:.2f}]** (n=3)*"
+
+
+def test_console_table_is_the_reports_trials():
+    """The table printed at the end of a sweep, from the trials the report read back: method x seed (seeds in
+    numeric order), then mean +- std per method, best test mean first; a failed run is ERROR, its values "-"."""
+    trials = [Trial("tag", "10", test=0.70, val_best=0.72), Trial("tag", "2", test=0.60, val_best=0.62),
+              Trial("smear", "0", test=0.64, val_best=0.66), Trial("adapter", "0", status="FAILED")]
+    assert console_table(trials).splitlines() == [
+        "| method | seed | val accuracy (best) | test accuracy | status |", "|---|---|---|---|---|",
+        "| adapter | 0 | - | - | ERROR |",
+        "| smear | 0 | 0.6600 | 0.6400 | OK |",
+        "| tag | 2 | 0.6200 | 0.6000 | OK |",
+        "| tag | 10 | 0.7200 | 0.7000 | OK |",
+        "",
+        "| method | trials | val accuracy mean +- std | test accuracy mean +- std |", "|---|---|---|---|",
+        "| tag | 2 | 0.6700 +- 0.0707 | 0.6500 +- 0.0707 |",        # sd of (.60, .70) = .070711
+        "| smear | 1 | 0.6600 +- 0.0000 | 0.6400 +- 0.0000 |",
+        "| adapter | 1 | - | - |"]
+    t5 = [Trial("smear", "0", setting="t5_glue", primary="average", test=0.5, val_best=0.5)]
+    two = console_table(trials + t5)                               # one table pair per setting, titled
+    assert two.startswith("?:\n\n| method | seed | val accuracy (best)") and "\n\nt5_glue:\n\n| method | seed | " \
+        "val average (best) | test average | status |" in two
 
 
 def test_mean_std_ignores_missing_and_non_finite():
@@ -217,6 +239,49 @@ def test_write_report_on_hand_made_record_with_a_failed_trial(tmp_path):
     assert csv_rows[0].startswith("method") and {r.split(",")[0] for r in csv_rows[1:]} >= {"smear", "tag"}
 
 
+def test_the_parent_runs_summary_is_the_report(tmp_path):
+    """publish_report logs summary.md as the parent run's own summary.md (and under any other name asked for, as
+    an extension does); its header carries what the launcher recorded on the parent run."""
+    from service.report import publish_report
+
+    db = tmp_path / "mlflow.db"
+    pid = _fake_sweep(db, heatmap=False)
+    client = MlflowClient(f"sqlite:///{db}")
+    client.set_tag(pid, "mlflow.note.content", "two methods,\n one seed")
+    client.set_tag(pid, "sweep_error", "ValueError: boom")
+    for key, value in (("sweep/wall_s", 61.4), ("sweep/tracking_s", 1.26)):
+        client.log_metric(pid, key, value)
+    report = publish_report(f"sqlite:///{db}", "fake", tmp_path / "results", summary_names=("summary.md", "s-x.md"))
+    assert report.path.read_text() == report.text and {t.method for t in report.trials} == {"smear", "tag", "adapter"}
+    for name in ("summary.md", "s-x.md"):
+        assert Path(client.download_artifacts(pid, name, str(tmp_path))).read_text() == report.text
+    assert "- description: two methods, one seed\n" in report.text
+    assert "- wall time of the sweep: 61 s (the tracker's time in MLflow calls: 1.3 s)\n" in report.text
+    assert "- tag `sweep_error`: ValueError: boom\n" in report.text
+    assert report.files == [f for s in report.sections for f in s.files] and report.path not in report.files
+
+
+def test_end_of_sweep_prints_the_reports_trials_or_how_to_retry(tmp_path, capsys):
+    """What launch.py calls at the end of a sweep: the report, its trials' table on the console, the line saying
+    where the report is; a store that cannot be read is no failure, only a line with the command to retry."""
+    from service.report import end_of_sweep
+
+    db = tmp_path / "mlflow.db"
+    pid = _fake_sweep(db, heatmap=False)
+    line = end_of_sweep(f"sqlite:///{db}", "fake", tmp_path / "results", "smear-sweep/space", extension="fake-extend-1")
+    assert line == f"\nReport: {tmp_path / 'results' / 'fake' / 'report' / 'summary.md'}"
+    out = capsys.readouterr().out
+    assert "| method | seed | val accuracy (best) | test accuracy | status |\n" in out and "| adapter | 0 | - | - | ERROR |" in out
+    assert "| tag | 1 | 0.7000 +- 0.0000 | 0.7000 +- 0.0000 |" in out
+    root = {a.path for a in MlflowClient(f"sqlite:///{db}").list_artifacts(pid)}
+    assert {"summary.md", "summary-fake-extend-1.md", "report"} <= root
+    missing = f"sqlite:///{tmp_path}/missing.db"
+    line = end_of_sweep(missing, "fake", tmp_path / "r2", "smear-sweep/space")
+    assert line.startswith("\nReport not written (ReportError: no MLflow store at ") and line.endswith(
+        f"retry with: python -m service.report fake --tracking-uri {missing} --storage {tmp_path / 'r2'}")
+    assert capsys.readouterr().out == "" and not (tmp_path / "r2").exists()
+
+
 def test_report_statistics_over_seeds_mark_a_real_difference(tmp_path):
     db = tmp_path / "mlflow.db"
     # tag beats smear by 0.03, 0.04, 0.05 on seeds 0-2 (paired t: p = 0.0202, worked in tests/test_stats.py);
@@ -278,7 +343,7 @@ def test_cli_sweep_not_found_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-# --- a real sweep through launch.py, then report.py --------------------------------------------------
+# --- a real sweep through launch.py, then the report --------------------------------------------------
 
 @pytest.mark.slow
 def test_report_of_a_real_sweep(tmp_path, env_with_venv):
@@ -330,9 +395,9 @@ def test_report_of_a_real_sweep(tmp_path, env_with_venv):
 
 
 def test_cli_bootstrap_interval_and_reference(tmp_path, capsys):
-    """report.py --ci bootstrap --n-boot N --reference METHOD; an unknown reference or N < 1: exit 2, one line."""
+    """The report's --ci bootstrap --n-boot N --reference METHOD; an unknown reference or N < 1: exit 2, one line."""
     from service.report import main
-    from service.stats import bootstrap_interval
+    from service.report.stats import bootstrap_interval
 
     db = tmp_path / "mlflow.db"
     _fake_sweep(db, "boot", methods=[("smear", 0, 0.50), ("smear", 1, 0.52), ("smear", 2, 0.54),

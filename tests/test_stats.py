@@ -1,4 +1,4 @@
-"""service/stats.py: intervals, paired tests and Holm's correction, against numbers worked by hand.
+"""service/report/stats.py: intervals, paired tests and Holm's correction, against numbers worked by hand.
 
 Closed forms of the two-sided Student t p-value used below (Abramowitz & Stegun 26.7.3/4, theta =
 arctan(t / sqrt(df))):  df=1: p = 1 - (2/pi) theta;  df=2: p = 1 - t / sqrt(t^2 + 2);
@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from service.stats import (TTEST, WILCOXON, MethodSummary, PairedComparison, bootstrap_interval, compare,
+from service.report.stats import (TTEST, WILCOXON, MethodSummary, PairedComparison, bootstrap_interval, compare,
                            format_markdown, holm, paired, summarize, t_interval, to_csv, to_latex_booktabs)
 
 # smear:  0.50 0.52 0.54                      mean 0.52, sd 0.02

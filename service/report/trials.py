@@ -1,5 +1,6 @@
-"""A sweep's trials read back from MLflow: the parent run by its sweep name, and one :class:`Trial` per child
-run. A setting's metric names come from each run's own tags (``Setting.record_tags``): no copy here.
+"""A sweep's trials read back from MLflow: the store (checked before use), the parent run by its sweep name,
+and one :class:`Trial` per child run. A setting's metric names come from each run's own tags
+(``Setting.record_tags``): no copy here.
 
 Imports stay light (mlflow only; no ray, torch or trainables).
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 EXPERIMENT_PREFIX = "smear-sweep/"
 
@@ -34,6 +36,26 @@ class Trial:
     wall_s: float | None = None          # MLflow run end_time - start_time
     params: dict[str, str] = field(default_factory=dict)     # the trial's flattened config, as logged
     compute: dict[str, float] = field(default_factory=dict)  # compute/* metrics (trainables.accounting, loop)
+
+
+def open_store(tracking_uri: str):
+    """An MlflowClient of a store that exists and answers; else ReportError (one line). A missing sqlite file
+    is not created (MLflow would create an empty store). Shared with launch.py --extend (service/extend.py)."""
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        if not db.is_file():  # MLflow would create an empty store here: say it is missing instead
+            raise ReportError(f"no MLflow store at {db} (tracking URI {tracking_uri})")
+    try:
+        client = MlflowClient(tracking_uri)
+        client.search_experiments(max_results=1)
+    except ReportError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ReportError(f"cannot read the MLflow store {tracking_uri!r}: {first}") from None
+    return client
 
 
 def _quote(s: str) -> str:

@@ -1,12 +1,12 @@
-"""The sweep's tables (markdown): per method x group with the statistics over seeds (:mod:`service.stats`), per
-trial, compute, the console table printed at the end of a sweep and its progress line. The report (:mod:`service.report`) is their one user besides the
-launcher's console line; nothing else keeps a summary.
+"""The sweep's tables (markdown): per method x group with the statistics over seeds (:mod:`service.report.stats`),
+per trial, compute, and the console's: the table printed at the end of a sweep (from the report's trials) and
+the progress line printed as trials end (:mod:`service.progress`). Nothing else keeps a summary.
 """
 from __future__ import annotations
 
 import statistics
 
-from service.trials import Trial, _finite
+from service.report.trials import Trial, _finite
 
 
 def mean_std(values) -> tuple[float, float, int] | None:
@@ -43,7 +43,7 @@ def groups_of(trials: list[Trial]) -> list[str]:
 
 
 def seed_scores(trials: list[Trial], value=lambda t: t.test) -> dict[str, dict[str, float | None]]:
-    """``{method: {seed: score}}`` for the statistics over seeds (:mod:`service.stats`), methods best first,
+    """``{method: {seed: score}}`` for the statistics over seeds (:mod:`service.report.stats`), methods best first,
     seeds in ascending order.
 
     A method with several trials at one seed (a sweep that also varies hyper-parameters) counts that seed
@@ -63,7 +63,7 @@ def column_statistics(scores: dict[str, dict[str, float | None]], reference: str
                       n_boot: int = 10_000):
     """One column of the method table: (summaries by method, paired comparisons with ``reference`` by method;
     Holm over the methods of this column). No comparison when ``reference`` has no trial here."""
-    from service.stats import compare, summarize
+    from service.report.stats import compare, summarize
 
     if reference in scores:
         summaries, comparisons = compare(scores, reference=reference, interval=interval, n_boot=n_boot)
@@ -92,13 +92,13 @@ def method_table(trials: list[Trial], scale: float = 100.0, reference: str | Non
 
     Each cell: the test metric x ``scale``, mean over the seeds that have a value with the half-width of its
     95% confidence interval (``interval`` "t", or "bootstrap": the interval itself), and n = those seeds
-    (:mod:`service.stats`). ``*`` marks a method whose paired difference to ``reference`` in that column is
-    significant (Holm-adjusted over the column's methods, p < 0.05; None: ``service.stats.default_reference``).
+    (:mod:`service.report.stats`). ``*`` marks a method whose paired difference to ``reference`` in that column is
+    significant (Holm-adjusted over the column's methods, p < 0.05; None: ``service.report.stats.default_reference``).
     One seed: its value, "no CI". The best mean of each column is bold; "seeds" counts trials with an overall
     value out of all the method's trials.
     """
     if reference is None:
-        from service.stats import default_reference
+        from service.report.stats import default_reference
 
         reference = default_reference()
     primary = trials[0].primary if trials else "accuracy"
@@ -158,22 +158,29 @@ def duration(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def console_table(rows: list[dict], metric: str = "accuracy") -> str:
-    """The sweep's end-of-run table from Tune's results (printed and logged as the parent run's summary.md):
-    method x seed -> val and test score, then mean +- std per method (markdown). ``rows``: dicts with
-    method, seed, val, test, status."""
+CONSOLE_STATUS = {"FINISHED": "OK", "FAILED": "ERROR"}  # a run's MLflow status, as the console says it
+
+
+def console_table(trials: list[Trial]) -> str:
+    """The table printed at the end of a sweep, from the report's read-back of MLflow (markdown): method x seed
+    -> best val and test score and status (OK: its run FINISHED, ERROR: FAILED, else the run's status), then
+    mean +- std per method, best test mean first; one such pair per setting (titled when the sweep has several)."""
+    settings = list(dict.fromkeys(t.setting for t in trials))
+    if len(settings) <= 1:
+        return _console_table(trials, trials[0].primary if trials else "accuracy")
+    return "\n\n".join(f"{setting}:\n\n" + _console_table(ts, ts[0].primary)
+                        for setting in settings if (ts := [t for t in trials if t.setting == setting]))
+
+
+def _console_table(trials: list[Trial], metric: str) -> str:
     lines = [f"| method | seed | val {metric} (best) | test {metric} | status |", "|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["method"], r["seed"])):
-        lines.append(f"| {r['method']} | {r['seed']} | {_fmt(r.get('val'))} | {_fmt(r.get('test'))} | {r['status']} |")
+    for t in sorted(trials, key=lambda t: (t.method, _seed_key(t.seed))):
+        lines.append(f"| {t.method} | {t.seed} | {_fmt(t.val_best)} | {_fmt(t.test)} | "
+                     f"{CONSOLE_STATUS.get(t.status, t.status)} |")
     lines += ["", f"| method | trials | val {metric} mean +- std | test {metric} mean +- std |", "|---|---|---|---|"]
-    by_method: dict[str, list[dict]] = {}
-    for r in rows:
-        by_method.setdefault(r["method"], []).append(r)
-    test_means = {m: (mean_std([r.get("test") for r in rs]) or (float("-inf"),))[0] for m, rs in by_method.items()}
-    order = sorted(by_method, key=lambda m: -test_means[m])
-    for m in order:
-        rs = by_method[m]
-        lines.append(f"| {m} | {len(rs)} | {_ms([r.get('val') for r in rs])} | {_ms([r.get('test') for r in rs])} |")
+    for m in method_order(trials):
+        ts = [t for t in trials if t.method == m]
+        lines.append(f"| {m} | {len(ts)} | {_ms([t.val_best for t in ts])} | {_ms([t.test for t in ts])} |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 
-from service.stats import summarize
+from service.report.stats import summarize
 
 
 def mutual_information(heatmap: Sequence[Sequence[float]]) -> float:
@@ -57,7 +57,7 @@ def varied_params(params: Sequence[Mapping[str, str]], ignore: Sequence[str] = (
 
 def sensitivity(points: Sequence[tuple[str, str, float | None]]) -> list[dict]:
     """Per value of one hyper-parameter: points are (value, seed, score) -> rows with the value, n, mean, std
-    and 95% t-interval over seeds (service.stats), best mean first in ``rows[0]`` (ties: input order)."""
+    and 95% t-interval over seeds (service.report.stats), best mean first in ``rows[0]`` (ties: input order)."""
     by_value: dict[str, dict[str, float | None]] = {}
     for value, seed, score in points:
         by_value.setdefault(value, {})[seed] = score

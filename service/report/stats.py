@@ -10,7 +10,7 @@
   across the comparisons by Holm's step-down method (Holm 1979), ``significant`` when adjusted p < alpha.
 
 Seeds pair by ``str(seed)``, so 3 and "3" are the same seed. None and non-finite scores count as missing
-(failed trials), as in service/report.py. Fewer than 2 seeds (pairs) give no interval (no test): the
+(failed trials), as in the report (service.report). Fewer than 2 seeds (pairs) give no interval (no test): the
 fields are None and ``note`` says why. Differences are rounded to 12 decimal places, so float noise
 neither breaks ties nor hides a zero. Differences that are all equal have zero variance: all 0 gives
 p = 1 by definition (the test is not run); a nonzero constant leaves the t-test undefined (p None), while

@@ -1,0 +1,123 @@
+"""The report's score sections of one setting (each a :class:`~service.report.sections.Section`): the method x
+group table, the statistics over seeds (also as LaTeX and CSV), compute, one line per trial, and the score
+plots (per method; against FLOPs, device-hours and wall time). The tables are :mod:`service.report.tables`,
+the statistics :mod:`service.report.stats`, the figures :mod:`service.report.plots`.
+"""
+from __future__ import annotations
+
+from service.report.sections import Scope, Section, save
+from service.report.tables import column_statistics, compute_table, method_table, seed_scores, trial_table
+
+
+def score_table(scope: Scope) -> Section:
+    """The setting's heading and its method x group table: mean over seeds with its CI, ``*`` vs the reference."""
+    t0, reference, interval, n_boot = scope.trials[0], scope.reference, scope.interval, scope.n_boot
+    primary, kind, gm = t0.primary, t0.group_kind, t0.group_metric
+    ci = ("± half-width of its 95% t-interval" if interval == "t"
+          else f"[95% percentile-bootstrap interval, {n_boot:,} resamples]")
+    return Section([f"## {t0.setting}: test {gm} per {kind} and overall {primary}", "",
+                    f"Test metrics x100 of each trial's best-validation weights: mean over seeds {ci}, "
+                    f"(n=) the seeds it rests on (one seed: no interval). `*`: the paired difference to "
+                    f"`{reference}` in that column is significant (Holm-adjusted over the column's methods, "
+                    f"p < 0.05; see the statistics below). Methods best first by {primary}; best mean in bold. "
+                    f"`seeds` = trials with a test {primary} / trials.", "",
+                    method_table(scope.trials, reference=reference, interval=interval, n_boot=n_boot), ""])
+
+
+def seed_statistics(scope: Scope) -> Section:
+    """The statistics over seeds (:mod:`service.report.stats`) of one setting's trials: per method the mean and
+    its 95% CI (``scope.interval``: "t", or "bootstrap" with ``scope.n_boot`` resamples), against the reference
+    the paired difference over shared seeds, its CI and a Holm-corrected test; the same table as LaTeX
+    (booktabs) and CSV files."""
+    from service.report.stats import format_markdown, to_csv, to_latex_booktabs
+
+    primary, reference = scope.primary, scope.reference
+    by_method, by_comparison = column_statistics(seed_scores(scope.trials), reference, scope.interval, scope.n_boot)
+    summaries, comparisons = list(by_method.values()), list(by_comparison.values())
+    if comparisons:
+        intro = (f"Test {primary} (not x100) per method over its seeds, and each method minus `{reference}` over "
+                 f"the seeds both have (paired t-test below 6 pairs, Wilcoxon signed-rank from 6; p-values "
+                 f"Holm-corrected across the methods compared).")
+    else:
+        intro = f"Test {primary} per method over its seeds; no `{reference}` trial, so no paired comparison."
+    files = []
+    for path, text in ((scope.path("table", ".tex"), to_latex_booktabs(summaries, comparisons)),
+                       (scope.path("table", ".csv"), to_csv(summaries, comparisons))):
+        path.write_text(text)
+        files.append(path)
+    return Section([f"### Statistics over seeds (reference `{reference}`)", "", intro, "",
+                    format_markdown(summaries, comparisons), "",
+                    f"The same table: [`{files[0].name}`]({files[0].name}) (LaTeX, booktabs), "
+                    f"[`{files[1].name}`]({files[1].name}) (CSV).", ""],
+                   files, {"summaries": by_method, "comparisons": by_comparison})
+
+
+def compute(scope: Scope) -> Section:
+    """What one trial of each method costs; nothing when no trial logged compute metrics."""
+    cost = compute_table(scope.trials)
+    if not cost:
+        return Section([])
+    return Section(["### Compute", "", "What one trial of each method costs (mean over its trials; FLOPs measured "
+                    "with torch's FlopCounterMode on one real training step, forward + backward; AdaMix counts its "
+                    "two passes).", "", cost, ""])
+
+
+def trial_list(scope: Scope) -> Section:
+    return Section(["### Trials", "", trial_table(scope.trials), ""])
+
+
+# the cost axes of the score-vs-cost plots: (file key, axis label, compute metric, its unit in that metric)
+COSTS = (("flops", "training GFLOPs per example (one step: forward + backward)", "flops_per_example", 1e9),
+         ("hours", "device-hours of training per trial (evaluation and start-up left out)", "train_hours", 1.0))
+
+
+def _points(scored, order: list[str], pick) -> dict[str, list[tuple[float, float]]]:
+    """Per method (in ``order``) its trials' (cost, score) points; methods without one left out."""
+    pts = {m: [(pick(t), t.test) for t in scored if t.method == m] for m in order}
+    return {m: v for m, v in pts.items() if v}
+
+
+def _cost_plots(scope: Scope, scored, order: list[str]) -> Section:
+    """Score against each measured cost (FLOPs, device-hours), then against each trial's wall time."""
+    from service.report.plots import score_vs_cost
+
+    primary, name, lines, files = scope.primary, scope.name, [], []
+    for key, axis, metric, unit in COSTS:
+        what = [t for t in scored if metric in t.compute]
+        if not what:
+            continue
+        pts = _points(what, order, lambda t: t.compute[metric] / unit)
+        p = save(score_vs_cost(pts, axis, f"test {primary}", f"{name}: test {primary} vs {axis.split(' (')[0]}"),
+                 scope.path(f"score_vs_{key}"))
+        files.append(p)
+        lines += [f"![test {primary} vs {key}]({p.name})", "",
+                  f"`{p.name}`: cost = {axis}, measured in each trial (trainables/accounting.py, "
+                  "the train loop's clock). Error bars: std over seeds.", ""]
+    timed = [t for t in scored if t.wall_s is not None]
+    if not timed:
+        return Section(lines + ["No score-vs-cost plot: no trial has both a start and an end time.", ""], files)
+    p = save(score_vs_cost(_points(timed, order, lambda t: t.wall_s), "trial wall time (s) = MLflow run end - start",
+                           f"test {primary}", f"{name}: test {primary} vs trial wall time"), scope.path("score_vs_cost"))
+    return Section(lines + [f"![test {primary} vs wall time]({p.name})", "",
+                            f"`{p.name}`: cost = each trial's wall time (its MLflow run's end - start), which "
+                            "includes start-up and evaluation and depends on what else ran at the same time on "
+                            "the machine; not a FLOP or parameter count. Error bars: std over seeds.", ""],
+                   [*files, p])
+
+
+def score_plots(scope: Scope) -> Section:
+    """The overall test score per method (a point per seed, the mean as a bar), then against its cost."""
+    from service.report.plots import score_per_method
+
+    primary, lines = scope.primary, ["### Plots", ""]
+    scored = [t for t in scope.trials if t.test is not None]
+    if not scored:
+        return Section(lines + [f"No score plots: no trial has a test {primary}.", ""])
+    order = [m for m in scope.order() if any(t.method == m for t in scored)]
+    per_method = {m: [t.test for t in scored if t.method == m] for m in order}
+    p = save(score_per_method(per_method, f"test {primary}", f"{scope.name}: test {primary} per method"),
+             scope.path("scores"))
+    costs = _cost_plots(scope, scored, order)
+    return Section(lines + [f"![test {primary} per method]({p.name})", "",
+                            f"`{p.name}`: test {primary} per method, one point per seed, bar = mean.", "",
+                            *costs.markdown], [p, *costs.files], {"scores": per_method})
