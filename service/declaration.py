@@ -183,8 +183,8 @@ def _resources(values: dict, prefix: str) -> Resources:
     if bad:
         raise ConfigError(f"unknown resource {bad[0]!r}; valid: cpu, gpu")
     for k, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ConfigError(f"{prefix}{k}={v!r} must be a finite number >= 0")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(f"{prefix}{k}={v!r} must be a number >= 0")
     return build(Resources, {k: float(v) for k, v in values.items()}, prefix=prefix)
 
 

@@ -276,13 +276,13 @@ def _resolve(path: Path, text: str, decl: Declaration, *, smoke: bool, num_sampl
                   asha={k: v for k, v in dataclasses.asdict(decl.asha).items() if v}, base_config=_build(fixed({})),
                   text=text, seeds=seeds)
     if decl.scheduler == "asha":
-        _check_asha(sweep.asha_params())
         a = sweep.asha_params()
         if a["grace_period"] > a["max_t"]:
             if not smoke:
                 raise ConfigError(f"asha.grace_period={a['grace_period']} exceeds max_t={a['max_t']} "
                                   f"evaluations; valid: 1 to {a['max_t']}")
             sweep.asha["grace_period"] = a["max_t"]  # --smoke shrinks the budget: ASHA's first rung shrinks too
+        _check_asha(sweep.asha_params())  # and by Tune's own rules
     return sweep
 
 
