@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run smoke test test-fast bench browser clean submit
+.PHONY: install run smoke test test-fast fuzz bench browser clean submit
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ submit: install       ## ray job submit of launch.py $(ARGS), recording the git 
 	$(PY) -m service.provenance
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(VENV)/bin/ray job submit --address $${RAY_DASHBOARD:-http://127.0.0.1:8265} \
 	  --working-dir . -- python service/launch.py $(ARGS)
+
+fuzz: install         ## the input boundary's fuzz test, long profile (5,000 examples per test; CI runs 300)
+	SMEAR_FUZZ_PROFILE=long $(PY) -m pytest tests/test_fuzz_inputs.py $(ARGS)
 
 bench: install        ## routing block cost per method (see BENCHMARKS.md)
 	$(PY) -m benchmarks.routing_cost --quick

@@ -1,10 +1,8 @@
 """`ray job submit -- python service/launch.py --smoke` against a real `ray start --head` cluster (token auth on)."""
 from __future__ import annotations
 
-import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import REPO, VENV_BIN, free_ports, ray_node_ports
+from tests.helpers import REPO, VENV_BIN, free_ports, ray_node_ports, terminated_at_exit
 from tests.helpers import child_runs
 
 pytestmark = pytest.mark.slow
@@ -35,7 +33,7 @@ def ray_head(env_with_venv, tmp_path):
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
                              *ray_node_ports(node), "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with terminated_at_exit(head):
         deadline = time.time() + 90
         while True:  # the job server answers once the dashboard is up (401 without a token still means up)
             assert head.poll() is None, "ray start --head exited"
@@ -48,12 +46,6 @@ def ray_head(env_with_venv, tmp_path):
                 assert time.time() < deadline, "dashboard did not come up"
                 time.sleep(1)
         yield env, dashboard, f"127.0.0.1:{gcs}"
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
 
 
 def test_ray_job_submit_smoke_sweep(ray_head, tmp_path):

@@ -14,7 +14,7 @@ from service.probes import (
     probe_mlflow_http, probe_ray_address, probe_sql_server, probe_sqlite, probe_storage, within,
 )
 from smear.configs import ConfigError
-from tests.helpers import VENV_BIN, MlflowServer, free_port, free_ports, ray_node_ports
+from tests.helpers import VENV_BIN, MlflowServer, free_port, free_ports, ray_node_ports, terminated_at_exit
 
 
 def test_a_probe_that_hangs_is_a_refusal_within_its_bound():
@@ -113,15 +113,12 @@ def test_ray_address_refused_when_closed_or_not_ray_and_accepted_for_a_real_clus
 @pytest.mark.slow
 def test_ray_address_of_a_real_head_is_accepted(tmp_path, env_with_venv):
     """A real ``ray start --head`` (ports of its own; --block, so terminating it stops this cluster only)."""
-    import os
-    import signal
-
     gcs, dash, client, *node = free_ports(8)
     head = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=1",
                              "--include-dashboard=false", f"--ray-client-server-port={client}", *ray_node_ports(node),
                              "--disable-usage-stats"], env=env_with_venv, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with terminated_at_exit(head):
         deadline = time.monotonic() + 90
         while True:  # the GCS answers within seconds of the start
             assert head.poll() is None, "ray start --head exited"
@@ -131,9 +128,3 @@ def test_ray_address_of_a_real_head_is_accepted(tmp_path, env_with_venv):
             except ConfigError:
                 assert time.monotonic() < deadline, "the head's GCS never answered the probe"
                 time.sleep(1)
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)

@@ -146,3 +146,21 @@ def tmpfs(folder: Path, options: str):
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@contextlib.contextmanager
+def terminated_at_exit(proc: subprocess.Popen, timeout: float = 60):
+    """Within: ``proc`` (a ``ray start --block`` head, a server in its own session) runs; at exit it is
+    terminated, and its process group killed if it has not ended within ``timeout`` (never ``ray stop``, which
+    would stop every Ray on the machine)."""
+    import os
+    import signal
+
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
