@@ -101,8 +101,9 @@ def probe_mlflow_http(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     import urllib.request
 
     url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+    request = urllib.request.Request(url, headers=_mlflow_auth_headers())  # the credentials MLflow's client sends
     try:  # a fresh opener: urlopen() would install a process-wide one with this moment's proxies
-        with urllib.request.build_opener().open(url, timeout=timeout) as r:
+        with urllib.request.build_opener().open(request, timeout=timeout) as r:
             body, status = r.read(1 << 16), r.status
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
@@ -118,6 +119,20 @@ def probe_mlflow_http(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     if not (isinstance(data, dict) and ("experiment" in data or "error_code" in data)):
         raise ConfigError(f"tracking URI {uri!r} answers (HTTP {status}) but is not an MLflow tracking server; "
                           "valid: the address of `mlflow server`, or a sqlite:/// store")
+
+
+def _mlflow_auth_headers() -> dict[str, str]:
+    """The Authorization header MLflow's client sends from its environment: basic auth from
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, else a bearer MLFLOW_TRACKING_TOKEN; none without."""
+    import base64
+    import os
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {token}"}
+    return {}
 
 
 def probe_tracking(uri: str) -> None:
@@ -165,7 +180,11 @@ def _answers_as_ray(host: str, port: int, timeout: float) -> bool:
     import grpc
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
-    with grpc.insecure_channel(f"{host}:{port}") as channel:
+    try:  # Ray's own channel options: never through the environment's http(s) proxy, unless Ray's would be
+        from ray._private.ray_constants import GLOBAL_GRPC_OPTIONS as options
+    except ImportError:
+        options = (("grpc.enable_http_proxy", 0),)
+    with grpc.insecure_channel(f"{host}:{port}", options=list(options)) as channel:
         try:
             gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).CheckAlive(gcs_service_pb2.CheckAliveRequest(),
                                                                             timeout=timeout)
