@@ -7,6 +7,7 @@ TorchTrainer's run name is the trial id (deterministic), so a restarted trial fi
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -56,44 +57,56 @@ class TuneSession:
         ray.tune.report(metrics, checkpoint=ckpt)
 
     def latest_checkpoint_dir(self):
-        from pathlib import Path
-
-        from trainables.checkpoints import newest_complete
-
-        ckpt = ray.tune.get_checkpoint()
-        on_disk = sorted(Path(self.trial_folder).glob("checkpoint_*")) if self.trial_folder else []
-        registered = [ckpt.path] if ckpt is not None and os.path.isdir(ckpt.path) else []
-        newest = newest_complete(on_disk + registered)
-        if newest is not None:
-            return newest  # a local folder: read in place
-        try:
-            return _local_dir(ckpt)  # Tune's own: remote storage, or a checkpoint written without a manifest
-        except OSError:  # named by Tune's saved state but no longer there, and nothing newer: start over
-            return None
+        return _newest(ray.tune.get_checkpoint(), self.trial_folder)
 
     def release_checkpoint_dir(self, path):
         _release(path)
 
 
 class TrainSession:
-    """The train loop reports to Ray Train (each data-parallel worker)."""
+    """The train loop reports to Ray Train (each data-parallel worker).
+
+    ``run_folder``: the Ray Train run's folder in a local (or shared) sweep storage. A retried trial's new
+    TorchTrainer continues from the newest complete checkpoint there, as a Tune trial does (:class:`TuneSession`):
+    it can be newer than the one Train registered (a worker killed while Train was registering it). Every
+    worker reads the same folder, which no one writes while they restore, so they all restore the same one."""
 
     replays_on_restore = True  # as TuneSession: through TuneReportCallback to the same tracker
 
-    def __init__(self):
+    def __init__(self, run_folder: str | None = None):
         ctx = ray.train.get_context()
         self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.cpus = _assigned_cpus()
+        self.run_folder = run_folder
 
     def report(self, metrics, checkpoint_dir):
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
 
     def latest_checkpoint_dir(self):
-        return _local_dir(ray.train.get_checkpoint())
+        return _newest(ray.train.get_checkpoint(), self.run_folder)
 
     def release_checkpoint_dir(self, path):
         _release(path)
+
+
+def _newest(ckpt, folder: str | None) -> str | None:
+    """The checkpoint to continue from: the newest complete one in ``folder`` (a local run or trial folder) or
+    the one Ray registered (``ckpt``), read in place when local; else a temporary copy of Ray's (remote
+    storage, or a checkpoint without a manifest); None when there is none (or Ray's is gone)."""
+    from pathlib import Path
+
+    from trainables.checkpoints import newest_complete
+
+    on_disk = sorted(Path(folder).glob("checkpoint_*")) if folder else []
+    registered = [ckpt.path] if ckpt is not None and os.path.isdir(ckpt.path) else []
+    newest = newest_complete(on_disk + registered)
+    if newest is not None:
+        return newest
+    try:
+        return _local_dir(ckpt)
+    except OSError:  # named by Ray's saved state but no longer there, and nothing newer: start over
+        return None
 
 
 _RESTORE_PREFIX = "smear-restore-"
@@ -115,11 +128,11 @@ def _release(path: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker."""
+def train_worker(config: dict[str, Any], run_folder: str | None = None) -> None:
+    """Entry point of each Ray Train worker (``run_folder``: :class:`TrainSession`'s)."""
     from ray.train.torch import prepare_model
 
-    train_loop(config, TrainSession(), wrap_model=lambda m: prepare_model(m, move_to_device=False))
+    train_loop(config, TrainSession(run_folder), wrap_model=lambda m: prepare_model(m, move_to_device=False))
 
 
 def trial(config: dict[str, Any], trials: SweepTrials, train_storage: str | None = None,
@@ -259,12 +272,13 @@ def _run(cfg: TrainConfig, resources: TrialResources, train_storage: str | None,
     # Ray Train propagates this to its controller, which polls the workers at that interval: Ray's 2 s default
     # added ~2-4 s to every trial's end (BENCHMARKS.md, "Ray Train start-up"). A user's own setting wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_S))
+    name, storage = f"train-{ctx.get_trial_id()}", train_storage or os.path.join(ctx.get_trial_dir(), "_train")
+    run_folder = os.path.join(storage, name) if "://" not in storage else None  # local or shared storage
     trainer = TorchTrainer(
-        train_worker,
+        functools.partial(train_worker, run_folder=run_folder),
         train_loop_config=to_dict(cfg),
         scaling_config=resources.scaling_config(),
-        run_config=RunConfig(name=f"train-{ctx.get_trial_id()}", storage_path=train_storage or os.path.join(ctx.get_trial_dir(), "_train"),
-                             callbacks=[TuneReportCallback()]),
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
 
