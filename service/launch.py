@@ -98,7 +98,7 @@ def run_sweep(inputs: Inputs) -> int:
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    except Exception as e:  # Tune itself failed (e.g. its experiment state on a full disk): one line, no traceback
+    except Exception as e:  # Tune failed, or a full disk ended it (service/storage_guard.py): one line, no traceback
         reason = sweep_failure(e, storage, tracker.errors.values())
         print(f"launch.py: sweep {name} failed (exit {EXIT_SWEEP_FAILED}): {reason}", file=sys.stderr)
         return EXIT_SWEEP_FAILED
@@ -135,13 +135,18 @@ EXIT_SWEEP_FAILED = 3  # the sweep itself could not go on (storage full or unwri
 
 def sweep_failure(exc: BaseException | None, storage: str, trial_errors) -> str:
     """One line on why a sweep failed: a full or unwritable storage named as such (Tune's own exception is
-    then often a consequence, e.g. a truncated pickle), else the exception, else the trials' first error."""
+    then often a consequence, e.g. a truncated pickle), else the exception, else the trials' first error.
+    A full disk is found by type (an ENOSPC OSError in the exception's chain: the StorageFull that
+    service/storage_guard.py ends a sweep with); only in what is text (the trials' errors, a message that
+    quotes a lost exception) by trainables.failures.names_storage_full."""
     import os
     import shutil
 
+    from trainables.failures import names_storage_full, storage_full
+
     seen = [f"{type(e).__name__}: {e}" for e in _chain(exc)] + list(trial_errors)
     local = "://" not in storage and Path(storage).is_dir()
-    if any("No space left on device" in t or "Errno 28" in t for t in seen):
+    if storage_full(exc) is not None or any(names_storage_full(t) for t in seen):
         free = shutil.disk_usage(storage).free if local else 0
         if free < 64 * 2**20:
             return (f"storage {storage} is full (No space left on device); free space there, then continue the "

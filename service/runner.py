@@ -15,6 +15,7 @@ from ray.tune import Callback
 
 from service.spaces import Sweep, param_space
 from service.progress import SweepProgress
+from service.storage_guard import StorageGuard
 from service.tracking import MLflowTracker
 from trainables.ray_trainable import trial
 
@@ -198,7 +199,7 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
             # Tune's tables print each trial's final result, lists and all (the routing heatmap): off unless asked
             name=name, storage_path=storage, verbose=1 if verbose else 0,
             callbacks=[tracker, SweepProgress(sweep.num_trials, sweep.metric, trials, live=False if verbose else None),
-                       StateBackup(exp_path)],
+                       StateBackup(exp_path), StorageGuard(tracker)],  # the guard last: it ends the sweep
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
     )

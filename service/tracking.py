@@ -105,8 +105,10 @@ class MLflowTracker(Callback):
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._give_up = threading.Event()  # the sweep is ending and the wait for the server is over
+        self.stopped_as = "KILLED"  # a run whose trial Tune stopped unfinished at the end (FAILED: storage full)
 
-    _RUNTIME = ("_client", "_queue", "_thread", "_lock", "_last_step", "_give_up", "_finished", "_ended")
+    _RUNTIME = ("_client", "_queue", "_thread", "_lock", "_last_step", "_give_up", "_finished", "_ended",
+                "stopped_as")
     RETRY_S = 5.0  # between two tries of a call while the tracking server is down
     FLUSH_WAIT_S = 300.0  # at the sweep's end, how long to wait for the server to write what is queued
 
@@ -258,14 +260,17 @@ class MLflowTracker(Callback):
 
     # -- Tune's hooks: capture what is needed now, log on the thread ---------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._submit(self._start, trial.trial_id, self._cfg(trial))
+        # the run's `attempt` tag: 1 + the trial's failures so far (Tune's count, kept across --resume)
+        failures = getattr(getattr(trial, "run_metadata", None), "num_failures", 0)
+        self._submit(self._start, trial.trial_id, self._cfg(trial), str(failures + 1))
 
     on_trial_restore = on_trial_start
 
-    def _start(self, tid: str, cfg: dict) -> None:
+    def _start(self, tid: str, cfg: dict, attempt: str = "1") -> None:
         run_id = self._run_for(tid, cfg)
         if run_id and not self._is_finished(tid, run_id):
             self._safe("set RUNNING", self.client.update_run, run_id, status="RUNNING")
+            self._safe("tag attempt", self.client.set_tag, run_id, "attempt", attempt)
 
     def _is_finished(self, tid: str, run_id: str) -> bool:
         """Whether the trial's run already ended FINISHED (a resumed sweep's finished trial): read from MLflow
@@ -351,7 +356,7 @@ class MLflowTracker(Callback):
             if t.status in ("TERMINATED", "ERROR") and t.trial_id in self.runs and t.trial_id not in self._ended:
                 done = t.status == "TERMINATED" and bool((t.last_result or {}).get("done"))
                 self._submit(self._end_if_running, self.runs[t.trial_id],
-                             "FINISHED" if done else "FAILED" if t.status == "ERROR" else "KILLED")
+                             "FINISHED" if done else "FAILED" if t.status == "ERROR" else self.stopped_as)
         self.flush()
 
     def _end_if_running(self, run_id: str, status: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -341,7 +342,7 @@ FILLS = """
 description: checkpoints that do not fit on the storage disk
 base: {steps: 60, eval_every: 10, batch_size: 16, torch_threads: 1, data.resolution: 16, data.augment: none,
        data.domains: [real, sketch], routing.method: smear}
-grid: {seed: [0, 1]}
+grid: {seed: [0, 1, 2, 3]}
 resources: {cpu: 1}
 max_concurrent_trials: 2
 max_failures: 1
@@ -349,22 +350,31 @@ max_failures: 1
 
 
 def test_a_storage_disk_that_fills_ends_the_sweep_with_a_one_line_reason(tmp_path, env_with_venv):
-    """--storage on a 3 MiB tmpfs: the first checkpoints fill it. The sweep ends with exit 3 and one line naming
-    the full storage, on the console and on the parent run; every run ended FAILED, none RUNNING, no traceback."""
+    """--storage on a 3 MiB tmpfs: the first checkpoints fill it. The sweep ends at the first ENOSPC
+    (service/storage_guard.py) with exit 3 and one line naming the full storage, on the console and on the parent
+    run; every run ended FAILED, none RUNNING, no traceback. A full disk is no trial's fault: no trial is retried
+    against it (each run's `attempt` is Tune's failures + 1 at its start), and of the 4 trials, 2 at a time,
+    only the 2 running at the first ENOSPC ever started (a trial's run is created when Tune starts it)."""
     with tmpfs(tmp_path / "disk", "size=3m") as disk:
+        t0 = time.monotonic()
         proc = _launch(tmp_path, env_with_venv, FILLS, storage=disk)
         with _reaped(proc):
             rc = proc.wait(timeout=400)
+        print(f"full storage: the sweep ended after {time.monotonic() - t0:.0f} s")  # before the guard: 75 s here
         out = (tmp_path / "out0.txt").read_text()
         assert rc == 3, out[-4000:]
         (line,) = [x for x in out.splitlines() if x.startswith("launch.py: sweep ft")]
         assert f"(exit 3): storage {disk} is full (No space left on device)" in line, line
         tail = out[out.index(line):]
         assert "Traceback" not in tail and "pickle data was truncated" not in out and "EOFError" not in tail
+        assert "Traceback" not in out and not re.search(r'^\s+File "', out, re.M), out[-4000:]  # none at all,
+        # Ray's logs included (a stopped trial's dropped ENOSPC was printed, frames and all, as an "Unhandled error")
         parent, children = child_runs(f"{tmp_path}/mlflow.db", experiment="smear-sweep/space")
         assert parent.info.status == "FAILED"
         assert "is full (No space left on device)" in parent.data.tags["sweep_error"]
         assert len(children) == 2 and [r.info.status for r in children] == ["FAILED", "FAILED"]
+        assert [r.data.tags.get("attempt") for r in children] == ["1", "1"]  # no retry against the full disk
+        assert any("[Errno 28]" in r.data.tags.get("error", "") for r in children)  # the first ENOSPC's trial
 
 
 def test_a_state_file_cut_short_by_a_killed_driver_is_repaired_from_its_last_complete_copy(tmp_path):

@@ -19,6 +19,7 @@ import ray.tune
 
 from smear.configs import to_dict
 from trainables.config import TrainConfig
+from trainables.failures import StorageFull, raised, storage_full
 from trainables.identity import SweepTrials
 from trainables.resources import TrialResources
 from trainables.loop import train_loop
@@ -227,7 +228,9 @@ class SystemMetrics:
 
 def _guarded(cfg: TrainConfig, resources: TrialResources, train_storage: str | None,
              trial_folder: str | None = None) -> None:
-    """Run the trial; a non-finite loss leaves a marker so that Tune's retries fail at once."""
+    """Run the trial; a non-finite loss leaves a marker so that Tune's retries fail at once. A full disk (ENOSPC,
+    e.g. Tune's copy of a checkpoint into the sweep's storage) is raised as :class:`StorageFull`: the driver ends
+    the sweep at the first one, with no retry (service/storage_guard.py)."""
     marker = os.path.join(ray.tune.get_context().get_trial_dir(), NONFINITE_MARKER)
     if os.path.exists(marker):  # a retry after a non-finite loss fails again at once, with the same reason
         with open(marker) as f:
@@ -239,24 +242,9 @@ def _guarded(cfg: TrainConfig, resources: TrialResources, train_storage: str | N
         if diverged is not None:
             with open(marker, "w") as f:
                 f.write(str(diverged).strip().splitlines()[-1])
+        if storage_full(e) is not None and not isinstance(e, StorageFull):
+            raise StorageFull.of(e) from e
         raise
-
-
-def raised(error: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """``error`` or the first exception of type ``kind`` it carries: through its cause and context chain, and
-    through what a data-parallel trial's Ray Train run reports (``WorkerGroupError.worker_failures``, a
-    ``ControllerError``'s ``controller_failure``). A failure's kind is its type, never a substring."""
-    todo, seen = [error], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, kind):
-            return e
-        todo += [e.__cause__, e.__context__, getattr(e, "controller_failure", None),
-                 *(getattr(e, "worker_failures", None) or {}).values()]
-    return None
 
 
 def _run(cfg: TrainConfig, resources: TrialResources, train_storage: str | None,
