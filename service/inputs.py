@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,9 +23,9 @@ from smear.configs import ConfigError
 from smear.data.domainnet import DataError
 from service import estimate  # (light: torch only when it calibrates)
 from service.spaces import Sweep, load_sweep
+from service.refusal import internal_error, refuse
 from service.uris import check_uri, resolve_tracking_uri
 
-EXIT_BAD_INPUT = 2
 DESCRIPTION = "Launch a sweep: validate the declaration, run it on Ray Tune, record every trial in MLflow, report."
 
 
@@ -247,16 +246,6 @@ def read_inputs(argv: list[str] | None, reading: Reading, *, usage: str | None =
     return Inputs(args=args, sweep=sweep, tracking_uri=uri, storage=storage, extension=ext)
 
 
-def one_line(message: str) -> str:
-    """A refusal is one line: line breaks inside a value are shown escaped."""
-    return message.replace("\r", "\\r").replace("\n", "\\n")
-
-
-def refuse(message: str) -> int:
-    print(f"launch.py: error: {one_line(message)}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-
-
 def boundary(argv: list[str] | None = None, **kw: Any) -> Inputs | int:
     """:func:`read_inputs` with its contract made total: the inputs, or exit code 2 after one line."""
     reading = Reading()
@@ -267,6 +256,4 @@ def boundary(argv: list[str] | None = None, **kw: Any) -> Inputs | int:
     except (SystemExit, KeyboardInterrupt):
         raise  # argparse's refusals (one line, exit 2: _Parser.error); Ctrl-C
     except BaseException as e:  # noqa: BLE001 - the contract: never a traceback; a bug of the boundary, named
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        return refuse(f"internal error while reading {reading.what}: {type(e).__name__}: {first}; valid: an input "
-                      "of the kinds above (this is a bug of service/inputs.py, please report it)")
+        return internal_error(e, reading.what)

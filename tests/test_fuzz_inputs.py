@@ -204,3 +204,47 @@ def test_the_valid_declarations_pass_the_contract_as_valid(fuzz_env):
         folder = fuzz_env.mktemp("valid")
         rc, output, _ = _run(folder, yaml.safe_dump(tree).encode(), ["--dry-run"], None)
         assert rc == 0, output[-2000:]
+
+
+REPORT_FLAGS = ["--tracking-uri", "--storage", "--experiment", "--reference", "--ci", "--n-boot"]
+
+
+@st.composite
+def report_argv(draw) -> tuple[list[str], str | None]:
+    """report.py's command line: a sweep name or none, any of its flags with values of every kind."""
+    argv = [draw(flag_text)] if draw(st.booleans()) else []
+    for flag in draw(st.lists(st.sampled_from(REPORT_FLAGS), max_size=3, unique=True)):
+        argv += [flag, draw(flag_text)]
+    return argv, draw(st.one_of(st.none(), flag_text))
+
+
+@PROFILE
+@given(flags=report_argv())
+def test_any_report_command_line_gets_a_report_or_one_clean_refusal(fuzz_env, flags):
+    """The report's command line keeps the same contract (service/report: a refusal is one line, exit 2)."""
+    folder, (argv, env_uri) = fuzz_env.mktemp("fuzz-report"), flags
+    out, err = io.StringIO(), io.StringIO()
+    was = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if env_uri is not None and "\x00" not in env_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = env_uri
+    cwd, t0 = os.getcwd(), time.monotonic()
+    try:
+        os.chdir(folder)
+        from service.report import main
+
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(argv)
+            except SystemExit as e:
+                rc = e.code
+    finally:
+        os.chdir(cwd)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if was is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = was
+    output = out.getvalue() + err.getvalue()
+    assert "Traceback" not in output and rc == 2, (rc, output[-3000:])  # no store here: never a report
+    lines = [x for x in err.getvalue().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("report.py: error: ") and "internal error" not in lines[0], lines
+    assert time.monotonic() - t0 < SECONDS
+    assert not list(folder.iterdir()), sorted(p.name for p in folder.iterdir())

@@ -198,12 +198,19 @@ def main(argv: list[str] | None = None, *, usage: str | None = None, epilog: str
     # an unreachable server: fail in seconds with one line, not after minutes of retries
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-    try:
+    from service.refusal import internal_error, refuse
+
+    try:  # total, as the launcher's boundary: a refusal is one line, never a traceback
         path = write_report(resolve_tracking_uri(args.tracking_uri), args.sweep, args.storage, args.experiment,
                             reference=args.reference, interval=args.ci, n_boot=args.n_boot)
     except ReportError as e:
-        print(f"report.py: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return refuse(str(e), "report.py")
+    except Exception as e:  # noqa: BLE001 - the contract: one line naming what was being read
+        from smear.configs import ConfigError  # (imports torch: only here, on a refusal)
+
+        if isinstance(e, ConfigError):  # a URI of the environment refused by service/uris.py
+            return refuse(str(e), "report.py")
+        return internal_error(e, f"the sweep {args.sweep!r} in {args.tracking_uri or 'the default store'}", "report.py")
     print(path.read_text())
     print(f"report: {path} (also logged to the parent run under report/)")
     return 0
