@@ -24,7 +24,7 @@ test: install browser ## the whole suite: unit tests, then real Ray / MLflow swe
 	$(PY) -m pytest $(ARGS)
 
 browser:              ## Debian's Chromium for the MLflow UI test (Playwright drives it; it cannot download one)
-	@command -v chromium >/dev/null 2>&1 || [ -x "$${SMEAR_CHROMIUM:-/nonexistent}" ] || \
+	@command -v chromium >/dev/null 2>&1 || { [ -n "$${SMEAR_CHROMIUM:-}" ] && [ -f "$$SMEAR_CHROMIUM" ] && [ -x "$$SMEAR_CHROMIUM" ]; } || \
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "make: could not install chromium (not root?): apt-get install chromium, or set SMEAR_CHROMIUM"
 
