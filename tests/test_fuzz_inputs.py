@@ -135,11 +135,9 @@ def flag_sets(draw) -> tuple[list[str], str | None]:
     return argv, draw(st.one_of(st.none(), flag_text))
 
 
-def _run(folder: Path, declaration: bytes | None, argv: list[str], env_uri: str | None) -> tuple[int, str, float]:
-    """launch.py's main in ``folder`` (its working directory), with its output captured."""
-    if declaration is not None:
-        (folder / "space.yaml").write_bytes(declaration)
-        argv = ["--sweep", str(folder / "space.yaml"), *argv]
+def _captured(folder: Path, env_uri: str | None, main, argv: list[str]) -> tuple[int, str, str, float]:
+    """``main(argv)`` in ``folder`` (its working directory) with MLFLOW_TRACKING_URI = ``env_uri`` (None: unset):
+    (exit code, stdout, stderr, seconds); argparse's refusals are SystemExit."""
     out, err = io.StringIO(), io.StringIO()
     was = os.environ.pop("MLFLOW_TRACKING_URI", None)
     if env_uri is not None and "\x00" not in env_uri:
@@ -147,8 +145,6 @@ def _run(folder: Path, declaration: bytes | None, argv: list[str], env_uri: str 
     cwd, t0 = os.getcwd(), time.monotonic()
     try:
         os.chdir(folder)
-        from service.launch import main
-
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 rc = main(argv)
@@ -159,7 +155,18 @@ def _run(folder: Path, declaration: bytes | None, argv: list[str], env_uri: str 
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         if was is not None:
             os.environ["MLFLOW_TRACKING_URI"] = was
-    return rc, out.getvalue() + "\n" + err.getvalue(), time.monotonic() - t0
+    return rc, out.getvalue(), err.getvalue(), time.monotonic() - t0
+
+
+def _run(folder: Path, declaration: bytes | None, argv: list[str], env_uri: str | None) -> tuple[int, str, float]:
+    """launch.py's main in ``folder``, its declaration written there first."""
+    from service.launch import main
+
+    if declaration is not None:
+        (folder / "space.yaml").write_bytes(declaration)
+        argv = ["--sweep", str(folder / "space.yaml"), *argv]
+    rc, out, err, seconds = _captured(folder, env_uri, main, argv)
+    return rc, out + "\n" + err, seconds
 
 
 def _check_contract(folder: Path, rc: int, output: str, seconds: float) -> None:
@@ -222,29 +229,13 @@ def report_argv(draw) -> tuple[list[str], str | None]:
 @given(flags=report_argv())
 def test_any_report_command_line_gets_a_report_or_one_clean_refusal(fuzz_env, flags):
     """The report's command line keeps the same contract (service/report: a refusal is one line, exit 2)."""
-    folder, (argv, env_uri) = fuzz_env.mktemp("fuzz-report"), flags
-    out, err = io.StringIO(), io.StringIO()
-    was = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    if env_uri is not None and "\x00" not in env_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = env_uri
-    cwd, t0 = os.getcwd(), time.monotonic()
-    try:
-        os.chdir(folder)
-        from service.report import main
+    from service.report import main
 
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                rc = main(argv)
-            except SystemExit as e:
-                rc = e.code
-    finally:
-        os.chdir(cwd)
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-        if was is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = was
-    output = out.getvalue() + err.getvalue()
+    folder, (argv, env_uri) = fuzz_env.mktemp("fuzz-report"), flags
+    rc, out, err, seconds = _captured(folder, env_uri, main, argv)
+    output = out + err
     assert "Traceback" not in output and rc == 2, (rc, output[-3000:])  # no store here: never a report
-    lines = [x for x in err.getvalue().splitlines() if x.strip()]
+    lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("report.py: error: ") and "internal error" not in lines[0], lines
-    assert time.monotonic() - t0 < SECONDS
+    assert seconds < SECONDS
     assert not list(folder.iterdir()), sorted(p.name for p in folder.iterdir())
