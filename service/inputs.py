@@ -190,10 +190,14 @@ def resolve_data(sweep: Sweep, data_root: str | None, *, create: bool, images: s
 
 
 def check_resources(sweep: Sweep) -> None:
-    """Every trial's resource request, as Tune will ask for it (a bad combination is a one-line ConfigError)."""
+    """Every trial's resource request, as Tune will ask for it (a bad combination is a one-line ConfigError):
+    checked once per (setting, num_workers, use_gpu), what a request depends on (preflight.distinct_trials),
+    not once per trial (a config built per trial: seconds at 10,000 trials)."""
+    from service.preflight import distinct_trials
+
     trials = sweep.identity()
-    for t in sweep.trials:
-        trials.resources_of(t.config)
+    for config in distinct_trials(sweep):
+        trials.resources_of(config)
 
 
 @dataclass

@@ -104,7 +104,7 @@ def probe_tracking_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
                       "MLflow server (mlflow server --host ... --port ...), or a sqlite:/// store")
 
 
-def _distinct_trials(sweep):
+def distinct_trials(sweep):
     """One config per (setting, num_workers, use_gpu): the keys its resource needs depend on."""
     seen: dict[tuple, dict] = {}
     for t in sweep.trials:
@@ -120,7 +120,7 @@ def check_local_resources(sweep) -> None:
 
     cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
     trials = sweep.identity()
-    for c in _distinct_trials(sweep):
+    for c in distinct_trials(sweep):
         cpu, gpu = trials.resources_of(c).total
         if cpu > cpus or gpu > gpus:
             workers = f" ({c['num_workers']} workers)" if c["num_workers"] > 1 else ""
@@ -143,7 +143,7 @@ def check_cluster_resources(sweep, shapes) -> None:
         return
     where = f"the cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
     trials = sweep.identity()
-    for c in _distinct_trials(sweep):
+    for c in distinct_trials(sweep):
         workers = f" ({c['num_workers']} workers)" if c["num_workers"] > 1 else ""
         for (cpu, gpu), n in Counter(trials.resources_of(c).bundles).items():
             room = shapes.room_for(cpu, gpu)
