@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 
 from smear.configs import ConfigError
-from smear.hub import PROBE_TIMEOUT_S
 
 
 def check_environment(sweep, *, storage: str, tracking_uri: str) -> None:
@@ -30,8 +29,7 @@ def check_environment(sweep, *, storage: str, tracking_uri: str) -> None:
     if not os.environ.get("RAY_ADDRESS"):
         check_local_resources(sweep)
         check_weights(sweep)
-    probe_tracking_server(tracking_uri)
-    probe_tracking(tracking_uri)  # opened as the sweep will open it (service/probes.py)
+    probe_tracking(tracking_uri)  # opened as the sweep will open it, in seconds (service/probes.py)
     probe_storage(storage)
     if os.environ.get("RAY_ADDRESS"):  # connects to the cluster (nothing is created there or here)
         probe_ray_address(os.environ["RAY_ADDRESS"])
@@ -79,29 +77,6 @@ def check_tracking_store(uri: str) -> None:
         check_folder("tracking URI", uri, uri.removeprefix("file:").removeprefix("//"))
     elif "://" not in uri:
         check_folder("tracking URI", uri)
-
-
-def probe_tracking_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """An http(s) tracking server answers within ``timeout`` seconds (any HTTP status counts, a request
-    for credentials too, but not a gateway's 502 / 503 / 504 for a server behind it). A plain request, not
-    MLflow's client, which retries for minutes."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
-
-    try:
-        # a fresh opener: urlopen() would install a process-wide one with this moment's proxies
-        urllib.request.build_opener().open(f"{uri.rstrip('/')}/health", timeout=timeout).close()
-        return
-    except urllib.error.HTTPError as e:
-        if e.code not in (502, 503, 504):
-            return
-        reason = f"HTTP {e.code}"
-    except (OSError, ValueError) as e:
-        reason = str(getattr(e, "reason", e))
-    raise ConfigError(f"tracking URI {uri!r} does not answer within {timeout:g} s ({reason}); valid: a running "
-                      "MLflow server (mlflow server --host ... --port ...), or a sqlite:/// store")
 
 
 def distinct_trials(sweep):

@@ -95,8 +95,10 @@ def probe_sql_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
 
 
 def probe_mlflow_http(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """An http(s) server that answers is MLflow: its REST API answers a lookup of the Default experiment with
-    MLflow's JSON (the experiment, or MLflow's error_code); a request for credentials counts (an auth server)."""
+    """An http(s) tracking server answers within ``timeout`` seconds and is MLflow: its REST API answers a lookup
+    of the Default experiment with MLflow's JSON (the experiment, or MLflow's error_code); a request for
+    credentials counts (an auth server); a gateway's 502 / 503 / 504 for a server behind it is no answer. One
+    plain request, not MLflow's client, which retries for minutes."""
     import urllib.error
     import urllib.request
 
@@ -108,10 +110,14 @@ def probe_mlflow_http(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             return
+        if e.code in (502, 503, 504):
+            raise ConfigError(f"tracking URI {uri!r} does not answer within {timeout:g} s (HTTP {e.code}); valid: a "
+                              "running MLflow server (mlflow server --host ... --port ...), or a sqlite:/// store") from None
         body, status = e.read(1 << 16), e.code
     except (OSError, ValueError) as e:
         raise ConfigError(f"tracking URI {uri!r} does not answer within {timeout:g} s "
-                          f"({getattr(e, 'reason', e)}); valid: a running MLflow server") from None
+                          f"({getattr(e, 'reason', e)}); valid: a running MLflow server (mlflow server --host ... "
+                          "--port ...), or a sqlite:/// store") from None
     try:
         data = json.loads(body)
     except ValueError:

@@ -128,3 +128,26 @@ def test_ray_address_of_a_real_head_is_accepted(tmp_path, env_with_venv):
             except ConfigError:
                 assert time.monotonic() < deadline, "the head's GCS never answered the probe"
                 time.sleep(1)
+
+
+def test_a_gateway_answering_for_a_server_that_is_down_is_no_answer():
+    """A reverse proxy's 503 for the MLflow server behind it: the tracking server does not answer."""
+    import http.server
+    import threading
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(503)
+            self.end_headers()
+            self.wfile.write(b"upstream connect error")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ConfigError, match=r"does not answer within 3 s \(HTTP 503\); valid: a running MLflow server"):
+            probe_mlflow_http(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
