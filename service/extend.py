@@ -59,12 +59,12 @@ class Extension:
 
     def start(self, parent, sweep: Sweep) -> None:
         """Mark the extension running on the parent run and record its trial list next to the sweep's."""
-        parent.client.set_tag(parent.run_id, self.tag, RUNNING)
-        parent.client.log_dict(parent.run_id, [{"index": t.index, **t.overrides} for t in sweep.trials],
-                               f"trials-{self.experiment}.json")
+        parent.tag(self.tag, RUNNING)
+        parent.artifact(f"trials-{self.experiment}.json",
+                        json.dumps([{"index": t.index, **t.overrides} for t in sweep.trials]))
 
     def done(self, parent) -> None:
-        parent.client.set_tag(parent.run_id, self.tag, DONE)
+        parent.tag(self.tag, DONE)
 
 
 def _points(overrides: list[dict]) -> set[str]:

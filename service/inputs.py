@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None, *, usage: str | None = None, epilo
                    help="decode every image of the data before the sweep (parallel; default: headers only)")
     p.add_argument("--verbose", action="store_true",
                    help="also print Ray Tune's trial tables and each trial's results (default: one progress display)")
+    p.add_argument("--sync", action="store_true",
+                   help="send the tracking server what it lacks of sweep --name's record (its journal in --storage): "
+                        "after a sweep that ended with writes unsent (exit 4); idempotent")
     estimate.add_arguments(p)  # --estimate, --price-per-gpu-hour, --calibration-steps, --calibration-batch
     _extend_arguments(p)
     args = p.parse_args(argv)
@@ -90,6 +93,13 @@ def parse_args(argv: list[str] | None = None, *, usage: str | None = None, epilo
         v = getattr(args, flag)
         if v is not None and not (math.isfinite(v) and v >= low):
             p.error(f"--{flag.replace('_', '-')}={v} must be >= {low}{'' if math.isfinite(v) else ' and finite'}")
+    if args.sync:
+        if not args.name:
+            p.error("--sync needs --name, the run name of the sweep whose record to send")
+        for bad in ("resume", "extend", "dry_run", "estimate", "smoke"):
+            if getattr(args, bad):
+                p.error(f"--sync and --{bad.replace('_', '-')} cannot be combined: --sync only sends a recorded "
+                        "sweep's journal; valid: --sync --name RUN [--storage DIR] [--tracking-uri URI]")
     if args.resume and not args.name:
         p.error("--resume needs --name, the run name of the sweep to continue")
     if args.resume and args.max_concurrent_trials is not None:  # Tune restores the saved sweep's TuneConfig
@@ -205,7 +215,7 @@ class Inputs:
     """What the boundary read: the flags, the resolved sweep, where it records and stores, its extension."""
 
     args: argparse.Namespace
-    sweep: Sweep
+    sweep: Sweep | None    # None for --sync (it needs no declaration)
     tracking_uri: str
     storage: str
     extension: Any | None  # service.extend.Extension for --extend
@@ -230,6 +240,9 @@ def read_inputs(argv: list[str] | None, reading: Reading, *, usage: str | None =
     from service.preflight import check_environment, check_sweep_name
 
     args = parse_args(argv, usage=usage, epilog=epilog)
+    if args.sync:
+        with reading(f"the record journal of --name={args.name!r}"):
+            return read_sync(args)
     with reading("the tracking URI (--tracking-uri / MLFLOW_TRACKING_URI)"):
         uri = resolve_tracking_uri(args.tracking_uri)
     with reading(f"--storage={args.storage!r}"):
@@ -248,6 +261,26 @@ def read_inputs(argv: list[str] | None, reading: Reading, *, usage: str | None =
     with reading("the trials' resources"):
         check_resources(sweep)
     return Inputs(args=args, sweep=sweep, tracking_uri=uri, storage=storage, extension=ext)
+
+
+def read_sync(args: argparse.Namespace) -> Inputs:
+    """--sync: the sweep's journal must be in the storage; the tracking URI is --tracking-uri, else the one the
+    journal records (the store the sweep wrote to)."""
+    from service.journal import FILE, Journal, journal_path
+
+    storage = resolve_storage(args.storage)
+    path = journal_path(storage, args.name)
+    if not path.is_file():
+        local = "://" not in storage and Path(storage).is_dir()
+        found = sorted(p.parent.name for p in Path(storage).glob(f"*/{FILE}")) if local else []
+        raise ConfigError(f"--name={args.name!r}: no record journal at {path}; valid: a sweep recorded in --storage "
+                          f"{storage}: {', '.join(found) or 'none found'}")
+    header = Journal.at(path).parent
+    if not header.get("run_id"):
+        raise ConfigError(f"--name={args.name!r}: the journal {path} records no parent run; valid: a journal "
+                          "written by launch.py")
+    uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else header["uri"]
+    return Inputs(args=args, sweep=None, tracking_uri=uri, storage=storage, extension=None)
 
 
 def boundary(argv: list[str] | None = None, **kw: Any) -> Inputs | int:

@@ -53,19 +53,23 @@ def ui_command(uri: str) -> str:
 
 def run_sweep(inputs: Inputs) -> int:
     """Run a validated sweep: the parent run (service.record), the Tuner (service.runner), the report.
-    ``inputs.extension`` (--extend): the sweep's new seeds as their own Tune experiment under its parent run."""
-    from service.record import NoParentRun, ParentRun, experiment_name
+    ``inputs.extension`` (--extend): the sweep's new seeds as their own Tune experiment under its parent run.
+    Every tracking write goes through the sweep's journal (service/journal.py): a sweep whose tracking server
+    did not take all of it ends with EXIT_RECORD_INCOMPLETE, what each run lacks, and the --sync command."""
+    from service.journal import journal_path, upload
+    from service.record import EXIT_RECORD_INCOMPLETE, NoParentRun, ParentRun, experiment_name
     from service.progress import close_displays
     from service.report import end_of_sweep
     from service.runner import build_tuner, connect_ray
     from service.provenance import note as provenance_note, provenance
-    from service.tracking import MLflowTracker, fail_fast_http
+    from service.replica import fail_fast_http
+    from service.tracking import MLflowTracker
 
     args, sweep, ext, uri, storage = inputs.args, inputs.sweep, inputs.extension, inputs.tracking_uri, inputs.storage
     name = args.name or f"{sweep.name}{'-smoke' if args.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
     code = provenance(REPO)  # git commit, tree and dirty flag, also under `ray job submit` (service/provenance.py)
     try:
-        parent = ParentRun.open(uri, sweep, name, resume=args.resume or ext is not None,
+        parent = ParentRun.open(uri, sweep, name, storage=storage, resume=args.resume or ext is not None,
                                 tags={**code, "smoke": str(args.smoke)})
     except NoParentRun as e:
         return refuse(str(e))
@@ -73,7 +77,7 @@ def run_sweep(inputs: Inputs) -> int:
         print(unknown, file=sys.stderr, flush=True)
     if ext is not None:
         ext.start(parent, sweep)
-    tracker = MLflowTracker(uri, parent.experiment_id, parent.run_id, name,
+    tracker = MLflowTracker(journal_path(storage, name), uri, parent.experiment_id, parent.run_id, name,
                             {**code, **({"extension": ext.experiment} if ext else {})}, trials=sweep.identity())
     again = f"--extend --seeds {','.join(map(str, ext.seeds))}" if ext else "--resume"
     print(f"sweep {name}: {sweep.num_trials} {'new ' if ext else ''}trials; if interrupted, "
@@ -83,10 +87,10 @@ def run_sweep(inputs: Inputs) -> int:
     try:
         connect_ray()
         signal.signal(signal.SIGTERM, _interrupt)  # ray.init() installs its own SIGTERM handler: ours again
-        fail_fast_http()  # the driver's MLflow calls: the tracker retries an outage itself (service/tracking.py)
-        tuner, tracker = build_tuner(sweep, name=ext.experiment if ext else name, storage=storage, tracker=tracker,
-                                     resume=args.resume or (ext is not None and ext.resume), verbose=args.verbose,
-                                     tracking=None if args.no_system_metrics else (uri, parent.experiment_id))
+        fail_fast_http()  # the driver's MLflow calls: the replica retries an outage itself (service/replica.py)
+        tuner = build_tuner(sweep, name=ext.experiment if ext else name, storage=storage, tracker=tracker,
+                            resume=args.resume or (ext is not None and ext.resume), verbose=args.verbose,
+                            tracking=None if args.no_system_metrics else (uri, parent.experiment_id))
         try:
             grid = tuner.fit()
         finally:  # a sweep interrupted or failed before Tune's end: its live display stops here
@@ -109,6 +113,9 @@ def run_sweep(inputs: Inputs) -> int:
             if note:
                 print(note, file=sys.stderr)
             parent.finish(status, tags={k: v for k, v in (("sweep_error", reason), ("tracking_note", note)) if v})
+            if not parent.replica.flush(timeout=5):
+                print(parent.incomplete(), file=sys.stderr)
+            _say(upload(storage, name))
     wall = time.time() - t0
     n_trials, n_err = len(grid), sum(1 for r in grid if r.error)  # Tune's results: the exit code
     note = tracker.record_summary()  # what a tracking outage cost the record, if there was one
@@ -118,16 +125,71 @@ def run_sweep(inputs: Inputs) -> int:
                   metrics={f"{what}wall_s": wall, f"{what}tracking_s": tracker.seconds},
                   tags={k: v for k, v in (("sweep_error", reason), ("tracking_note", note)) if v})
     print(f"\nsweep {name}: {n_trials} {'new ' if ext else ''}trials, {n_err} failed, wall {wall:.0f} s\n")
-    where = end_of_sweep(uri, name, storage, experiment_name(sweep), ext.experiment if ext else None)  # the summary
+    where = []  # the report's line: where it is, or why it was not written
+
+    def publisher(data: dict) -> bool:  # the report, written by the replica once the rest of the record is in
+        ok, line = end_of_sweep(uri, name, storage, data["experiment"], data.get("extension"))
+        where.append(line)
+        return ok
+
+    complete = parent.publish(publisher, experiment=experiment_name(sweep), extension=ext.experiment if ext else None)
+    _say(upload(storage, name))
     code = 0 if n_err == 0 else EXIT_SWEEP_FAILED if reason.startswith("storage ") else 1
     if reason:
         print(f"launch.py: sweep {name}: {n_err} of {n_trials} trials failed (exit {code}): {reason}", file=sys.stderr)
     if note:
         print(note)
-    print(where)
+    print(*where)
     print(f"\nMLflow: experiment {experiment_name(sweep)!r}, parent run '{name}' in {uri}")
     print(f"Browse: {ui_command(uri)}")
+    if not complete:
+        print(parent.incomplete(), file=sys.stderr)
+        code = code if code == EXIT_SWEEP_FAILED else EXIT_RECORD_INCOMPLETE
     return code
+
+
+def run_sync(inputs: Inputs) -> int:
+    """``--sync --name RUN``: send what the tracking server lacks of the sweep's journal (its unsent writes,
+    then its report if the sweep ended without one), idempotently. 0 when the record is complete, else
+    EXIT_RECORD_INCOMPLETE and one line."""
+    from service.journal import Journal, journal_path
+    from service.record import EXIT_RECORD_INCOMPLETE, incomplete_note
+    from service.replica import Replica, fail_fast_http
+    from service.report import end_of_sweep
+
+    name, storage, uri = inputs.args.name, inputs.storage, inputs.tracking_uri
+    path = journal_path(storage, name)
+    header = Journal.at(path).parent
+    fail_fast_http()
+    replica = Replica.at(path, uri, header["experiment_id"], header["run_id"])
+    where = []
+
+    def publisher(data: dict) -> bool:
+        ok, line = end_of_sweep(uri, name, storage, data["experiment"], data.get("extension"))
+        where.append(line)
+        return ok
+
+    replica.publisher = publisher
+    try:
+        sent = replica.sync()
+    except Exception as e:  # noqa: BLE001 - the server does not answer (or fails): one line, the journal is intact
+        print(f"launch.py: sync of sweep {name}: {uri} did not take the record ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200] if str(e) else ''}); nothing is lost: run the same command again "
+              f"once it answers", file=sys.stderr)
+        return EXIT_RECORD_INCOMPLETE
+    print(*where)
+    if replica.missing():
+        print(incomplete_note(replica, name, storage), file=sys.stderr)
+        return EXIT_RECORD_INCOMPLETE
+    note = replica.summary()
+    print(f"sync: sweep {name}: {sent} write(s) sent to {uri} from {path}; its record is complete"
+          + (f" ({note})" if note else ""))
+    return 0
+
+
+def _say(line: str | None) -> None:
+    if line:
+        print(f"launch.py: {line}", file=sys.stderr)
 
 
 EXIT_SWEEP_FAILED = 3  # the sweep itself could not go on (storage full or unwritable, Tune failed, ...)
@@ -203,7 +265,7 @@ def main(argv: list[str] | None = None, *, usage: str | None = None, epilog: str
         except (ConfigError, DataError) as e:
             return refuse(str(e))
     try:
-        return run_sweep(inputs)
+        return run_sync(inputs) if inputs.args.sync else run_sweep(inputs)
     except KeyboardInterrupt:  # SIGTERM (`ray job stop`, kill) or Ctrl-C: every run of the sweep is KILLED
         term = signal.SIGTERM in _received
         print(f"launch.py: interrupted ({'SIGTERM' if term else 'SIGINT'}): the sweep's MLflow runs are KILLED; "

@@ -151,8 +151,9 @@ def quiet_tune_logs() -> None:
 
 def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker, tracking, resume: bool,
                 verbose: bool = False):
-    """(Tuner, the tracker Tune will call). On resume, Tune restores the pickled tracker with its state, and
-    the sweep's console as it started (its RunConfig: ``verbose`` applies to a new sweep).
+    """The Tuner. On resume, Tune restores the pickled tracker (which finds this process's replica of the
+    sweep's journal again: service/tracking.py) and the sweep's console as it started (its RunConfig:
+    ``verbose`` applies to a new sweep).
 
     The console (service/progress.py): one live display on a terminal, one line per trial end elsewhere.
     ``verbose``: Ray Tune's own trial tables and results too (with the plain lines, which suit them). Every
@@ -164,7 +165,7 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
         quiet_tune_logs()
     exp_path = experiment_path(storage, name)
     trials = tracker.trials
-    # on resume, the trials the record holds as FINISHED report their final metrics and end: Tune's saved
+    # on resume, the trials the journal holds as FINISHED report their final metrics and end: Tune's saved
     # state can predate their end (a driver killed right after it), and they must not train or log again
     finished = tracker.finished_trials() if resume else None
     trainable = tune.with_resources(
@@ -175,10 +176,8 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
         for f in repair_experiment_state(exp_path):
             print(f"resume: Tune's {f} was cut short (the driver died while writing it): its last complete copy "
                   "is used", flush=True)
-        MLflowTracker.restored = None
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=param_space(sweep))
-        return tuner, MLflowTracker.restored or tracker
+        return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=param_space(sweep))
     search_alg, scheduler = _search_and_scheduler(sweep)
 
     def run_name(t) -> str:  # Tune's trial name and folder: the MLflow run's name
@@ -203,7 +202,7 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
     )
-    return tuner, tracker
+    return tuner
 
 
 def can_resume(storage: str, name: str) -> bool:

@@ -23,8 +23,9 @@ def _recorded_sweep(tmp_path, status: str = "FINISHED", smoke: bool = False):
 
     (tmp_path / "space.yaml").write_text(textwrap.dedent(GOOD))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    parent = ParentRun.open(uri, load_sweep(str(tmp_path / "space.yaml")), "t", resume=False,
-                            tags={"smoke": str(smoke)})
+    parent = ParentRun.open(uri, load_sweep(str(tmp_path / "space.yaml")), "t", storage=str(tmp_path / "recorded"),
+                            resume=False, tags={"smoke": str(smoke)})
+    assert parent.replica.flush()                                 # its declaration and trial list are in MLflow
     child = parent.client.create_run(parent.experiment_id, run_name="smear-s0-x_00000", tags={
         "mlflow.parentRunId": parent.run_id, "sweep": "t", "trial_id": "x_00000", "method": "smear", "seed": "0"})
     parent.client.set_terminated(child.info.run_id, "FINISHED")

@@ -268,16 +268,17 @@ def test_end_of_sweep_prints_the_reports_trials_or_how_to_retry(tmp_path, capsys
 
     db = tmp_path / "mlflow.db"
     pid = _fake_sweep(db, heatmap=False)
-    line = end_of_sweep(f"sqlite:///{db}", "fake", tmp_path / "results", "smear-sweep/space", extension="fake-extend-1")
-    assert line == f"\nReport: {tmp_path / 'results' / 'fake' / 'report' / 'summary.md'}"
+    ok, line = end_of_sweep(f"sqlite:///{db}", "fake", tmp_path / "results", "smear-sweep/space",
+                            extension="fake-extend-1")
+    assert ok and line == f"\nReport: {tmp_path / 'results' / 'fake' / 'report' / 'summary.md'}"
     out = capsys.readouterr().out
     assert "| method | seed | val accuracy (best) | test accuracy | status |\n" in out and "| adapter | 0 | - | - | ERROR |" in out
     assert "| tag | 1 | 0.7000 +- 0.0000 | 0.7000 +- 0.0000 |" in out
     root = {a.path for a in MlflowClient(f"sqlite:///{db}").list_artifacts(pid)}
     assert {"summary.md", "summary-fake-extend-1.md", "report"} <= root
     missing = f"sqlite:///{tmp_path}/missing.db"
-    line = end_of_sweep(missing, "fake", tmp_path / "r2", "smear-sweep/space")
-    assert line.startswith("\nReport not written (ReportError: no MLflow store at ") and line.endswith(
+    ok, line = end_of_sweep(missing, "fake", tmp_path / "r2", "smear-sweep/space")
+    assert not ok and line.startswith("\nReport not written (ReportError: no MLflow store at ") and line.endswith(
         f"retry with: python -m service.report fake --tracking-uri {missing} --storage {tmp_path / 'r2'}")
     assert capsys.readouterr().out == "" and not (tmp_path / "r2").exists()
 

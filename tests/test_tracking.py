@@ -1,4 +1,6 @@
-"""The MLflow tracker on a real sqlite store, driven the way Tune drives it (real Tune Trial objects)."""
+"""The MLflow tracker on a real sqlite store, driven the way Tune drives it (real Tune Trial objects), through
+the sweep's journal (service/journal.py) and its MLflow replica (service/replica.py). A new driver (--resume) is
+played by pickling the tracker, as Tune does, and dropping this process's replica and journal (``_new_driver``)."""
 from __future__ import annotations
 
 import pickle
@@ -7,6 +9,7 @@ import time
 from mlflow.tracking import MlflowClient
 from ray.tune.experiment import Trial
 
+from service.replica import Replica
 from service.tracking import MLflowTracker
 from smear.configs import to_dict, unflatten
 from trainables.settings import make_config
@@ -20,9 +23,22 @@ def _sweep(tmp_path, n: int):
     parent = client.create_run(exp, run_name="sweep").info.run_id
     configs = [to_dict(make_config(unflatten({"routing.method": m, "seed": s})))
                for m, s in [("smear", 0), ("tag", 1)][:n]]
-    tracker = MLflowTracker(uri, exp, parent, "sweep", {"git_commit": "abc"}, trials=SweepTrials(configs, {}))
+    Replica.forget(tmp_path / "record.jsonl")
+    tracker = MLflowTracker(tmp_path / "record.jsonl", uri, exp, parent, "sweep", {"git_commit": "abc"},
+                            trials=SweepTrials(configs, {}))
     trials = [Trial("trial", config={TRIAL_KEY: i}, trial_id=f"t_{i:05d}", stub=True) for i in range(n)]
     return client, exp, parent, tracker, trials
+
+
+def _new_driver(tracker: MLflowTracker, *, sync: bool = True) -> MLflowTracker:
+    """The tracker as a new driver's Tune restores it: unpickled, with no live replica in the process; the
+    launcher syncs the journal first (service/record.py, ParentRun.open on --resume)."""
+    data = pickle.dumps(tracker)
+    Replica.forget(tracker.journal_path)
+    restored = pickle.loads(data)
+    if sync:
+        restored.replica.sync()
+    return restored
 
 
 def test_tracker_logs_every_call_in_order_from_its_thread(tmp_path):
@@ -49,17 +65,24 @@ def test_tracker_logs_every_call_in_order_from_its_thread(tmp_path):
         assert [(m.step, m.value) for m in history] == [(10, 0.1), (20, 0.2), (30, 0.3)]
         assert "val/nan" not in run.data.metrics and "done" not in run.data.metrics
     assert tracker.seconds > 0
-    assert tracker.get_state() == {"runs": {tid: r.info.run_id for tid, r in runs.items()}}
+    assert {k: v for k, v in tracker.replica.run_ids.items() if k != "parent"} == {
+        tid: r.info.run_id for tid, r in runs.items()}
+    assert tracker.replica.missing() == {}                         # everything the journal holds is in MLflow
 
 
-def test_tracker_pickles_without_its_thread_and_finds_its_runs_again(tmp_path):
-    """Tune pickles callbacks into the experiment state; a restored tracker reuses the trial's run."""
+def test_tracker_pickles_as_plain_data_and_a_new_driver_finds_its_runs_again(tmp_path):
+    """Tune pickles callbacks into the experiment state; a restored tracker reuses the trial's run (found by its
+    trial_id tag: the new driver's replica knows no run ids)."""
     client, exp, parent, tracker, (a,) = _sweep(tmp_path, 1)
     tracker.on_trial_start(0, [], a)
     tracker.flush()
-    restored = pickle.loads(pickle.dumps(tracker))
-    assert restored._thread is None and restored._client is None
-    restored.runs.clear()  # even without the saved map, the run is found by its trial_id tag
+    assert set(tracker.__getstate__()) == {"journal_path", "tracking_uri", "experiment_id", "parent_run_id", "trials",
+                                           "sweep", "tags", "stopped_as"}
+    old = tracker.replica
+    same = pickle.loads(pickle.dumps(tracker))                    # the same process: the same live replica
+    assert same.replica is old
+    restored = _new_driver(tracker, sync=False)
+    assert restored.replica is not old and "t_00000" not in restored.replica.run_ids
     restored.on_trial_restore(0, [], a)
     restored.on_trial_result(0, [], a, {"step": 5, "val/accuracy": 0.5})
     restored.close_unfinished("KILLED")
@@ -67,18 +90,15 @@ def test_tracker_pickles_without_its_thread_and_finds_its_runs_again(tmp_path):
     assert run.info.status == "KILLED" and run.data.metrics["val/accuracy"] == 0.5
 
 
-def test_a_failing_call_does_not_stop_the_logging_thread(tmp_path):
+def test_a_write_the_store_refuses_is_given_up_and_said_and_the_rest_is_written(tmp_path):
     client, exp, parent, tracker, (a,) = _sweep(tmp_path, 1)
-
-    def broken():
-        raise RuntimeError("boom")
-
-    tracker._submit(broken)
     tracker.on_trial_start(0, [], a)
+    tracker.replica.write("t_00000", "tags", tags={"k" * 300: "v"})  # a tag key longer than MLflow allows
     tracker.on_trial_complete(0, [], a)
-    tracker.flush()
+    assert tracker.flush() is True
     (run,) = [r for r in client.search_runs([exp]) if r.data.tags.get("mlflow.parentRunId") == parent]
     assert run.info.status == "FINISHED"
+    assert "1 writes refused by the server: tags of" in tracker.record_summary()
 
 
 def test_provenance_from_git_then_the_recorded_file_then_the_environment(tmp_path, monkeypatch):
@@ -119,7 +139,7 @@ def test_no_step_is_logged_twice_after_a_restore_or_by_the_final_report(tmp_path
                                            "val/best_accuracy": step / 100, "done": False})
     tracker.flush()
     # a new driver (--resume) restores the trial from its step-10 checkpoint: steps 20 is trained again
-    restored = pickle.loads(pickle.dumps(tracker))
+    restored = _new_driver(tracker)
     restored.on_trial_restore(0, [], a)
     for step in (20, 30):
         restored.on_trial_result(0, [], a, {"step": step, "train/loss": 0.5, "val/accuracy": step / 100 + 0.01,
@@ -149,7 +169,7 @@ def test_a_finished_run_is_left_alone_when_a_resumed_sweep_reports_it_again(tmp_
     tracker.flush()
     (run,) = [r for r in client.search_runs([exp]) if r.data.tags.get("mlflow.parentRunId") == parent]
     assert tracker.finished_trials() == {"t_00000": run.data.metrics}
-    restored = pickle.loads(pickle.dumps(tracker))                # the new driver's tracker
+    restored = _new_driver(tracker)                               # the new driver's tracker
     restored.on_trial_restore(0, [], a)
     restored.on_trial_result(0, [], a, {"step": 30, "train/loss": 0.5, "val/accuracy": 0.3})
     restored.on_trial_result(0, [], a, {**run.data.metrics, "done": 1.0})
@@ -164,7 +184,7 @@ def test_a_finished_run_is_left_alone_when_a_resumed_sweep_reports_it_again(tmp_
 def test_an_unreachable_tracking_server_holds_the_queue_then_says_what_was_not_written(tmp_path, monkeypatch):
     """No server answers at the tracking URI: the calls wait in order (retried), the sweep's end waits a bounded
     time, then gives them up and says so in one line."""
-    from service.tracking import fail_fast_http, server_answers
+    from service.replica import fail_fast_http, server_answers
     from tests.helpers import free_port
 
     for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
@@ -174,17 +194,20 @@ def test_an_unreachable_tracking_server_holds_the_queue_then_says_what_was_not_w
     uri = f"http://127.0.0.1:{free_port()}"
     assert not server_answers(uri)
     _, exp, parent, local, (a,) = _sweep(tmp_path, 1)
-    tracker = MLflowTracker(uri, exp, parent, "sweep", {}, trials=local.trials)
-    tracker.RETRY_S = 0.2
+    Replica.forget(tmp_path / "dead.jsonl")
+    tracker = MLflowTracker(tmp_path / "dead.jsonl", uri, exp, parent, "sweep", {}, trials=local.trials)
+    tracker.replica.RETRY_S = 0.2
     tracker.on_trial_start(0, [], a)
     tracker.on_trial_result(0, [], a, {"step": 10, "train/loss": 1.0})
     t0 = time.monotonic()
     assert tracker.flush(timeout=2) is False
     assert time.monotonic() - t0 < 10
-    assert tracker.unwritten and all("not tried" in u or "unreachable" in u for u in tracker.unwritten)
+    assert tracker.replica.dropped == 2                            # the run's creation and its step: both kept
+    (missing,) = tracker.replica.missing().values()
+    assert missing.describe() == "no run yet, 1 metric step(s)"
     note = tracker.record_summary()
-    assert note.startswith("MLflow:") and "calls could not be written" in note, note
-    assert not tracker.outages                                     # it never came back
+    assert note.startswith("MLflow:") and "2 writes not sent before the sweep ended" in note, note
+    assert not tracker.replica.outages                             # it never came back
 
 
 def test_a_trial_tune_ended_before_the_driver_died_gets_its_run_ended_on_resume(tmp_path):
@@ -194,7 +217,7 @@ def test_a_trial_tune_ended_before_the_driver_died_gets_its_run_ended_on_resume(
     for t in (a, b):
         tracker.on_trial_start(0, [], t)
     tracker.flush()                                               # the driver dies here
-    restored = pickle.loads(pickle.dumps(tracker))
+    restored = _new_driver(tracker)
     restored.on_trial_restore(0, [], b)
     restored.on_trial_complete(0, [], b)
     a.set_status(Trial.TERMINATED)

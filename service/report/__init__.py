@@ -148,19 +148,21 @@ def write_report(tracking_uri: str, sweep_run_name: str, storage: str | Path, ex
 
 
 def end_of_sweep(tracking_uri: str, sweep_run_name: str, storage: str | Path, experiment: str,
-                 extension: str | None = None) -> str:
-    """The report at the end of a sweep (launch.py): published (an extension's summary.md also as
-    ``summary-<extension>.md``) and the table of its trials printed (:func:`service.report.tables.console_table`).
-    A report that cannot be built (e.g. the tracking server is down) never fails the sweep. Returns the line
-    that says where the report is, or that it was not written and how to retry."""
+                 extension: str | None = None) -> tuple[bool, str]:
+    """The report at the end of a sweep (launch.py, and its --sync of a sweep that ended with writes unsent):
+    published (an extension's summary.md also as ``summary-<extension>.md``) and the table of its trials printed
+    (:func:`service.report.tables.console_table`). A report that cannot be built (e.g. the tracking server is
+    down) never fails the sweep. Returns whether it was written, and the line that says where it is, or that it
+    was not written and how to retry."""
     names = ("summary.md", f"summary-{extension}.md") if extension else ("summary.md",)
     try:
         report = publish_report(tracking_uri, sweep_run_name, storage, experiment, summary_names=names)
     except Exception as e:  # a report failure never fails the sweep
-        return (f"\nReport not written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); retry "
-                f"with: python -m service.report {sweep_run_name} --tracking-uri {tracking_uri} --storage {storage}")
+        return False, (f"\nReport not written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                       f"retry with: python -m service.report {sweep_run_name} --tracking-uri {tracking_uri} "
+                       f"--storage {storage}")
     print(console_table(report.trials))
-    return f"\nReport: {report.path}"
+    return True, f"\nReport: {report.path}"
 
 
 class _Parser(argparse.ArgumentParser):
