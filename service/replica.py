@@ -12,8 +12,9 @@ that run applied to it (a metrics write carries it in the same ``log_batch`` as 
 all of which can be repeated without changing the record, sets it after). A sync reads the runs and their
 tags back from the server once, then applies the entries past each run's mark: the same run ids (a trial's
 run is found by its ``trial_id`` tag before one is created), no step twice, each run ending with the status
-its journal gives. A metrics write whose answer was lost (the call failed, or its mark may lag by one) is
-checked against the run's history (its step and timestamp) before it is sent again.
+its journal gives. A metrics write carries the timestamp of the report it came from, and MLflow's SQL stores
+keep one row per (key, step, timestamp, value): a write sent twice is stored once. Past a lost answer (the call
+failed; in a sync, any write past a run's mark) the run's history is also checked before a write is sent again.
 
 Why not Ray's MLflowLoggerCallback (ray-mlflow.md): it duplicates runs after ``Tuner.restore``, leaves runs
 RUNNING, makes two HTTP calls per metric and does not nest.
@@ -222,12 +223,14 @@ class Replica:
                 self.run_ids[entry.key] = found
         run_id = self.run_ids.get(entry.key)
         if entry.op == "metrics":
+            # unsure (a lost answer; any entry past the mark in a sync): already there? Writes land in order, so
+            # the first one that is not there ends the doubt for the entries after it
             if entry.key in self._unsure and run_id and self._landed(run_id, entry):
-                pass
+                c.set_tag(run_id, MARKER, str(entry.n))
             else:
                 c.log_batch(run_id, metrics=[Metric(k, v, int(d["ts"]), int(d["step"])) for k, v in d["values"].items()],
                             tags=[RunTag(MARKER, str(entry.n))])
-            self._unsure.discard(entry.key)
+                self._unsure.discard(entry.key)
             self.applied[entry.key] = entry.n
             return
         if entry.op == "open" and entry.key != PARENT:
