@@ -51,7 +51,7 @@ from service.uris import resolve_tracking_uri
 EXIT_BAD_INPUT = 2
 
 # the sections of each setting, in summary.md's order
-SECTIONS = (scores.score_table, scores.seed_statistics, scores.compute, scores.trial_list, scores.score_plots,
+SECTIONS = (scores.score_table, scores.seed_statistics, scores.cross_task_aggregates, scores.compute, scores.trial_list, scores.score_plots,
             best_heatmaps, learning_curves, routing_diagnostics, sensitivity_section)
 
 
