@@ -54,12 +54,12 @@ def seed_statistics(scope: Scope) -> Section:
 
 def _rank_lines(scope: Scope, rt, figure) -> list[str]:
     """The rank test's markdown: Friedman's result, the CD diagram and the pairs that differ, or why not."""
-    kind, n = scope.kind, len(rt.tasks)
+    kind, n, note = scope.kind, len(rt.tasks), rt.note.replace("task", scope.kind)
     if rt.p_value is None:
-        return [f"No Friedman test and no critical-difference diagram: {rt.note}.", ""]
+        return [f"No Friedman test and no critical-difference diagram: {note}.", ""]
     differ = [f"`{p.a}` > `{p.b}` (Holm p {p.p_holm:.3f})" for p in rt.pairs if p.significant]
     return [f"Friedman test over the {n} {kind}s (each {kind}'s mean over seeds, {len(rt.ranks)} methods): "
-            f"chi2 = {rt.statistic:.3f}, p = {rt.p_value:.4f}" + (f"; {rt.note}." if rt.note else "."), "",
+            f"chi2 = {rt.statistic:.3f}, p = {rt.p_value:.4f}" + (f"; {note}." if note else "."), "",
             f"![critical-difference diagram]({figure.name})", "",
             f"`{figure.name}`: average rank over the {n} {kind}s (1 = best; Demsar 2006). A red bar joins methods "
             f"no two of which differ: Demsar's z-test of their average ranks, Holm-corrected over all "
