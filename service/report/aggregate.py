@@ -233,7 +233,7 @@ def aggregates(scores: Scores, reference: str | None, level: float = 0.95, n_boo
 # ---------------------------------------------------------------------------------------------------
 # the table: one row per method; markdown, LaTeX (booktabs) and CSV
 
-def _cells(rows: list[MethodAggregate], reference: str | None, scale: float, level: float,
+def _cells(rows: list[MethodAggregate], reference: str | None, scale: float, level: float, kind: str,
            style: dict) -> tuple[list, list]:
     esc, none, gt = style["esc"], style["none"], style.get("gt", ">")
     ci = esc(f"[{100 * level:g}% CI]")
@@ -244,7 +244,7 @@ def _cells(rows: list[MethodAggregate], reference: str | None, scale: float, lev
         ci = "" if e.ci_low is None else f" [{e.ci_low * s:.{digits}f}, {e.ci_high * s:.{digits}f}]"
         return f"{e.value * s:.{digits}f}{ci}"
 
-    head = ["method", "seeds/task", f"mean over tasks {ci}", f"IQM {ci}",
+    head = ["method", f"seeds/{esc(kind)}", f"mean over {esc(kind)}s {ci}", f"IQM {ci}",
             f"P({gt} {esc(reference or 'reference')}) {ci}", "avg. rank"]
     body = []
     for r in rows:
@@ -256,17 +256,18 @@ def _cells(rows: list[MethodAggregate], reference: str | None, scale: float, lev
 
 
 def format_markdown(rows: list[MethodAggregate], reference: str | None, scale: float = 100.0,
-                    level: float = 0.95) -> str:
-    """Markdown: mean over tasks and IQM x ``scale``, P(> reference) as a probability, each [its interval]."""
-    head, body = _cells(rows, reference, scale, level, _MD)
+                    level: float = 0.95, kind: str = "task") -> str:
+    """Markdown: mean over tasks and IQM x ``scale``, P(> reference) as a probability, each [its interval];
+    ``kind``: what a task is called in the header (domain, task)."""
+    head, body = _cells(rows, reference, scale, level, kind, _MD)
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
                       *["| " + " | ".join(r) + " |" for r in body]])
 
 
 def to_latex_booktabs(rows: list[MethodAggregate], reference: str | None, scale: float = 100.0,
-                      level: float = 0.95) -> str:
+                      level: float = 0.95, kind: str = "task") -> str:
     """The same table as a booktabs tabular."""
-    head, body = _cells(rows, reference, scale, level, {**_LATEX, "gt": "$>$"})
+    head, body = _cells(rows, reference, scale, level, kind, {**_LATEX, "gt": "$>$"})
     return "\n".join([r"\begin{tabular}{lrlllr}", r"\toprule", " & ".join(head) + r" \\", r"\midrule",
                       *[" & ".join(r) + r" \\" for r in body], r"\bottomrule", r"\end{tabular}"])
 

@@ -88,21 +88,24 @@ def cross_task_aggregates(scope: Scope) -> Section:
     same = ("" if not equal else f": the setting's test {scope.primary}" if all(equal) else
             f"; not the overall test {scope.primary} above, which is not the plain mean of the {kind}s' scores")
     lines = title + [
-        f"Per method over its {len(rt.tasks)} {kind}s ({tasks}), test {scope.trials[0].group_metric} x100: the mean "
+        f"Per method over its {len(rt.tasks)} {kind}{'s' * (len(rt.tasks) > 1)} ({tasks}), test {scope.trials[0].group_metric} x100: the mean "
         f"over {kind}s of each {kind}'s mean over seeds ({kind}s weighted equally{same}); the IQM, the mean of "
         f"the middle 50% of all ({kind}, seed) scores; P(> `{reference}`), the probability that a seed of the "
         f"method beats a seed of `{reference}` on a {kind} (ties count half; mean over {kind}s, 0.5 = no "
         f"difference; Agarwal et al. 2021). Intervals: 95% stratified percentile bootstrap, {scope.n_boot:,} "
         f"resamples of the seeds within each {kind}; none when a {kind} has a single seed. Average rank: over "
-        f"{kind}s, 1 = best.", "", format_markdown(rows, reference), ""]
-    notes = dict.fromkeys(f"{r.method}: {e.note}" for r in rows for e in (r.mean, r.iqm, r.p_improve) if e and e.note)
+        f"{kind}s, 1 = best.", "", format_markdown(rows, reference, kind=kind), ""]
+    by_note: dict[str, dict[str, None]] = {}
+    for r, e in [(r, e) for r in rows for e in (r.mean, r.iqm, r.p_improve) if e and e.note]:
+        by_note.setdefault(e.note.replace("task", kind), {})[r.method] = None
+    notes = {f"{note} ({', '.join(ms)})": None for note, ms in by_note.items()}
     notes.update({f"{m}: left out, no test score on {', '.join(ts) if len(ts) < len(rt.tasks) else f'any {kind}'}":
                   None for m, ts in left_out.items()})
     if not any(r.method == reference for r in rows):
         notes[f"no P(> `{reference}`): `{reference}` is not among the methods with a test score on every {kind}"] = None
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     files = []
-    for path, text in ((scope.path("aggregate", ".tex"), to_latex_booktabs(rows, reference)),
+    for path, text in ((scope.path("aggregate", ".tex"), to_latex_booktabs(rows, reference, kind=kind)),
                        (scope.path("aggregate", ".csv"), to_csv(rows, reference))):
         path.write_text(text)
         files.append(path)
