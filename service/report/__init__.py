@@ -16,6 +16,9 @@ under ``<storage>/<sweep>/report/``:
   95% CIs, Student t or with ``--ci bootstrap`` a percentile bootstrap over seeds; the paired difference
   to ``--reference``, default smear, with a Holm-corrected paired test); compute; one line per trial;
 - ``table.tex`` (booktabs) and ``table.csv``: the statistics table, paper-ready;
+- ``aggregate.tex``, ``aggregate.csv`` and ``cd_diagram.png``: the aggregates over the domains or tasks
+  (:mod:`service.report.aggregate`: the mean over them, the IQM and P(> reference), each with a stratified
+  bootstrap interval over seeds; the Friedman test over them and its critical-difference diagram);
 - ``scores.png``, ``score_vs_{flops,hours,cost}.png``: the overall test metric per method, and against
   each trial's measured cost and wall time (MLflow run end - start);
 - ``heatmaps_best_smear.png``, ``heatmaps_<method>.png``, ``specialisation.png``, ``learning_curves.png``,
