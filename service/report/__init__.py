@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None, *, usage: str | None = None, epilog: str
     p.add_argument("--ci", choices=INTERVALS, default="t",
                    help="confidence interval of a method's mean over seeds: t (Student) or bootstrap (percentile, "
                         "resampling the seeds)")
-    p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples (with --ci bootstrap; always for the aggregates over tasks)")
+    p.add_argument("--n-boot", type=int, default=10_000,
+                   help="bootstrap resamples (with --ci bootstrap; always for the aggregates over tasks)")
     args = p.parse_args(argv)
     if args.n_boot < 1:
         p.error(f"--n-boot={args.n_boot} must be >= 1")
