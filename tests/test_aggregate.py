@@ -162,6 +162,12 @@ def test_no_rank_test_for_one_task_or_fewer_than_three_methods(means, tasks, not
     assert rt.p_value is None and rt.pairs == [] and rt.cliques == [] and note in rt.note
 
 
+def test_ties_share_the_mean_rank_and_float_noise_ties():
+    # task t: A .3 and B .1 + .2 (= .30000000000000004) tie at 1.5, C 3; task u: C 1, B 2, A 3
+    rt = rank_test({"A": {"t": 0.3, "u": 0.1}, "B": {"t": 0.1 + 0.2, "u": 0.2}, "C": {"t": 0.1, "u": 0.3}}, ["t", "u"])
+    assert rt.ranks == {"B": 1.75, "C": 2.0, "A": 2.25} and rt.p_value is not None
+
+
 def test_all_tied_tasks_give_no_friedman_statistic():
     rt = rank_test({m: {"t": 0.5, "u": 0.2} for m in "ABC"}, ["t", "u"])
     assert rt.p_value is None and rt.ranks == {"A": 2.0, "B": 2.0, "C": 2.0} and "ties all methods" in rt.note

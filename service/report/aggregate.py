@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from service.report.stats import _LATEX, _MD, _clean
+from service.report.stats import _DECIMALS, _LATEX, _MD, _clean
 
 Scores = Mapping[str, Mapping[str, Mapping[Hashable, "float | None"]]]   # method -> task -> seed -> score
 
@@ -127,8 +127,7 @@ def stratified_bootstrap(samples: list, statistic, level: float = 0.95, n_boot: 
     """Percentile interval of ``statistic(*samples, axis=-1)`` (vectorised) over resamples that draw each sample
     (a task's seeds) with replacement on its own: (low, high, "") or (None, None, why) when a sample has fewer
     than 2 values. ``scipy.stats.bootstrap`` with ``paired=False`` resamples each sample independently."""
-    short = [i for i, s in enumerate(samples) if len(s) < 2]
-    if short:
+    if any(len(s) < 2 for s in samples):
         return None, None, "1 seed in some task: no interval"
     res = stats.bootstrap([np.asarray(s, float) for s in samples], statistic, n_resamples=n_boot,
                           vectorized=True, paired=False, confidence_level=level, method="percentile",
@@ -142,12 +141,13 @@ def _estimate(samples: list, statistic, level: float, n_boot: int, seed: int) ->
 
 
 def clean(scores: Scores) -> tuple[list[str], dict[str, dict[str, list[float]]], dict[str, list[str]]]:
-    """(tasks in first-seen order, the methods with a score on every task -> task -> seeds' scores in seed
-    order, the methods left out -> the tasks they miss)."""
+    """(tasks in first-seen order, the methods with a score on every task -> task -> its seeds' scores in the
+    input's order, the methods left out -> the tasks they miss). Scores are rounded to ``_DECIMALS`` places, as
+    in :mod:`service.report.stats`, so float noise (a mean of several trials at one seed) breaks no tie."""
     tasks = list(dict.fromkeys(t for per_task in scores.values() for t in per_task))
     kept, left_out = {}, {}
     for m, per_task in scores.items():
-        vals = {t: list(_clean(f"{m}/{t}", per_task.get(t, {})).values()) for t in tasks}
+        vals = {t: [round(v, _DECIMALS) for v in _clean(f"{m}/{t}", per_task.get(t, {})).values()] for t in tasks}
         missing = [t for t in tasks if not vals[t]]
         if missing:
             left_out[m] = missing
@@ -168,7 +168,7 @@ def rank_test(means: Mapping[str, Mapping[str, float]], tasks: list[str], alpha:
     if k < 3:
         return RankTest(tasks, alpha=alpha, note=f"{k} method{'' if k == 1 else 's'} with a score on every task:"
                                                  " the Friedman test needs at least 3")
-    table = np.array([[means[m][t] for m in methods] for t in tasks])                  # (N tasks, k methods)
+    table = np.round([[means[m][t] for m in methods] for t in tasks], _DECIMALS)       # (N tasks, k methods)
     ranks = np.mean([stats.rankdata(-row) for row in table], axis=0)                    # 1 = best
     order = sorted(range(k), key=lambda i: (ranks[i], methods[i]))
     avg = {methods[i]: float(ranks[i]) for i in order}
