@@ -225,7 +225,8 @@ def test_write_report_on_hand_made_record_with_a_failed_trial(tmp_path):
     compute = {r[0]: r for r in _table_rows(text[text.index("### Compute"):])[2:]}
     assert compute["smear"][1] == "1,000" and compute["smear"][3] == "2" and compute["tag"][3] == "4"   # GFLOPs
     assert "Training time of the whole sweep: 1 device-hours" in text                  # two finished trials
-    assert logged == {f"report/{f}" for f in ("summary.md", "table.tex", "table.csv", *PLOTS, *new_plots)}
+    assert logged == {f"report/{f}" for f in ("summary.md", "table.tex", "table.csv", "aggregate.tex", "aggregate.csv",
+                                              *PLOTS, *new_plots)}   # two complete methods: no CD diagram
     for png in new_plots:
         assert_png(summary.parent / png) and f"]({png})" in text
     # the hand-made heatmap, rows real [.7, .1, .2] and sketch [.1, .8, .1]: p(e) = [.4, .45, .15],
@@ -385,10 +386,13 @@ def test_report_of_a_real_sweep(tmp_path, env_with_venv):
     smear = next(r for r in children if r.data.tags["method"] == "smear")
     assert f"best smear trial, `{smear.info.run_name}`" in text
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    every = ("summary.md", "table.tex", "table.csv", "learning_curves.png", "specialisation.png", *PLOTS,
+    every = ("summary.md", "table.tex", "table.csv", "aggregate.tex", "aggregate.csv", "learning_curves.png", "specialisation.png", *PLOTS,
              "heatmaps_smear.png", "heatmaps_tag.png",                 # every routed method's heatmaps
              "score_vs_flops.png", "score_vs_hours.png")               # cost = measured FLOPs and device-hours
-    assert logged == {f"report/{f}" for f in every}, logged
+    # 3 methods over 2 domains: a Friedman test and its CD diagram, unless the tiny runs tie on every domain
+    cd = ("cd_diagram.png",) if "](cd_diagram.png)" in text else ()
+    assert cd or "every task ties all methods" in text.replace("domain", "task")
+    assert logged == {f"report/{f}" for f in (*every, *cd)}, logged
     for png in ("learning_curves.png", "specialisation.png", "heatmaps_smear.png", "heatmaps_tag.png"):
         assert_png(report / png)
     assert "### Statistics over seeds (reference `smear`)" in text and "### Learning curves" in text

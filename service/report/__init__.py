@@ -16,6 +16,9 @@ under ``<storage>/<sweep>/report/``:
   95% CIs, Student t or with ``--ci bootstrap`` a percentile bootstrap over seeds; the paired difference
   to ``--reference``, default smear, with a Holm-corrected paired test); compute; one line per trial;
 - ``table.tex`` (booktabs) and ``table.csv``: the statistics table, paper-ready;
+- ``aggregate.tex``, ``aggregate.csv`` and ``cd_diagram.png``: the aggregates over the domains or tasks
+  (:mod:`service.report.aggregate`: the mean over them, the IQM and P(> reference), each with a stratified
+  bootstrap interval over seeds; the Friedman test over them and its critical-difference diagram);
 - ``scores.png``, ``score_vs_{flops,hours,cost}.png``: the overall test metric per method, and against
   each trial's measured cost and wall time (MLflow run end - start);
 - ``heatmaps_best_smear.png``, ``heatmaps_<method>.png``, ``specialisation.png``, ``learning_curves.png``,
@@ -51,7 +54,7 @@ from service.uris import resolve_tracking_uri
 EXIT_BAD_INPUT = 2
 
 # the sections of each setting, in summary.md's order
-SECTIONS = (scores.score_table, scores.seed_statistics, scores.compute, scores.trial_list, scores.score_plots,
+SECTIONS = (scores.score_table, scores.seed_statistics, scores.cross_task_aggregates, scores.compute, scores.trial_list, scores.score_plots,
             best_heatmaps, learning_curves, routing_diagnostics, sensitivity_section)
 
 
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None, *, usage: str | None = None, epilog: str
     p.add_argument("--ci", choices=INTERVALS, default="t",
                    help="confidence interval of a method's mean over seeds: t (Student) or bootstrap (percentile, "
                         "resampling the seeds)")
-    p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples (with --ci bootstrap)")
+    p.add_argument("--n-boot", type=int, default=10_000,
+                   help="bootstrap resamples (with --ci bootstrap; always for the aggregates over tasks)")
     args = p.parse_args(argv)
     if args.n_boot < 1:
         p.error(f"--n-boot={args.n_boot} must be >= 1")

@@ -145,3 +145,43 @@ def sensitivity_plot(param: str, rows: list[dict], points: list[tuple[str, float
     ax.set_xlabel(param)
     ax.set_ylabel(ylabel)
     return _finish(fig, ax, title)
+
+
+def cd_diagram(ranks: dict[str, float], cliques: list[list[str]], cd: float | None = None, title: str = ""):
+    """Critical-difference diagram (Demsar 2006, sec. 3.2.4, Fig. 1-2): the methods' average ranks on an axis
+    (1 = best, left), each method's name joined to its rank, the better half on the left, the rest on the
+    right; a thick bar under the axis joins each clique of methods no two of which differ significantly;
+    ``cd`` (Nemenyi's critical difference) drawn as a scale bar above the axis. Drawn by hand: no maintained
+    CD-diagram package (scikit-posthocs, autorank, Orange) is a dependency here. Returns a Figure."""
+    methods = sorted(ranks, key=lambda m: (ranks[m], m))
+    k, half = len(methods), (len(methods) + 1) // 2
+    lines_y = [-(0.55 + 0.22 * len(cliques) + 0.38 * row) for row in range(max(half, k - half))]
+    fig, ax = plt.subplots(figsize=(7.0, 1.4 + 0.3 * (len(lines_y) + len(cliques))))
+    ax.set_xlim(1, max(k, 2))
+    ax.set_ylim(lines_y[-1] - 0.3, 0.9)
+    ax.axis("off")
+    ax.plot([1, max(k, 2)], [0, 0], color="k", lw=1)
+    for r in range(1, max(k, 2) + 1):
+        ax.plot([r, r], [0, 0.1], color="k", lw=1)
+        ax.text(r, 0.16, str(r), ha="center", va="bottom", fontsize=8)
+    for r in [r + 0.5 for r in range(1, max(k, 2))]:
+        ax.plot([r, r], [0, 0.05], color="k", lw=0.6)
+    if cd is not None:
+        ax.plot([1, 1 + cd], [0.62, 0.62], color="k", lw=1.5)
+        for x in (1, 1 + cd):
+            ax.plot([x, x], [0.57, 0.67], color="k", lw=1.5)
+        ax.text(1 + cd / 2, 0.7, f"CD (Nemenyi) = {cd:.2f}", ha="center", va="bottom", fontsize=7)
+    for i, m in enumerate(methods):
+        left = i < half
+        y = lines_y[i if left else k - 1 - i]
+        edge = 1 - 0.04 * k if left else max(k, 2) + 0.04 * k
+        ax.plot([ranks[m], ranks[m], edge], [0, y, y], color="k", lw=0.8, clip_on=False)
+        ax.text(edge - 0.02 * k if left else edge + 0.02 * k, y, f"{m} ({ranks[m]:.2f})",
+                ha="right" if left else "left", va="center", fontsize=8, clip_on=False)
+    for j, group in enumerate(cliques):
+        y = -(0.3 + 0.22 * j)
+        ax.plot([ranks[group[0]] - 0.03, ranks[group[-1]] + 0.03], [y, y], color="C3", lw=3.5,
+                solid_capstyle="round")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig

@@ -52,6 +52,74 @@ def seed_statistics(scope: Scope) -> Section:
                    files, {"summaries": by_method, "comparisons": by_comparison})
 
 
+def _rank_lines(scope: Scope, rt, figure) -> list[str]:
+    """The rank test's markdown: Friedman's result, the CD diagram and the pairs that differ, or why not."""
+    kind, n, note = scope.kind, len(rt.tasks), rt.note.replace("task", scope.kind)
+    if rt.p_value is None:
+        return [f"No Friedman test and no critical-difference diagram: {note}.", ""]
+    differ = [f"`{p.a}` > `{p.b}` (Holm p {p.p_holm:.3f})" for p in rt.pairs if p.significant]
+    return [f"Friedman test over the {n} {kind}s (each {kind}'s mean over seeds, {len(rt.ranks)} methods): "
+            f"chi2 = {rt.statistic:.3f}, p = {rt.p_value:.4f}" + (f"; {note}." if note else "."), "",
+            f"![critical-difference diagram]({figure.name})", "",
+            f"`{figure.name}`: average rank over the {n} {kind}s (1 = best; Demsar 2006). A red bar joins methods "
+            f"no two of which differ: Demsar's z-test of their average ranks, Holm-corrected over all "
+            f"{len(rt.pairs)} pairs, p < {rt.alpha}, and only after the Friedman test rejects. The scale bar is "
+            f"Nemenyi's critical difference ({rt.cd_nemenyi:.2f} ranks), for reference.", "",
+            "Pairs that differ: " + (", ".join(differ) if differ else "none") + ".", ""]
+
+
+def cross_task_aggregates(scope: Scope) -> Section:
+    """Per method over the setting's tasks (domains): the mean over them, the IQM and P(> reference), each with a
+    stratified bootstrap interval over seeds, and the Friedman test with a CD diagram
+    (:mod:`service.report.aggregate`); the table also as ``aggregate.tex`` and ``aggregate.csv``."""
+    from service.report.aggregate import aggregates, format_markdown, to_csv, to_latex_booktabs
+    from service.report.plots import cd_diagram
+    from service.report.tables import task_scores
+
+    kind, reference = scope.kind, scope.reference
+    title = [f"### Aggregates over {kind}s (reference `{reference}`)", ""]
+    rows, rt, left_out = aggregates(task_scores(scope.trials), reference, n_boot=scope.n_boot)
+    if not rows:
+        return Section(title + [f"No aggregates over {kind}s: no method has a test score on every {kind}.", ""],
+                       numbers={"left_out": left_out})
+    tasks = ", ".join(f"`{t}`" for t in rt.tasks)
+    equal = [abs(t.test - sum(t.groups.values()) / len(t.groups)) < 1e-6 for t in scope.trials
+             if t.test is not None and set(rt.tasks) <= set(t.groups)]
+    same = ("" if not equal else f": the setting's test {scope.primary}" if all(equal) else
+            f"; not the overall test {scope.primary} above, which is not the plain mean of the {kind}s' scores")
+    lines = title + [
+        f"Per method over its {len(rt.tasks)} {kind}{'s' * (len(rt.tasks) > 1)} ({tasks}), test {scope.trials[0].group_metric} x100: the mean "
+        f"over {kind}s of each {kind}'s mean over seeds ({kind}s weighted equally{same}); the IQM, the mean of "
+        f"the middle 50% of all ({kind}, seed) scores; P(> `{reference}`), the probability that a seed of the "
+        f"method beats a seed of `{reference}` on a {kind} (ties count half; mean over {kind}s, 0.5 = no "
+        f"difference; Agarwal et al. 2021). Intervals: 95% stratified percentile bootstrap, {scope.n_boot:,} "
+        f"resamples of the seeds within each {kind}; none when a {kind} has a single seed. Average rank: over "
+        f"{kind}s, 1 = best.", "", format_markdown(rows, reference, kind=kind), ""]
+    by_note: dict[str, dict[str, None]] = {}
+    for r, e in [(r, e) for r in rows for e in (r.mean, r.iqm, r.p_improve) if e and e.note]:
+        by_note.setdefault(e.note.replace("task", kind), {})[r.method] = None
+    notes = {f"{note} ({', '.join(ms)})": None for note, ms in by_note.items()}
+    notes.update({f"{m}: left out, no test score on {', '.join(ts) if len(ts) < len(rt.tasks) else f'any {kind}'}":
+                  None for m, ts in left_out.items()})
+    if not any(r.method == reference for r in rows):
+        notes[f"no P(> `{reference}`): `{reference}` is not among the methods with a test score on every {kind}"] = None
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    files = []
+    for path, text in ((scope.path("aggregate", ".tex"), to_latex_booktabs(rows, reference, kind=kind)),
+                       (scope.path("aggregate", ".csv"), to_csv(rows, reference))):
+        path.write_text(text)
+        files.append(path)
+    figure = None
+    if rt.p_value is not None:
+        figure = save(cd_diagram(rt.ranks, rt.cliques, rt.cd_nemenyi, f"{scope.name}: average rank over "
+                                 f"{len(rt.tasks)} {kind}s (Friedman p = {rt.p_value:.3g})"), scope.path("cd_diagram"))
+        files.append(figure)
+    lines += _rank_lines(scope, rt, figure)
+    lines += [f"The same table: [`{files[0].name}`]({files[0].name}) (LaTeX, booktabs), "
+              f"[`{files[1].name}`]({files[1].name}) (CSV, not x100).", ""]
+    return Section(lines, files, {"aggregates": {r.method: r for r in rows}, "rank_test": rt, "left_out": left_out})
+
+
 def compute(scope: Scope) -> Section:
     """What one trial of each method costs; nothing when no trial logged compute metrics."""
     cost = compute_table(scope.trials)

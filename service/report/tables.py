@@ -59,6 +59,13 @@ def seed_scores(trials: list[Trial], value=lambda t: t.test) -> dict[str, dict[s
     return out
 
 
+def task_scores(trials: list[Trial]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """``{method: {group: {seed: score}}}`` of the per-domain / per-task test scores, for the cross-task
+    aggregates (:mod:`service.report.aggregate`): :func:`seed_scores` of each group, groups in the setting's order."""
+    per_group = {g: seed_scores(trials, lambda t, g=g: t.groups.get(g)) for g in groups_of(trials)}
+    return {m: {g: per_group[g][m] for g in per_group} for m in method_order(trials)}
+
+
 def column_statistics(scores: dict[str, dict[str, float | None]], reference: str, interval: str = "t",
                       n_boot: int = 10_000):
     """One column of the method table: (summaries by method, paired comparisons with ``reference`` by method;
