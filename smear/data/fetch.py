@@ -9,8 +9,9 @@ and ``ROOT/<domain>/<class>/<file>.jpg``, for the chosen domains (default: all s
 cleaned-version zips and split files linked from http://ai.bu.edu/M3SDA/. Each one is downloaded through
 ``smear.data.download`` (resumable from a ``.part`` with HTTP Range, a thread pool of ``--workers``, a
 progress bar on a terminal) and checked against its published MD5. A zip is downloaded to ``ROOT/.fetch/``,
-unpacked into ROOT (only its ``<domain>/`` members), then deleted; ``ROOT/.fetch/<domain>.zip.md5`` records
-that it was. A second run transfers nothing and says so. Last, the data check (``smear.data.check``: every
+unpacked into ROOT as soon as it is verified (only its ``<domain>/`` members, while the others still
+download), then deleted; ``ROOT/.fetch/<domain>.zip.md5`` records that it was. A second run transfers
+nothing and says so. Last, the data check (``smear.data.check``: every
 split line, label and image header) runs on ROOT. It is skipped when this node already passed the same
 split files. ``--base-url`` takes the same paths from a mirror of http://csr.bu.edu/ftp/visda/2019/multi-source/.
 The digests stay the published ones unless ``--digests FILE`` gives others, as lines ``<md5>  <file name>``
@@ -42,8 +43,9 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from smear.data import glue
 from smear.data.domainnet import DOMAINS, DataError
@@ -175,8 +177,6 @@ def _size(n: float) -> str:
 
 
 def _say(outcome: Outcome) -> None:
-    from tqdm.auto import tqdm
-
     if outcome.status == "downloaded":
         resumed = f", resumed at {_size(outcome.resumed_at)}" if outcome.resumed_at else ""
         tqdm.write(f"{outcome.remote.name}: downloaded ({_size(outcome.remote.dest.stat().st_size)}{resumed}), "
@@ -198,17 +198,23 @@ def fetch_domainnet(root: Path, domains: tuple[str, ...], *, base_url: str = OFF
                 continue
             dest = root / STAGING / name if name.endswith(".zip") else root / name
             remotes.append(Remote(name, base + rel, digests[name], dest))
-    outcomes = download_all(remotes, workers, report=_say) if remotes else []
-    ok = {o.remote.name for o in outcomes if o.status != "failed"}
-    to_unpack = [d for d in domains if f"{d}.zip" in ok]
-    if to_unpack:
-        print(f"unpacking {', '.join(f'{d}.zip' for d in to_unpack)} into {root}")
-        with ThreadPoolExecutor(max_workers=min(workers, len(to_unpack))) as pool:   # zlib releases the GIL
-            others = list(pool.map(lambda d: _unpack(root / STAGING / f"{d}.zip", root, d, digests[f"{d}.zip"]),
-                                   to_unpack))
-        for d, n in zip(to_unpack, others):
-            if n:
-                print(f"{d}.zip: skipped {n} member(s) outside {d}/")
+    problems: list[str] = []
+
+    def finished(o: Outcome) -> None:   # in the worker thread: a zip is unpacked while the others download
+        _say(o)
+        if o.status == "failed" or not o.remote.name.endswith(".zip"):
+            return
+        d = o.remote.name.removesuffix(".zip")
+        try:
+            n = _unpack(o.remote.dest, root, d, o.remote.md5)
+        except (OSError, zipfile.BadZipFile) as e:
+            problems.append(f"{o.remote.name} {str(root / d)!r}: cannot be unpacked ({_why(e)}); valid: free space "
+                            "and a writable ROOT (run again: a verified zip is kept until it is unpacked)")
+            return
+        others = f", skipped {n} member(s) outside {d}/" if n else ""
+        tqdm.write(f"{o.remote.name}: unpacked into {root / d}{others}")
+
+    outcomes = download_all(remotes, workers, report=finished) if remotes else []
     fetched = [o for o in outcomes if o.status == "downloaded"]
     failed = [o for o in outcomes if o.status == "failed"]
     total, present = done + len(outcomes), done + sum(o.status == "present" for o in outcomes)
@@ -218,9 +224,9 @@ def fetch_domainnet(root: Path, domains: tuple[str, ...], *, base_url: str = OFF
         size = sum(o.remote.dest.stat().st_size if o.remote.dest.exists() else 0 for o in fetched)
         print(f"downloaded {len(fetched)} of {total} files ({_size(size)} before unpacking), {present} already "
               f"present" + (f", {len(failed)} failed" if failed else ""))
-    for o in failed:
-        _error(o.error or o.remote.name)
-    if failed:
+    for message in [o.error or o.remote.name for o in failed] + problems:
+        _error(message)
+    if failed or problems:
         return 1
     listed = sum((root / f"{d}_{s}.txt").read_bytes().count(b"\n") for d in domains for s in ("train", "test"))
     check_workers = max(1, min(os.cpu_count() or 1, listed // 2048))   # a process per 2,048 listed images at most
