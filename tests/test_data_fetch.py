@@ -241,6 +241,19 @@ def test_a_mirror_is_checked_against_the_published_digests_unless_digests_are_gi
     assert {line.rsplit(" ", 1)[1] for line in err} == {PUBLISHED_MD5[n] for n, _ in domainnet_files("sketch")}
 
 
+def test_a_second_fetch_into_the_same_root_is_refused_while_the_first_runs(tmp_path, fetch):
+    import fcntl
+
+    (tmp_path / "dn" / ".fetch").mkdir(parents=True)
+    with open(tmp_path / "dn" / ".fetch" / "lock", "a") as held:   # what a running fetch holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, out, err = fetch()
+    assert code == 1 and Mirror.log == [] and out == ""
+    assert err == (f"fetch: error: ROOT {str(tmp_path / 'dn')!r}: another fetch is writing it (it holds "
+                   f"{tmp_path / 'dn' / '.fetch' / 'lock'}); valid: one fetch per ROOT at a time (wait for it to end)\n")
+    assert fetch()[0] == 0   # once it is released
+
+
 @pytest.mark.parametrize("args, where", [
     (["imagenet", "{root}"], "dataset 'imagenet': is not known; valid: domainnet, glue"),
     (["domainnet", "{root}", "--domains", "clipart,photo"],
@@ -313,3 +326,21 @@ def test_glue_from_a_source_without_the_task_is_one_line_exit_1(tmp_path, capsys
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and line.startswith(f"fetch: error: GLUE task 'rte' from {source}: could not be loaded (")
     assert "; valid: " in line and not (tmp_path / "glue" / "rte").exists()
+
+
+def test_the_cluster_guide_and_yaml_fetch_with_commands_the_parser_takes():
+    """docs/cluster.md and ray_cluster.yaml (its commented head_setup_commands) get the data with this command."""
+    import shlex
+
+    from smear.data.fetch import _parser
+    from tests.helpers import REPO
+
+    for doc in ("docs/cluster.md", "ray_cluster.yaml"):
+        text = (REPO / doc).read_text()
+        assert "aws s3 sync" not in text and "sync them from S3" not in text, doc
+        commands = re.findall(r"python -m smear\.data\.fetch ([^'\n;]+)", text)
+        assert {c.split()[0] for c in commands} == {"domainnet", "glue"}, doc
+        for c in commands:
+            if "ROOT" not in c:   # the examples, not the synopsis
+                args = _parser().parse_args(shlex.split(c))
+                assert args.root.startswith("/mnt/shared/"), (doc, c)

@@ -37,12 +37,15 @@ and nothing written.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import re
 import shutil
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -146,6 +149,21 @@ def _check_root(root: Path) -> None:
                        "a folder this user can create and write to") from None
 
 
+@contextmanager
+def _only_writer(root: Path) -> Iterator[bool]:
+    """Hold ``ROOT/.fetch/lock`` (flock) for the run; False, after one line, when another fetch holds it."""
+    (root / STAGING).mkdir(exist_ok=True)
+    with open(root / STAGING / "lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            _error(f"ROOT {str(root)!r}: another fetch is writing it (it holds {lock.name}); valid: one fetch "
+                   "per ROOT at a time (wait for it to end)")
+            yield False
+            return
+        yield True
+
+
 # ---------------------------------------------------------------------------------------------- DomainNet
 
 def _record(root: Path, domain: str) -> Path:
@@ -188,7 +206,6 @@ def fetch_domainnet(root: Path, domains: tuple[str, ...], *, base_url: str = OFF
     """Download, verify and unpack ``domains`` into ROOT, then check it (see the module docstring); exit status."""
     from smear.data.check import check_domainnet_once
 
-    (root / STAGING).mkdir(exist_ok=True)
     base = base_url.rstrip("/") + "/"
     remotes, done = [], 0
     for d in domains:
@@ -330,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dataset == "glue":
             tasks = _names(args.tasks, "--tasks", glue.TASKS)
             _check_root(root)
-            return fetch_glue(root, tasks, source=args.source)
+            with _only_writer(root) as alone:
+                return fetch_glue(root, tasks, source=args.source) if alone else 1
         domains = _names(args.domains, "--domains", DOMAINS)
         if args.workers < 1:
             raise BadInput("--workers", args.workers, "is out of range", "1 or more")
@@ -346,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as e:
         _error(str(e))
         return 2
-    return fetch_domainnet(root, domains, base_url=args.base_url, digests=digests, workers=args.workers)
+    with _only_writer(root) as alone:
+        return fetch_domainnet(root, domains, base_url=args.base_url, digests=digests, workers=args.workers) \
+            if alone else 1
 
 
 if __name__ == "__main__":
