@@ -158,7 +158,8 @@ def test_full_fetch_writes_the_official_layout_passes_the_check_and_a_second_run
            "--base-url", server, "--digests", str(_digests(tmp_path))]
     first = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
-    assert "downloaded 6 of 6 files" in first.stdout and "data check passed: 18 images, 3 classes" in first.stdout
+    size = sum(len(data) for data in Mirror.files.values())
+    assert f"downloaded 6 of 6 files ({size / 1000:.1f} KB), 0 already present" in first.stdout and "data check passed: 18 images, 3 classes" in first.stdout
     assert sorted(p for p, _, _ in Mirror.log) == sorted(Mirror.files)       # each file once, whole
     assert all(rng is None for _, rng, _ in Mirror.log)
     for d in DOMAINS:   # the official layout, and nothing left to unpack

@@ -49,6 +49,7 @@ class Outcome:
     remote: Remote
     status: Literal["present", "downloaded", "failed"]
     resumed_at: int = 0        # bytes a .part held when this run began (0: from the start)
+    size: int = 0              # bytes of the verified file ("present", "downloaded")
     error: str | None = None   # one line, for "failed"
 
 
@@ -86,7 +87,7 @@ def _transfer(remote: Remote, part: Path, slot: int) -> int:
 def _fetch(remote: Remote, slots: queue.Queue[int]) -> Outcome:
     if remote.dest.is_file():
         if md5_of(remote.dest) == remote.md5:
-            return Outcome(remote, "present")
+            return Outcome(remote, "present", size=remote.dest.stat().st_size)
         remote.dest.unlink()   # stale or damaged: fetch it again
     part = remote.dest.with_name(remote.dest.name + ".part")
     remote.dest.parent.mkdir(parents=True, exist_ok=True)
@@ -101,10 +102,10 @@ def _fetch(remote: Remote, slots: queue.Queue[int]) -> Outcome:
     actual = md5_of(part)
     if actual != remote.md5:
         part.unlink()
-        return Outcome(remote, "failed", start, f"{remote.name} md5 {actual}: does not match the published "
-                                                f"digest, file removed; valid: {remote.md5}")
+        return Outcome(remote, "failed", start, error=f"{remote.name} md5 {actual}: does not match the published "
+                                                      f"digest, file removed; valid: {remote.md5}")
     os.replace(part, remote.dest)
-    return Outcome(remote, "downloaded", start)
+    return Outcome(remote, "downloaded", start, remote.dest.stat().st_size)
 
 
 def download_all(remotes: Sequence[Remote], workers: int = 4,

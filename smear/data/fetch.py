@@ -197,7 +197,7 @@ def _size(n: float) -> str:
 def _say(outcome: Outcome) -> None:
     if outcome.status == "downloaded":
         resumed = f", resumed at {_size(outcome.resumed_at)}" if outcome.resumed_at else ""
-        tqdm.write(f"{outcome.remote.name}: downloaded ({_size(outcome.remote.dest.stat().st_size)}{resumed}), "
+        tqdm.write(f"{outcome.remote.name}: downloaded ({_size(outcome.size)}{resumed}), "
                    "md5 ok")
 
 
@@ -238,8 +238,7 @@ def fetch_domainnet(root: Path, domains: tuple[str, ...], *, base_url: str = OFF
     if not fetched and not failed:
         print(f"nothing to download: all {total} files of {', '.join(domains)} are present and verified (md5)")
     else:
-        size = sum(o.remote.dest.stat().st_size if o.remote.dest.exists() else 0 for o in fetched)
-        print(f"downloaded {len(fetched)} of {total} files ({_size(size)} before unpacking), {present} already "
+        print(f"downloaded {len(fetched)} of {total} files ({_size(sum(o.size for o in fetched))}), {present} already "
               f"present" + (f", {len(failed)} failed" if failed else ""))
     for message in [o.error or o.remote.name for o in failed] + problems:
         _error(message)
