@@ -88,11 +88,11 @@ class Mirror(http.server.BaseHTTPRequestHandler):
         if rng:
             start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
             if start >= len(data):
+                self.log.append((path, rng, 0))   # logged before answering: the client may be done first
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(data)}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-                self.log.append((path, rng, 0))
                 return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -103,15 +103,14 @@ class Mirror(http.server.BaseHTTPRequestHandler):
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
         cut = self.drop.pop(path, None)
+        self.log.append((path, rng, len(body) if cut is None else cut))
         if cut is not None:   # the connection breaks mid-file
             self.wfile.write(body[:cut])
             self.wfile.flush()
-            self.log.append((path, rng, cut))
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
         self.wfile.write(body)
-        self.log.append((path, rng, len(body)))
 
 
 @pytest.fixture
@@ -159,7 +158,8 @@ def test_full_fetch_writes_the_official_layout_passes_the_check_and_a_second_run
     first = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     size = sum(len(data) for data in Mirror.files.values())
-    assert f"downloaded 6 of 6 files ({size / 1000:.1f} KB), 0 already present" in first.stdout and "data check passed: 18 images, 3 classes" in first.stdout
+    assert f"downloaded 6 of 6 files ({size / 1000:.1f} KB), 0 already present" in first.stdout
+    assert "data check passed: 18 images, 3 classes" in first.stdout
     assert sorted(p for p, _, _ in Mirror.log) == sorted(Mirror.files)       # each file once, whole
     assert all(rng is None for _, rng, _ in Mirror.log)
     for d in DOMAINS:   # the official layout, and nothing left to unpack
@@ -251,7 +251,8 @@ def test_a_second_fetch_into_the_same_root_is_refused_while_the_first_runs(tmp_p
         code, out, err = fetch()
     assert code == 1 and Mirror.log == [] and out == ""
     assert err == (f"fetch: error: ROOT {str(tmp_path / 'dn')!r}: another fetch is writing it (it holds "
-                   f"{tmp_path / 'dn' / '.fetch' / 'lock'}); valid: one fetch per ROOT at a time (wait for it to end)\n")
+                   f"{tmp_path / 'dn' / '.fetch' / 'lock'}); valid: one fetch per ROOT at a time "
+                   "(wait for it to end)\n")
     assert fetch()[0] == 0   # once it is released
 
 
@@ -261,7 +262,8 @@ def test_a_second_fetch_into_the_same_root_is_refused_while_the_first_runs(tmp_p
      "--domains 'photo': is not known; valid: clipart, infograph, painting, quickdraw, real, sketch"),
     (["domainnet", "{root}", "--workers", "0"], "--workers 0: is out of range; valid: 1 or more"),
     (["domainnet", "{root}", "--base-url", "ftp://mirror/dn"], "--base-url 'ftp://mirror/dn': is not an http(s) URL"),
-    (["domainnet", "{root}", "--digests", "{tmp}/MD5SUMS"], "--digests '{tmp}/MD5SUMS': has no digest for clipart.zip"),
+    (["domainnet", "{root}", "--digests", "{tmp}/MD5SUMS"],
+     "--digests '{tmp}/MD5SUMS': has no digest for clipart.zip"),
     (["domainnet", "{tmp}/afile/dn"], "ROOT '{tmp}/afile/dn': cannot be written (Not a directory)"),
     (["glue", "{root}", "--tasks", "rte,wnli"], "--tasks 'wnli': is not known; valid: rte, sst2, mrpc"),
     (["glue", "{tmp}/afile"], "ROOT '{tmp}/afile': cannot be written (File exists)"),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -324,20 +325,27 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
     dn = sub.add_parser("domainnet", help="the official zips and split files, verified, unpacked, checked")
     dn.add_argument("root", metavar="ROOT", help="the DomainNet root to write (official layout)")
-    dn.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated (default: all six)")
-    dn.add_argument("--base-url", default=OFFICIAL_BASE, help=f"a mirror of {OFFICIAL_BASE} (default: that host)")
-    dn.add_argument("--digests", default=None, help="a file of '<md5>  <file name>' lines instead of the published "
-                                                    "digests (for a mirror that serves other files)")
-    dn.add_argument("--workers", type=int, default=6, help="parallel downloads (default 6)")
+    dn.add_argument("--domains", default=",".join(DOMAINS), metavar="D[,D...]",
+                    help="comma-separated (default: all six)")
+    dn.add_argument("--base-url", default=OFFICIAL_BASE, metavar="URL",
+                    help=f"a mirror of {OFFICIAL_BASE} (default: that host)")
+    dn.add_argument("--digests", default=None, metavar="FILE",
+                    help="a file of '<md5>  <file name>' lines in place of the published digests (for a mirror "
+                         "that serves other files)")
+    dn.add_argument("--workers", type=int, default=6, metavar="N", help="parallel downloads (default 6)")
     gl = sub.add_parser("glue", help="the Hub's nyu-mll/glue, written in the layout smear.data.glue reads")
     gl.add_argument("root", metavar="ROOT", help="the GLUE root to write (Hub layout)")
-    gl.add_argument("--tasks", default=",".join(glue.TASKS), help="comma-separated (default: all eight)")
-    gl.add_argument("--source", default=glue.HUB_NAME, help=f"a Hub dataset id or a local copy (default {glue.HUB_NAME})")
+    gl.add_argument("--tasks", default=",".join(glue.TASKS), metavar="T[,T...]",
+                    help="comma-separated (default: all eight)")
+    gl.add_argument("--source", default=glue.HUB_NAME, metavar="ID|DIR",
+                    help=f"a Hub dataset id or a local copy of it (default {glue.HUB_NAME})")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # huggingface_hub logs each retry of a transfer over several lines; the outcome is our one line per file
+    logging.getLogger("huggingface_hub.file_download").setLevel(logging.ERROR)
     try:
         if argv and not argv[0].startswith("-") and argv[0] not in DATASETS:
             raise BadInput("dataset", argv[0], "is not known", ", ".join(DATASETS))
@@ -352,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             raise BadInput("--workers", args.workers, "is out of range", "1 or more")
         if not re.match(r"https?://[^/\s]+", args.base_url):
-            raise BadInput("--base-url", args.base_url, "is not an http(s) URL", "http://HOST/PATH or https://HOST/PATH")
+            raise BadInput("--base-url", args.base_url, "is not an http(s) URL",
+                           "http://HOST/PATH or https://HOST/PATH")
         digests = PUBLISHED_MD5 if args.digests is None else read_digests(args.digests)
         wanted = [name for d in domains for name, _ in domainnet_files(d)]
         missing = [name for name in wanted if name not in digests]
