@@ -3,6 +3,7 @@
 The offline stand-ins are generated on first use, on each node that needs them, under
 ``$SMEAR_DATA_DIR`` (default ``~/.cache/smear-sweep``); generation is atomic and idempotent.
 ``smear.data.check.check_domainnet`` checks a DomainNet root's lists and images before training.
+``python -m smear.data.fetch domainnet|glue ROOT`` downloads the real ones (``smear.data.fetch``).
 """
 from __future__ import annotations
 
