@@ -4,6 +4,7 @@ owns its flags (``service/launch.py``, ``service.report``, ``smear.data.prepare`
     smear-sweep run [FLAGS]                  python service/launch.py [FLAGS]
     smear-sweep resume NAME [FLAGS]          python service/launch.py --resume --name NAME [FLAGS]
     smear-sweep extend NAME --seeds S [...]  python service/launch.py --extend --name NAME --seeds S [...]
+    smear-sweep sync NAME [FLAGS]            python service/launch.py --sync --name NAME [FLAGS]
     smear-sweep estimate [FLAGS]             python service/launch.py --dry-run --estimate [FLAGS]
     smear-sweep report NAME [FLAGS]          python -m service.report NAME [FLAGS]
     smear-sweep data prepare SRC DST [...]   python -m smear.data.prepare SRC DST [...]
@@ -78,6 +79,13 @@ COMMANDS = [
             + "\nsame as: python service/launch.py --resume --name NAME [FLAGS]\n"
               "Use the flags the sweep printed when it started (its 'continue with:' line).\n",
             _launch(["--resume"], positional="--name")),
+    Command("sync", "send the tracking server what it lacks of a sweep's record (after exit 4)",
+            f"{PROG} sync NAME [--storage DIR] [--tracking-uri URI]",
+            _examples("sync default-20261201-101500",
+                      "sync t5-try --storage /mnt/shared/results --tracking-uri http://head:5000")
+            + "\nsame as: python service/launch.py --sync --name NAME [FLAGS]\n"
+              "The sweep printed this command when it ended with writes unsent; a second run sends nothing.\n",
+            _launch(["--sync"], positional="--name")),
     Command("extend", "add seeds to a finished sweep (same parent run)",
             f"{PROG} extend NAME --seeds S[,S...] [--sweep NAME|PATH] [launch.py flags below]",
             _examples("extend default-20261201-101500 --seeds 2,3",

@@ -240,6 +240,8 @@ def read_inputs(argv: list[str] | None, reading: Reading, *, usage: str | None =
     from service.preflight import check_environment, check_sweep_name
 
     args = parse_args(argv, usage=usage, epilog=epilog)
+    with reading("the environment's SMEAR_RECORD_WAIT_S"):
+        check_record_wait()
     if args.sync:
         with reading(f"the record journal of --name={args.name!r}"):
             return read_sync(args)
@@ -261,6 +263,15 @@ def read_inputs(argv: list[str] | None, reading: Reading, *, usage: str | None =
     with reading("the trials' resources"):
         check_resources(sweep)
     return Inputs(args=args, sweep=sweep, tracking_uri=uri, storage=storage, extension=ext)
+
+
+def check_record_wait() -> None:
+    from service.replica import record_wait
+
+    try:
+        record_wait()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def read_sync(args: argparse.Namespace) -> Inputs:

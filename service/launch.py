@@ -177,7 +177,8 @@ def run_sync(inputs: Inputs) -> int:
               f"{str(e).splitlines()[0][:200] if str(e) else ''}); nothing is lost: run the same command again "
               f"once it answers", file=sys.stderr)
         return EXIT_RECORD_INCOMPLETE
-    print(*where)
+    if where:
+        print(*where)
     if replica.missing():
         print(incomplete_note(replica, name, storage), file=sys.stderr)
         return EXIT_RECORD_INCOMPLETE

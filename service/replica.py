@@ -61,6 +61,27 @@ def server_answers(uri: str, timeout: float = 5.0) -> bool:
         return False
 
 
+WAIT_ENV = "SMEAR_RECORD_WAIT_S"
+
+
+def record_wait(default: float = 60.0) -> float:
+    """How long a sweep's end waits for a tracking server that does not answer before it leaves the rest of the
+    record in the journal: $SMEAR_RECORD_WAIT_S seconds if set (the launcher's boundary checks it), else
+    ``default``. Raises ValueError naming the value when it is not a number >= 0."""
+    import math
+
+    text = os.environ.get(WAIT_ENV)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{WAIT_ENV}={text!r} is not a number of seconds; valid: a finite number >= 0, e.g. 60")
+    return value
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -77,7 +98,7 @@ class Replica:
     restores, the parent run and the launcher share its queue, thread and counts)."""
 
     RETRY_S = 5.0         # between two tries of a write while the tracking server is down
-    FLUSH_WAIT_S = 60.0   # at the sweep's end, how long to wait for a server that is down: the journal keeps the rest
+    FLUSH_WAIT_S = 60.0   # at the sweep's end, how long to wait for a server that is down: see record_wait()
 
     _open: dict[str, "Replica"] = {}
     _registry_lock = threading.Lock()
@@ -188,7 +209,7 @@ class Replica:
         """Wait until every queued write is in MLflow (at most ``timeout`` s, default FLUSH_WAIT_S); past it,
         stop trying (the rest stays in the journal: :meth:`missing`). Returns whether everything written so far
         went out (once given up, this process sends nothing more: ``--sync`` does)."""
-        wait = self.FLUSH_WAIT_S if timeout is None else timeout
+        wait = record_wait(self.FLUSH_WAIT_S) if timeout is None else timeout
         deadline = time.monotonic() + wait
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -40,8 +40,8 @@ def test_overview_lists_every_command(capsys):
 
 
 @pytest.mark.parametrize("argv,line", [
-    ([], "smear-sweep: error: a command is needed; valid: run, resume, extend, estimate, report, data"),
-    (["frob"], "smear-sweep: error: unknown command 'frob'; valid: run, resume, extend, estimate, report, data"),
+    ([], "smear-sweep: error: a command is needed; valid: run, resume, sync, extend, estimate, report, data"),
+    (["frob"], "smear-sweep: error: unknown command 'frob'; valid: run, resume, sync, extend, estimate, report, data"),
     (["data"], "smear-sweep: error: 'data' needs a command; valid: data prepare, data check"),
     (["data", "verify"], "smear-sweep: error: unknown command 'data verify'; valid: data prepare, data check"),
 ])

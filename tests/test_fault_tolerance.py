@@ -330,7 +330,7 @@ def test_mlflow_server_outage_of_a_minute_loses_nothing_and_blocks_no_trial(tmp_
         assert "Could not re-use actor" not in out
         assert [x for x in out.splitlines() if x.startswith("progress: ")][-1].startswith("progress: 4/4 done (0 failed)")
         note = parent.data.tags.get("tracking_note", "")
-        assert "1 tracking outage(s)" in note and "every queued call was written" in note, note
+        assert "1 tracking outage(s)" in note and "every write was sent" in note, note
         assert note in out
     finally:
         if proc.poll() is None:

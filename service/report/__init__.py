@@ -168,6 +168,27 @@ def end_of_sweep(tracking_uri: str, sweep_run_name: str, storage: str | Path, ex
     return True, f"\nReport: {report.path}"
 
 
+def sync_first(tracking_uri: str, sweep_run_name: str, storage: str | Path) -> int:
+    """Before a report is read from MLflow: what the sweep's journal holds and the store lacks (a sweep that
+    ended with its tracking server lost) is sent first (:meth:`service.replica.Replica.sync`, all but the
+    journal's own report entry: this report is written next). Only when the journal's store is this one;
+    returns how many writes were sent."""
+    from service.journal import Journal, journal_path
+
+    path = journal_path(str(storage), sweep_run_name)
+    if not path.is_file():
+        return 0
+    header = Journal.at(path).parent
+    if header.get("uri") != tracking_uri or not header.get("run_id"):
+        return 0
+    from service.replica import Replica
+
+    sent = Replica.at(path, tracking_uri, header["experiment_id"], header["run_id"]).sync()
+    if sent:
+        print(f"report.py: {sent} write(s) of the sweep's journal {path} sent to {tracking_uri} first", file=sys.stderr)
+    return sent
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"report.py: error: {message}", file=sys.stderr)
@@ -207,6 +228,7 @@ def main(argv: list[str] | None = None, *, usage: str | None = None, epilog: str
     from service.refusal import internal_error, refuse
 
     try:  # total, as the launcher's boundary: a refusal is one line, never a traceback
+        sync_first(resolve_tracking_uri(args.tracking_uri), args.sweep, args.storage)
         path = write_report(resolve_tracking_uri(args.tracking_uri), args.sweep, args.storage, args.experiment,
                             reference=args.reference, interval=args.ci, n_boot=args.n_boot)
     except ReportError as e:
