@@ -247,3 +247,25 @@ def test_the_simulator_runs_decide():
     for s in range(4):
         d = seq.decide({"a": (methods[s, 0] - ref[s, 0]).tolist(), "b": (methods[s, 1] - ref[s, 0]).tolist()}, 2, design)
         assert [seq.VERDICTS.index(d[m].verdict) for m in "ab"] == sim.verdicts[s].tolist()
+
+
+def test_the_report_section_plans_seeds_from_the_sweeps_differences(tmp_path):
+    from service.report import SECTIONS, scores
+    from service.report.sections import Scope
+    from service.report.trials import Trial
+
+    ref = [0.60, 0.62, 0.61, 0.63, 0.59]
+    gain = [0.012, 0.004, 0.015, 0.009, 0.006]
+    trials = [Trial("ref", str(s), test=v) for s, v in enumerate(ref)]
+    trials += [Trial("a", str(s), test=v + g) for s, (v, g) in enumerate(zip(ref, gain))]
+    trials += [Trial("b", "0", test=0.6), Trial("b", "1", status="FAILED")]        # one pair: no plan
+    section = scores.planned_seeds(Scope(None, trials, tmp_path, "", "sweep", "ref"))
+    plans = section.numbers["planned_seeds"]
+    assert plans["a"].sd == pytest.approx(np.std(gain, ddof=1)) and plans["a"].pilot == 5
+    assert plans["a"].fixed == seq.plan_seeds({"a": gain, "b": [0.0]})["a"].fixed   # two comparisons: alpha / 2
+    assert plans["b"].fixed is None
+    table = [line for line in section.markdown if line.startswith("| a |") or line.startswith("| b |")]
+    assert len(table) == 2 and f"| {plans['a'].fixed} |" in table[0]
+    assert scores.planned_seeds in SECTIONS
+    alone = scores.planned_seeds(Scope(None, trials[:5], tmp_path, "", "sweep", "ref"))
+    assert alone.markdown == []                                                    # nothing to compare
