@@ -293,12 +293,36 @@ def inflation(looks: int, alpha: float, power: float = POWER) -> tuple[float, fl
     return (theta / fixed) ** 2, spending.expected_fraction(t, bounds, theta, two_sided=True)
 
 
-def fixed_seeds(sd: float, delta: float = DEFAULT_DELTA, alpha: float = ALPHA, power: float = POWER) -> int:
-    """Pairs a fixed-size paired t-test needs for ``power`` at true difference ``delta`` (TTestPower)."""
-    from statsmodels.stats.power import TTestPower
+def t_power(n: int, effect: float, alpha: float = ALPHA) -> float:
+    """Power of the two-sided paired t-test at n pairs and standardised difference ``effect`` (noncentral t,
+    noncentrality effect sqrt(n), n - 1 degrees of freedom): the quantity TTestPower computes, from scipy,
+    which stays finite at large noncentrality where statsmodels 0.15 returns NaN."""
+    from scipy.stats import nct, t
 
-    n = TTestPower().solve_power(effect_size=delta / sd, alpha=alpha, power=power, alternative="two-sided")
-    return max(2, math.ceil(float(np.squeeze(n)) - 1e-9))
+    crit, nc = t.ppf(1 - alpha / 2, n - 1), effect * math.sqrt(n)
+    return float(nct.sf(crit, n - 1, nc) + nct.cdf(-crit, n - 1, nc))
+
+
+def fixed_seeds(sd: float, delta: float = DEFAULT_DELTA, alpha: float = ALPHA, power: float = POWER) -> int:
+    """The fewest pairs (at least 2) with which a fixed-size paired t-test reaches ``power`` at true difference
+    ``delta``: statsmodels' ``TTestPower.solve_power`` as the start, :func:`t_power` to settle the integer
+    (the solver fails or undershoots below 2 pairs, i.e. for large effects)."""
+    import warnings
+
+    from statsmodels.stats.power import TTestPower
+    from statsmodels.tools.sm_exceptions import ConvergenceWarning
+
+    effect = delta / sd
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        start = float(np.squeeze(TTestPower().solve_power(effect_size=effect, alpha=alpha, power=power,
+                                                          alternative="two-sided")))
+    n = max(2, math.ceil(start)) if math.isfinite(start) else 2
+    while t_power(n, effect, alpha) < power:
+        n += 1
+    while n > 2 and t_power(n - 1, effect, alpha) >= power:
+        n -= 1
+    return n
 
 
 def plan_seeds(pilot: Mapping[str, Sequence[float]], delta: float = DEFAULT_DELTA, alpha: float = ALPHA,

@@ -194,6 +194,14 @@ def test_plan_seeds_reaches_the_power_with_the_fewest_seeds(sd):
     assert plan.fixed <= plan.sequential and plan.expected < plan.sequential
 
 
+@pytest.mark.parametrize("sd", [1e-4, 0.001, 0.003, 0.05])
+def test_fixed_seeds_is_the_fewest_that_reach_the_power(sd):
+    """Large effects too, where statsmodels' solver fails (below 2 pairs) or lands on too few pairs."""
+    n = seq.fixed_seeds(sd, 0.01, 0.05)
+    assert _t_power(n, 0.01 / sd, 0.05) >= 0.8
+    assert n == 2 or _t_power(n - 1, 0.01 / sd, 0.05) < 0.8
+
+
 def test_plan_seeds_says_when_the_pilot_cannot_tell():
     plans = seq.plan_seeds({"one": [0.01], "flat": [0.01, 0.01, 0.01]})
     assert plans["one"].fixed is None and "no SD" in plans["one"].note
