@@ -14,7 +14,8 @@ under ``<storage>/<sweep>/report/``:
   with its 95% CI and seed count, ``*`` where the paired difference to ``--reference`` is significant
   (Holm within the column), methods best first; the statistics over seeds (:mod:`service.report.stats`:
   95% CIs, Student t or with ``--ci bootstrap`` a percentile bootstrap over seeds; the paired difference
-  to ``--reference``, default smear, with a Holm-corrected paired test); compute; one line per trial;
+  to ``--reference``, default smear, with a Holm-corrected paired test); the seeds planned to detect
+  ``service.sequential.DEFAULT_DELTA`` with 80% power (:mod:`service.sequential`); compute; one line per trial;
 - ``table.tex`` (booktabs) and ``table.csv``: the statistics table, paper-ready;
 - ``aggregate.tex``, ``aggregate.csv`` and ``cd_diagram.png``: the aggregates over the domains or tasks
   (:mod:`service.report.aggregate`: the mean over them, the IQM and P(> reference), each with a stratified
@@ -54,8 +55,9 @@ from service.uris import resolve_tracking_uri
 EXIT_BAD_INPUT = 2
 
 # the sections of each setting, in summary.md's order
-SECTIONS = (scores.score_table, scores.seed_statistics, scores.cross_task_aggregates, scores.compute, scores.trial_list, scores.score_plots,
-            best_heatmaps, learning_curves, routing_diagnostics, sensitivity_section)
+SECTIONS = (scores.score_table, scores.seed_statistics, scores.cross_task_aggregates, scores.planned_seeds,
+            scores.compute, scores.trial_list, scores.score_plots, best_heatmaps, learning_curves,
+            routing_diagnostics, sensitivity_section)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The report's score sections of one setting (each a :class:`~service.report.sections.Section`): the method x
-group table, the statistics over seeds (also as LaTeX and CSV), compute, one line per trial, and the score
-plots (per method; against FLOPs, device-hours and wall time). The tables are :mod:`service.report.tables`,
-the statistics :mod:`service.report.stats`, the figures :mod:`service.report.plots`.
+group table, the statistics over seeds (also as LaTeX and CSV), the seeds planned to detect the margin
+(:mod:`service.sequential`), compute, one line per trial, and the score plots (per method; against FLOPs,
+device-hours and wall time). The tables are :mod:`service.report.tables`, the statistics
+:mod:`service.report.stats`, the figures :mod:`service.report.plots`.
 """
 from __future__ import annotations
 
@@ -118,6 +119,32 @@ def cross_task_aggregates(scope: Scope) -> Section:
     lines += [f"The same table: [`{files[0].name}`]({files[0].name}) (LaTeX, booktabs), "
               f"[`{files[1].name}`]({files[1].name}) (CSV, not x100).", ""]
     return Section(lines, files, {"aggregates": {r.method: r for r in rows}, "rank_test": rt, "left_out": left_out})
+
+
+def planned_seeds(scope: Scope) -> Section:
+    """Per comparison with the reference, the seeds to detect the margin with 80% power (:mod:`service.sequential`),
+    this sweep's paired differences taken as the pilot: a fixed design, and the group-sequential one of the same
+    power (its maximum, and its expected seeds when the true difference is the margin)."""
+    from service.report.stats import paired_differences
+    from service.sequential import ALPHA, DEFAULT_DELTA, DEFAULT_LOOKS, POWER, plan_seeds
+
+    scores, reference = seed_scores(scope.trials), scope.reference
+    others = [m for m in scores if m != reference]
+    if reference not in scores or not others:
+        return Section([])
+    plans = plan_seeds({m: paired_differences(m, scores[m], reference, scores[reference]) for m in others})
+    num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    rows = [f"| {p.method} | {p.pilot} | {num(p.sd, '.4f')} | {num(p.fixed, 'd')} | {num(p.sequential, 'd')} | "
+            f"{num(p.expected, '.1f')} | {p.note} |" for p in plans.values()]
+    return Section([f"### Planned seeds (reference `{reference}`)", "",
+                    f"Seeds (paired with `{reference}`) to detect a difference of delta = {DEFAULT_DELTA:g} in test "
+                    f"{scope.primary} (not x100) with {POWER:.0%} power, the SD of each method's differences over "
+                    f"this sweep's seeds taken as the truth: a paired t-test at alpha = {ALPHA:g} / {len(others)} "
+                    f"(Holm's first step), and the group-sequential design of the same power over {DEFAULT_LOOKS} "
+                    f"looks (Lan-DeMets O'Brien-Fleming spending; expected seeds when the true difference is delta; "
+                    f"docs/seeds.md). A pilot of few seeds gives a rough SD, so a rough plan.", "",
+                    "| method | pairs | SD of differences | fixed design | sequential: at most | sequential: expected "
+                    "| note |", "|---|---:|---:|---:|---:|---:|---|", *rows, ""], numbers={"planned_seeds": plans})
 
 
 def compute(scope: Scope) -> Section:

@@ -124,15 +124,28 @@ def summarize(method: str, scores: Mapping[Hashable, float | None], interval: st
     return MethodSummary(method, n, float(np.mean(x)), float(np.std(x, ddof=1)), lo, hi, "", interval, level)
 
 
+def _pairs(method: str, scores: Mapping[Hashable, float | None], reference: str,
+           ref_scores: Mapping[Hashable, float | None]):
+    """The seeds both have (in ``scores``' order), both methods' clean scores, and the rounded differences."""
+    a, b = _clean(method, scores), _clean(reference, ref_scores)
+    shared = [s for s in a if s in b]
+    return shared, a, b, np.round([a[s] - b[s] for s in shared], _DECIMALS)
+
+
+def paired_differences(method: str, scores: Mapping[Hashable, float | None], reference: str,
+                       ref_scores: Mapping[Hashable, float | None]) -> list[float]:
+    """The differences ``method - reference`` over the seeds both have, in ``scores``' seed order, as the
+    paired tests here see them (the input of :mod:`service.sequential`)."""
+    return [float(v) for v in _pairs(method, scores, reference, ref_scores)[3]]
+
+
 def paired(method: str, scores: Mapping[Hashable, float | None], reference: str,
            ref_scores: Mapping[Hashable, float | None], level: float = 0.95,
            alpha: float = 0.05) -> PairedComparison:
     """Differences ``method - reference`` over shared seeds: mean, t-interval, and a paired t-test
     (scipy.stats.ttest_rel) below ``WILCOXON_FROM`` pairs, else Wilcoxon signed-rank (scipy.stats.wilcoxon).
     ``p_holm``/``significant`` are left unset (None/False): ``compare`` fills them."""
-    a, b = _clean(method, scores), _clean(reference, ref_scores)
-    shared = [s for s in a if s in b]
-    d = np.round([a[s] - b[s] for s in shared], _DECIMALS)
+    shared, a, b, d = _pairs(method, scores, reference, ref_scores)
     n = len(shared)
     base = dict(method=method, reference=reference, n_pairs=n, p_holm=None, significant=False,
                 alpha=alpha, level=level)
