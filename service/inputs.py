@@ -287,11 +287,40 @@ def read_sync(args: argparse.Namespace) -> Inputs:
         raise ConfigError(f"--name={args.name!r}: no record journal at {path}; valid: a sweep recorded in --storage "
                           f"{storage}: {', '.join(found) or 'none found'}")
     header = Journal.at(path).parent
-    if not header.get("run_id"):
+    if not all(isinstance(header.get(k), str) and header[k] for k in ("run_id", "experiment_id", "uri")):
         raise ConfigError(f"--name={args.name!r}: the journal {path} records no parent run; valid: a journal "
                           "written by launch.py")
     uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else header["uri"]
+    check_uri("the journal's tracking URI", uri, "tracking")
+    probe_parent_run(uri, header["run_id"], args.name)
     return Inputs(args=args, sweep=None, tracking_uri=uri, storage=storage, extension=None)
+
+
+def probe_parent_run(uri: str, run_id: str, name: str) -> None:
+    """--sync: the store answers (bounded, as a sweep's probes) and holds the sweep's parent run: the journal
+    is replayed into the store the sweep wrote to, never into another (which it would fill with orphans)."""
+    from service.probes import PROBE_TIMEOUT_S, probe_tracking, within
+
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"--tracking-uri={uri!r}: no sqlite store there; valid: the store sweep {name!r} wrote to")
+    probe_tracking(uri)
+
+    def has_parent() -> bool:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        try:
+            MlflowClient(uri).get_run(run_id)
+            return True
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise ConfigError(f"tracking URI {uri!r}: {str(e).splitlines()[0][:200]}; valid: a store that "
+                              "answers") from None
+
+    if not within(3 * PROBE_TIMEOUT_S, f"tracking URI {uri!r}", has_parent):
+        raise ConfigError(f"--tracking-uri={uri!r} has no run {run_id} (the parent run of sweep {name!r}); valid: "
+                          "the store the sweep wrote to (the journal's, when --tracking-uri is not given)")
 
 
 def boundary(argv: list[str] | None = None, **kw: Any) -> Inputs | int:

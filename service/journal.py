@@ -32,7 +32,11 @@ PARENT = "parent"  # the key of the sweep's parent run; every other key is a Tun
 # open: the run exists (a trial's: created with its tags, params and config; the parent's: bound to its id)
 # start: RUNNING again (an attempt); metrics: one step of values; heatmap / artifact: a file of the run;
 # tags; end: its status and end time; report: the sweep's report published to the parent run
-OPS = ("open", "start", "metrics", "heatmap", "artifact", "tags", "end", "report")
+# the data each kind of entry must carry, and of what type (an entry that does not is not the driver's: skipped)
+_REQUIRED = {"metrics": {"step": int, "ts": int, "values": dict}, "end": {"status": str, "end_time": int},
+             "open": {}, "start": {}, "heatmap": {"heat": dict, "title": str}, "artifact": {"path": str, "text": str},
+             "tags": {"tags": dict}, "report": {}}
+OPS = tuple(_REQUIRED)
 MAX_METRICS = 999  # per entry: MLflow's log_batch takes 1000 entities, and the entry's marker tag is one
 
 
@@ -61,14 +65,16 @@ class RunState:
     def fold(self, e: Entry) -> None:
         self.n = e.n
         if e.op == "open":
-            self.opened, self.name, self.status = True, e.data.get("run_name", self.name), "RUNNING"
+            self.opened, self.name, self.status = True, str(e.data.get("run_name", self.name)), "RUNNING"
         elif e.op == "start":
             self.status = "RUNNING"
         elif e.op == "metrics" and not e.data.get("final"):
             self.last_step = max(self.last_step, int(e.data["step"]))
         elif e.op == "end":
             self.status = e.data["status"]
-            lines = [x.strip() for x in e.data.get("tags", {}).get("error", "").splitlines() if x.strip()]
+            tags = e.data.get("tags")
+            error = tags.get("error") if isinstance(tags, dict) else None
+            lines = [x.strip() for x in (error if isinstance(error, str) else "").splitlines() if x.strip()]
             self.error = (lines[-1] if lines else "trial failed") if self.status == "FAILED" else ""
 
 
@@ -157,11 +163,9 @@ class Journal:
             for line in f:
                 if not line.endswith("\n"):
                     return  # the last line, cut short: never sent
-                try:
-                    d = json.loads(line)
-                    yield Entry(d["key"], d["op"], int(d["n"]), d["data"])
-                except (ValueError, KeyError, TypeError):
-                    continue
+                entry = _entry(line)
+                if entry is not None:
+                    yield entry
 
     def final_metrics(self) -> dict[str, dict[str, float]]:
         """trial id -> the latest value of each of its metrics, for every trial whose run ended FINISHED (what
@@ -178,6 +182,24 @@ class Journal:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+def _entry(line: str) -> Entry | None:
+    """One journal line as an Entry, or None if it is not one the driver writes (a disk's damage, a hand edit)."""
+    try:
+        d = json.loads(line)
+    except ValueError:
+        return None
+    if not (isinstance(d, dict) and isinstance(d.get("key"), str) and d.get("op") in _REQUIRED
+            and type(d.get("n")) is int and d["n"] >= 1 and isinstance(d.get("data"), dict)):
+        return None
+    data = d["data"]
+    if any(type(data.get(k)) is not t and not (t is int and type(data.get(k)) is float)
+           for k, t in _REQUIRED[d["op"]].items()):
+        return None
+    if d["op"] == "metrics" and not all(isinstance(k, str) and type(v) in (int, float) for k, v in data["values"].items()):
+        return None
+    return Entry(d["key"], d["op"], d["n"], data)
 
 
 def journal_path(storage: str, name: str) -> Path:

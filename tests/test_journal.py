@@ -177,3 +177,48 @@ def test_the_fold_knows_steps_status_and_errors_without_mlflow(tmp_path):
     assert (j.state("t_2").status, j.state("t_2").error) == ("FAILED", "ValueError: bad lr")
     assert j.final_metrics() == {"t_1": {"val/acc": 0.2, "test/acc": 0.5}}
     Journal.forget(tmp_path / "record.jsonl")
+
+
+_VALID_JOURNAL = (
+    '{"key":"parent","op":"open","n":1,"data":{"run_id":"abc","experiment_id":"1","uri":"sqlite:///m.db","name":"s"}}\n'
+    '{"key":"t_1","op":"open","n":1,"data":{"run_name":"r","tags":{},"params":{},"config":{}}}\n'
+    '{"key":"t_1","op":"metrics","n":2,"data":{"step":10,"ts":5,"final":false,"values":{"val/acc":0.5}}}\n'
+    '{"key":"t_1","op":"end","n":3,"data":{"status":"FAILED","end_time":6,"tags":{"error":"x"}}}\n').encode()
+
+
+@settings(PROFILE, max_examples=200, phases=[Phase.explicit, Phase.generate, Phase.shrink])
+@given(at=st.integers(0, len(_VALID_JOURNAL)), cut=st.integers(0, 40), insert=st.binary(max_size=40),
+       json_line=st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5)),
+                              lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                      st.dictionaries(st.sampled_from(
+                                                          ["key", "op", "n", "data", "step", "ts", "values", "status",
+                                                           "end_time", "tags", "error", "run_id"]), inner, max_size=5)),
+                              max_leaves=10))
+def test_a_damaged_journal_is_read_without_error_and_sync_refuses_it_in_one_line(tmp_path_factory, at, cut, insert,
+                                                                                 json_line):
+    """Whatever the journal's bytes (cut, spliced, a JSON line of any shape), reading it never raises and keeps only
+    entries the driver could have written; ``--sync`` of it is a valid start or one clean refusal, exit 2."""
+    import json
+
+    from service.inputs import boundary
+    from service.journal import OPS
+
+    folder = tmp_path_factory.mktemp("damaged")
+    path = folder / "s" / "record.jsonl"
+    path.parent.mkdir()
+    data = _VALID_JOURNAL[:at] + insert + _VALID_JOURNAL[at + cut:] + json.dumps(json_line).encode() + b"\n"
+    path.write_bytes(data)
+    j = Journal(path)
+    for e in j.entries():
+        assert e.op in OPS and isinstance(e.key, str) and e.n >= 1 and isinstance(e.data, dict)
+    err = __import__("io").StringIO()
+    with __import__("contextlib").redirect_stderr(err):
+        try:
+            result = boundary(["--sync", "--name", "s", "--storage", str(folder), "--tracking-uri",
+                               f"sqlite:///{folder}/absent.db"])
+        except SystemExit as e:
+            result = e.code
+    assert result == 2, result                                   # no store there: refused, whatever the journal
+    lines = [x for x in err.getvalue().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("launch.py: error: ") and "internal error" not in lines[0], lines
+    assert sorted(p.name for p in folder.rglob("*")) == ["record.jsonl", "s"]  # nothing written

@@ -64,7 +64,8 @@ def _record(url: str) -> dict:
             history[key] = sorted(s for s, _ in steps) if key in TIMING else sorted(steps)
         params = {k: v for k, v in r.data.params.items() if not k.startswith("data.root")}
         tags = {k: v for k, v in r.data.tags.items()
-                if k not in (MARKER, "mlflow.parentRunId", "mlflow.runName", "trial_id", "best_checkpoint", "sweep")}
+                if k not in (MARKER, "mlflow.parentRunId", "mlflow.runName", "trial_id", "best_checkpoint", "sweep")
+                and not k.startswith("git_")}  # provenance: what the tree was at each launch
         files = sorted(a.path for a in client.list_artifacts(r.info.run_id))
         out[(r.data.tags["method"], r.data.tags["seed"])] = (r.info.status, params, tags, history, files)
     return out
