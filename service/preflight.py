@@ -206,7 +206,12 @@ def check_sweep_name(storage: str, name: str | None, *, resume: bool, extend: bo
 
     if name is None or extend:
         return
+    from service.journal import journal_path
+
     exists = can_resume(storage, name)
+    if not resume and not exists and journal_path(storage, name).is_file():  # a sweep that died before Tune began
+        raise ConfigError(f"--name={name!r}: a sweep of that name has a record journal in {storage} "
+                          f"({journal_path(storage, name)}); valid: a new --name")
     if resume and not exists:
         found = (sorted(p.name for p in Path(storage).glob("*") if (p / "tuner.pkl").exists())
                  if "://" not in storage and Path(storage).is_dir() else [])

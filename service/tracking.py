@@ -14,6 +14,7 @@ its journal is, whom it writes to), and finds its process's live replica again b
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -25,8 +26,10 @@ from service.replica import Replica
 from smear.configs import flatten
 from trainables.identity import SweepTrials, run_name
 from trainables.names import ROUTING_HEATMAP
+from trainables.session import read_artifact
 from trainables.settings import get_setting
 
+log = logging.getLogger(__name__)
 EVAL_KEY = "train/loss"  # in every evaluation report of the train loop, never in its final (test) report
 MAX_PARAM_LEN = 6000
 # How long an interrupted sweep waits for queued writes before ending its runs KILLED. `ray job stop` SIGKILLs
@@ -116,9 +119,14 @@ class MLflowTracker(Callback):
         tid, cfg, now = trial.trial_id, self._cfg(trial), int(time.time() * 1000)
         if not self._open(tid, cfg, "1"):
             return
-        heat = result.get(ROUTING_HEATMAP)
-        if isinstance(heat, dict) and heat.get("blocks"):
-            self.replica.write(tid, "heatmap", heat=heat, title=run_name(cfg, tid))
+        if isinstance(where := result.get(ROUTING_HEATMAP), str):  # the trial's heatmap file: into the journal
+            try:
+                heat = read_artifact(where)
+            except (OSError, ValueError) as e:
+                log.warning("routing heatmaps of %s not read from %s (%s)", run_name(cfg, tid), where, e)
+                heat = None
+            if isinstance(heat, dict) and heat.get("blocks"):
+                self.replica.write(tid, "heatmap", heat=heat, title=run_name(cfg, tid))
         step = int(result.get("step", result.get("training_iteration", 0)))
         final = bool(result.get("done")) and EVAL_KEY not in result
         if not final and step <= self.journal.state(tid).last_step:

@@ -119,7 +119,7 @@ def test_a_tracking_server_lost_for_good_loses_nothing_after_the_sync(tmp_path, 
         assert got.keys() == expected.keys()
         for key in expected:
             assert got[key] == expected[key], key
-        assert len(_summary_table(tmp_path, "clean")) > 10
+        assert len(_summary_table(tmp_path, "clean")) >= 5  # the scores, statistics and aggregates
         assert _summary_table(tmp_path, "lost") == _summary_table(tmp_path, "clean")  # the same report
         again = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=REPO, env=env_with_venv,
                                capture_output=True, text=True, timeout=600)

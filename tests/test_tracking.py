@@ -240,3 +240,22 @@ def test_a_trial_tune_stopped_without_its_final_result_is_not_recorded_finished(
     tracker.on_experiment_end([a])
     (run,) = [r for r in client.search_runs([exp]) if r.data.tags.get("mlflow.parentRunId") == parent]
     assert run.info.status == "KILLED"
+
+
+def test_the_heatmaps_are_a_file_of_the_trial_recorded_as_the_runs_artifact(tmp_path):
+    """The final report carries where the trial wrote its heatmaps (a Tune result holds no nested lists); the
+    tracker journals them and the run gets routing/heatmaps.json and .png. A file that cannot be read is skipped."""
+    from trainables.session import write_artifact
+
+    client, exp, parent, tracker, (a,) = _sweep(tmp_path, 1)
+    heat = {"groups": ["real", "sketch"], "blocks": {"layer1.0": [[0.7, 0.3], [0.2, 0.8]]}}
+    where = write_artifact(str(tmp_path / "trial"), "routing_heatmaps.json", heat)
+    tracker.on_trial_start(0, [], a)
+    tracker.on_trial_result(0, [], a, {"step": 4, "test/accuracy": 0.5, "done": True, "routing_heatmap": where})
+    tracker.on_trial_result(0, [], a, {"step": 4, "done": True, "routing_heatmap": str(tmp_path / "absent.json")})
+    tracker.on_trial_complete(0, [], a)
+    assert tracker.flush()
+    (run,) = [r for r in client.search_runs([exp]) if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "routing")} == {
+        "routing/heatmaps.json", "routing/heatmaps.png"}
+    assert "routing_heatmap" not in run.data.metrics and run.data.metrics["test/accuracy"] == 0.5

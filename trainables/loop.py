@@ -27,7 +27,7 @@ from trainables.checkpoints import CheckpointMismatch, _partial_state, _restore
 from trainables.config import TrainConfig
 from trainables.evaluation import evaluate
 from trainables.names import (
-    DONE, EPOCH, ROUTING_HEATMAP, SECONDS_PER_STEP, STEP, SYSTEM_BF16, TRAIN_HOURS, TRAIN_LOSS, TRAIN_LR, best,
+    DONE, EPOCH, HEATMAP_FILE, ROUTING_HEATMAP, SECONDS_PER_STEP, STEP, SYSTEM_BF16, TRAIN_HOURS, TRAIN_LOSS, TRAIN_LR, best,
 )
 from trainables.session import LocalSession, Session
 from trainables.step import LossMonitor, NonFiniteLoss
@@ -89,8 +89,11 @@ def train_loop(config: dict[str, Any] | TrainConfig, session: Session,
     del train_loader, val_loader  # their workers end here
     final, heat = evaluate(setting, core, trial.loader("test"), trial.device, "test", trial.precision)
     final.update({STEP: state.step, best(primary): state.best_val, DONE: 1.0, **pending,
-                  TRAIN_HOURS: total_train_s / 3600,  # this process's training time (since a restore, if any)
-                  # specialisation (methods.md section 5): per block, group x expert mean routing weight on test
-                  ROUTING_HEATMAP: {"groups": setting.group_names, "blocks": heat}})
+                  TRAIN_HOURS: total_train_s / 3600})  # this process's training time (since a restore, if any)
+    # specialisation (methods.md section 5): per block, group x expert mean routing weight on test; a file of the
+    # trial's, whose location the final report carries (the driver records it as the run's artifact)
+    where = session.artifact(HEATMAP_FILE, {"groups": setting.group_names, "blocks": heat}) if heat else None
+    if where is not None:
+        final[ROUTING_HEATMAP] = where
     session.report(final, None)
     return final

@@ -8,7 +8,10 @@ TRAIN_LOSS, TRAIN_LR = "train/loss", "train/lr"
 SYSTEM_BF16 = "system/bf16"  # 1.0 / 0.0: the precision that ran (first report; again after a resume if it changed)
 
 SECONDS_PER_STEP, TRAIN_HOURS = "compute/seconds_per_step", "compute/train_hours"  # measured, so never bit-equal
-ROUTING_HEATMAP = "routing_heatmap"  # key of the final report holding the specialisation heatmaps
+# the final report's key for where the specialisation heatmaps are: a JSON file the trial wrote beside its
+# checkpoints (its session's artifact, trainables/session.py), never the heatmaps themselves (not a Tune result)
+ROUTING_HEATMAP = "routing_heatmap"
+HEATMAP_FILE = "routing_heatmaps.json"
 
 # compute accounting (trainables/accounting.py): parameters and FLOPs of one training step, in the first report
 PARAMS_TRAINABLE = "compute/params_trainable"

@@ -22,6 +22,7 @@ from trainables.config import TrainConfig
 from trainables.failures import StorageFull, raised, storage_full
 from trainables.identity import SweepTrials
 from trainables.resources import TrialResources
+from trainables.session import write_artifact
 from trainables.loop import train_loop
 from trainables.step import NonFiniteLoss
 
@@ -46,8 +47,9 @@ class TuneSession:
     # tracker logs each step once, so a step the record lost is filled and a recorded one skipped
     replays_on_restore = True
 
-    def __init__(self, trial_folder: str | None = None):
+    def __init__(self, trial_folder: str | None = None, artifact_folder: str | None = None):
         self.trial_folder = trial_folder
+        self.artifact_folder = artifact_folder or trial_folder  # the trial's folder in any storage (URI or path)
 
     @property
     def cpus(self) -> float | None:
@@ -63,6 +65,9 @@ class TuneSession:
     def release_checkpoint_dir(self, path):
         _release(path)
 
+    def artifact(self, name, data):
+        return write_artifact(self.artifact_folder or ray.tune.get_context().get_trial_dir(), name, data)
+
 
 class TrainSession:
     """The train loop reports to Ray Train (each data-parallel worker).
@@ -74,11 +79,12 @@ class TrainSession:
 
     replays_on_restore = True  # as TuneSession: through TuneReportCallback to the same tracker
 
-    def __init__(self, run_folder: str | None = None):
+    def __init__(self, run_folder: str | None = None, artifact_folder: str | None = None):
         ctx = ray.train.get_context()
         self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.cpus = _assigned_cpus()
         self.run_folder = run_folder
+        self.artifact_folder = artifact_folder or run_folder  # the Train run's folder in any storage
 
     def report(self, metrics, checkpoint_dir):
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -89,6 +95,10 @@ class TrainSession:
 
     def release_checkpoint_dir(self, path):
         _release(path)
+
+    def artifact(self, name, data):  # rank 0's final report is the one that reaches Tune
+        return write_artifact(self.artifact_folder, name, data) if self.world_rank == 0 and self.artifact_folder \
+            else None
 
 
 def _newest(ckpt, folder: str | None) -> str | None:
@@ -129,11 +139,11 @@ def _release(path: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def train_worker(config: dict[str, Any], run_folder: str | None = None) -> None:
-    """Entry point of each Ray Train worker (``run_folder``: :class:`TrainSession`'s)."""
+def train_worker(config: dict[str, Any], run_folder: str | None = None, artifact_folder: str | None = None) -> None:
+    """Entry point of each Ray Train worker (``run_folder``, ``artifact_folder``: :class:`TrainSession`'s)."""
     from ray.train.torch import prepare_model
 
-    train_loop(config, TrainSession(run_folder), wrap_model=lambda m: prepare_model(m, move_to_device=False))
+    train_loop(config, TrainSession(run_folder, artifact_folder), wrap_model=lambda m: prepare_model(m, move_to_device=False))
 
 
 def trial(config: dict[str, Any], trials: SweepTrials, train_storage: str | None = None,
@@ -162,8 +172,9 @@ def trial(config: dict[str, Any], trials: SweepTrials, train_storage: str | None
     monitor = SystemMetrics(*tracking, ctx.get_trial_id()) if tracking else None
     folder = os.path.join(experiment_path, ctx.get_trial_name()) if experiment_path and "://" not in experiment_path \
         else None
+    artifacts = f"{experiment_path.rstrip('/')}/{ctx.get_trial_name()}" if experiment_path else None  # any storage
     try:
-        _guarded(cfg, resources, train_storage, folder)
+        _guarded(cfg, resources, train_storage, folder, artifacts)
     finally:
         if monitor is not None:
             monitor.stop()  # never waits on the tracking server
@@ -227,7 +238,7 @@ class SystemMetrics:
 
 
 def _guarded(cfg: TrainConfig, resources: TrialResources, train_storage: str | None,
-             trial_folder: str | None = None) -> None:
+             trial_folder: str | None = None, artifacts: str | None = None) -> None:
     """Run the trial; a non-finite loss leaves a marker so that Tune's retries fail at once. A full disk (ENOSPC,
     e.g. Tune's copy of a checkpoint into the sweep's storage) is raised as :class:`StorageFull`: the driver ends
     the sweep at the first one, with no retry (service/storage_guard.py)."""
@@ -236,7 +247,7 @@ def _guarded(cfg: TrainConfig, resources: TrialResources, train_storage: str | N
         with open(marker) as f:
             raise NonFiniteLoss(f.read())
     try:
-        _run(cfg, resources, train_storage, trial_folder)
+        _run(cfg, resources, train_storage, trial_folder, artifacts)
     except Exception as e:
         diverged = raised(e, NonFiniteLoss)
         if diverged is not None:
@@ -248,9 +259,9 @@ def _guarded(cfg: TrainConfig, resources: TrialResources, train_storage: str | N
 
 
 def _run(cfg: TrainConfig, resources: TrialResources, train_storage: str | None,
-         trial_folder: str | None = None) -> None:
+         trial_folder: str | None = None, artifacts: str | None = None) -> None:
     if not resources.data_parallel:
-        train_loop(cfg, TuneSession(trial_folder))
+        train_loop(cfg, TuneSession(trial_folder, artifacts))
         return
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
@@ -263,7 +274,7 @@ def _run(cfg: TrainConfig, resources: TrialResources, train_storage: str | None,
     name, storage = f"train-{ctx.get_trial_id()}", train_storage or os.path.join(ctx.get_trial_dir(), "_train")
     run_folder = os.path.join(storage, name) if "://" not in storage else None  # local or shared storage
     trainer = TorchTrainer(
-        functools.partial(train_worker, run_folder=run_folder),
+        functools.partial(train_worker, run_folder=run_folder, artifact_folder=f"{storage.rstrip('/')}/{name}"),
         train_loop_config=to_dict(cfg),
         scaling_config=resources.scaling_config(),
         run_config=RunConfig(name=name, storage_path=storage, callbacks=[TuneReportCallback()]),

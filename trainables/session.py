@@ -2,6 +2,7 @@
 :class:`LocalSession`, the session without Ray (tests, benchmarks, measurements)."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,40 @@ class Session(Protocol):
     def latest_checkpoint_dir(self) -> str | None: ...
     def release_checkpoint_dir(self, path: str) -> None:
         """The loop has read ``path`` (from :meth:`latest_checkpoint_dir`): a temporary copy can go."""
+    def artifact(self, name: str, data: dict) -> str | None:
+        """``data`` written as the JSON file ``name`` where the driver reads it (the trial's folder in the sweep's
+        storage): its location, or None where this session has none (a data-parallel worker of rank > 0)."""
+
+
+def write_artifact(folder: str, name: str, data: dict) -> str:
+    """``data`` as the JSON file ``folder/name``: a local folder (written whole: a temporary file, then renamed),
+    or a storage URI (s3://, gs://, ...: pyarrow, as Tune writes there). Returns its location."""
+    text = json.dumps(data)
+    if "://" not in folder:
+        path = Path(folder) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return str(path)
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(folder)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{name}") as f:
+        f.write(text.encode())
+    return f"{folder.rstrip('/')}/{name}"
+
+
+def read_artifact(location: str) -> dict:
+    """What :func:`write_artifact` wrote at ``location`` (OSError or ValueError when it is not there or not JSON)."""
+    if "://" not in location:
+        return json.loads(Path(location).read_text())
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(location)
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
 
 
 @dataclass
@@ -52,3 +87,6 @@ class LocalSession:
 
     def release_checkpoint_dir(self, path):
         pass  # its own checkpoint folder, kept
+
+    def artifact(self, name, data):
+        return write_artifact(self.root, name, data)

@@ -53,10 +53,13 @@ def child_runs(db: str, experiment: str = "smear-sweep/space") -> tuple[object, 
 
 
 def without_timing(reports: list[dict]) -> list[dict]:
-    """Reports without the measured wall-clock metrics (the only keys two identical runs may differ in)."""
-    from trainables.names import SECONDS_PER_STEP, TRAIN_HOURS
+    """Reports without the measured wall-clock metrics (the only keys two identical runs may differ in), and with
+    the routing heatmaps' content in place of their file's location (each run writes its own file)."""
+    from trainables.names import ROUTING_HEATMAP, SECONDS_PER_STEP, TRAIN_HOURS
+    from trainables.session import read_artifact
 
-    return [{k: v for k, v in r.items() if k not in (SECONDS_PER_STEP, TRAIN_HOURS)} for r in reports]
+    return [{k: read_artifact(v) if k == ROUTING_HEATMAP else v for k, v in r.items()
+             if k not in (SECONDS_PER_STEP, TRAIN_HOURS)} for r in reports]
 
 
 def free_port() -> int:
