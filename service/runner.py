@@ -87,7 +87,7 @@ class StateBackup(Callback):
     the file truncated, and ``Tuner.restore`` then fails. After each controller step, a changed, parseable
     state file is copied (atomically) to ``<file>.last-good``; :func:`repair_experiment_state` puts that copy
     back before a resume. A copy a little older than the lost file is safe: trials it still shows running
-    continue from their newest complete checkpoint, and a trial the MLflow record holds as FINISHED is not
+    continue from their newest complete checkpoint, and a trial the journal holds as FINISHED is not
     re-run (trainables/ray_trainable.py). Local storage only (cloud storage is written by Tune's syncer)."""
 
     SUFFIX = ".last-good"
