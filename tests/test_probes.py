@@ -39,6 +39,8 @@ def test_a_sqlite_store_that_is_not_a_database_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("uri,module,package", [("postgresql://u:p@127.0.0.1:1/db", "psycopg", "psycopg[binary]"),
+                                                ("postgresql+psycopg2://u:p@127.0.0.1:1/db", "psycopg2",
+                                                 "psycopg2-binary"),
                                                 ("mysql+pymysql://u:p@127.0.0.1:1/db", "pymysql", "PyMySQL")])
 def test_a_database_driver_that_is_not_installed_is_named_with_its_package(uri, module, package):
     pytest.importorskip("sqlalchemy")

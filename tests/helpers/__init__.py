@@ -91,11 +91,13 @@ def ray_node_ports(p: list[int]) -> list[str]:
 
 
 class MlflowServer:
-    """A real ``mlflow server`` on a sqlite store, as a process group that can be killed and started again on
-    the same port and store (a tracking outage)."""
+    """A real ``mlflow server`` on a sqlite store (``db``), or on ``store`` (a PostgreSQL URI: its artifacts and
+    log still go next to ``db``), as a process group that can be killed and started again on the same port and
+    store (a tracking outage)."""
 
-    def __init__(self, db: Path, env: dict[str, str], port: int | None = None):
+    def __init__(self, db: Path, env: dict[str, str], port: int | None = None, store: str | None = None):
         self.db, self.env, self.port = db, env, port or free_port()
+        self.store = store or f"sqlite:///{db}"
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = db.parent / "mlflow-server.log"
         self.proc: subprocess.Popen | None = None
@@ -106,7 +108,7 @@ class MlflowServer:
 
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen(
-                [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.db}",
+                [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", self.store,
                  "--artifacts-destination", str(self.db.parent / "mlartifacts"), "--host", "127.0.0.1",
                  "--port", str(self.port), "--workers", "1"],
                 cwd=self.db.parent, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
