@@ -162,6 +162,9 @@ def test_dockerfile_base_image_and_pins_agree_with_pyproject():
     for name, extras, spec in re.findall(r'"([A-Za-z0-9_.\-]+)(\[[^\]]*\])?((?:==|>=|~=)[^"\s]+)"', text):
         if name.lower() in PINS and PINS[name.lower()].startswith("=="):
             assert spec == PINS[name.lower()], (name, spec, PINS[name.lower()])
+    # the PostgreSQL driver of a server on a PostgreSQL backend: the test extra's pin (tests/test_postgres_store.py)
+    (driver,) = [d for d in PYPROJECT["project"]["optional-dependencies"]["test"] if d.startswith("psycopg")]
+    assert f'"{driver}"' in text, driver
     # Ray's bundled constraints pin a CPU torch: never install with them
     pip_lines = [ln for ln in text.splitlines() if "pip install" in ln]
     assert pip_lines and all("-c " not in ln and "--constraint" not in ln and "requirements_compiled" not in ln
