@@ -115,12 +115,13 @@ def experiment(uri: str, name: str) -> str:
 def measure(label: str, uri: str, a) -> dict:
     print(f"{label}: logging {a.runs} runs x {a.metrics} metrics x {a.steps} steps ...", flush=True)
     exp = experiment(uri, EXPERIMENT)
-    out = {"store": label, "log": log_runs(uri, exp, a.runs, a.metrics, a.steps)}
+    out = {"store": label, "load_before": os.getloadavg()[0], "log": log_runs(uri, exp, a.runs, a.metrics, a.steps)}
     out["search"] = search_back(uri, exp, a.runs)
     out["writers"] = []
     for k in a.writers:
         out["writers"].append(writers(uri, experiment(uri, f"writers-{k}"), k, a.writer_runs, a.metrics, a.steps))
         print(f"{label}: {k} writers: {out['writers'][-1]}", flush=True)
+    out["load_after"] = os.getloadavg()[0]  # a shared machine: the 1-minute load average, around the store's figures
     print(f"{label}: {out['log']} {out['search']}", flush=True)
     return out
 

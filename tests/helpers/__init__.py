@@ -119,12 +119,27 @@ class MlflowServer:
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
-                        return self
+                        return self._warm(deadline)
             except OSError:
                 pass
             time.sleep(0.5)
         self.kill()  # never left running behind a failed test
         raise AssertionError(f"mlflow server not healthy after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+
+    def _warm(self, deadline: float) -> "MlflowServer":
+        """One REST call, given what is left of the start's time: /health answers before the server has opened
+        its store, which its first request does (a PostgreSQL store: the schema check, seconds on a busy machine,
+        longer than the launcher's 3 s probe)."""
+        import time
+        import urllib.error
+        import urllib.request
+
+        url = f"{self.url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+        try:
+            urllib.request.urlopen(url, timeout=max(5.0, deadline - time.time())).close()
+        except urllib.error.HTTPError:
+            pass  # an answer (e.g. 404 for a store without the Default experiment yet)
+        return self
 
     def kill(self) -> None:
         """SIGKILL the server's whole process group (uvicorn and its workers): an outage, not a clean stop."""
