@@ -56,7 +56,7 @@ EXIT_BAD_INPUT = 2
 
 # the sections of each setting, in summary.md's order
 SECTIONS = (scores.score_table, scores.seed_statistics, scores.cross_task_aggregates, scores.planned_seeds,
-            scores.compute, scores.trial_list, scores.score_plots, best_heatmaps, learning_curves,
+            scores.sequential_decisions, scores.compute, scores.trial_list, scores.score_plots, best_heatmaps, learning_curves,
             routing_diagnostics, sensitivity_section)
 
 
@@ -115,7 +115,7 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
     for setting in settings:
         scope = Scope(client, [t for t in trials if t.setting == setting], out_dir,
                       "" if len(settings) == 1 else f"_{setting}", parent.data.tags.get("sweep", parent.info.run_name),
-                      reference or default_reference(), interval, n_boot)
+                      reference or default_reference(), interval, n_boot, parent.data.tags)
         sections += [section(scope) for section in SECTIONS]
     return Report(sections, trials)
 
