@@ -59,6 +59,7 @@ FLAGS = ("initial_seeds", "max_seeds", "max_device_hours", "delta", "reference")
 
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The flags alone (``p.error``: one line, exit 2); the declaration's part is :func:`plan_loop`'s."""
+    from service.declaration import MAX_TRIALS
     from service.sequential import MIN_SEEDS
 
     if not args.until_decided:
@@ -72,10 +73,11 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if not args.name and not args.dry_run:
         p.error("--until-decided needs --name, the sweep's run name (the same command continues it); valid: "
                 "--until-decided --name RUN")
-    if args.initial_seeds is not None and args.initial_seeds < MIN_SEEDS:
-        p.error(f"--initial-seeds={args.initial_seeds} is too few for a first look; valid: an integer >= {MIN_SEEDS}")
-    if args.max_seeds is not None and args.max_seeds < MIN_SEEDS:
-        p.error(f"--max-seeds={args.max_seeds} is too few; valid: an integer >= {MIN_SEEDS}")
+    for flag in ("initial_seeds", "max_seeds"):
+        v = getattr(args, flag)
+        if v is not None and not MIN_SEEDS <= v <= MAX_TRIALS:
+            p.error(f"--{flag.replace('_', '-')}={v} is {'too few' if v < MIN_SEEDS else 'too many'}; valid: an "
+                    f"integer from {MIN_SEEDS} to {MAX_TRIALS:,}")
     if args.initial_seeds is not None and args.initial_seeds > max_seeds(args):
         p.error(f"--max-seeds={max_seeds(args)} is smaller than --initial-seeds={args.initial_seeds}; valid: "
                 f"--max-seeds >= the initial seeds")

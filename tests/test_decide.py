@@ -130,14 +130,15 @@ def _refused(tmp_path, capsys, decl: str, *args: str, name: str | None = "t") ->
     (DECL, ["--delta", "-0.1"], "--delta=-0.1 must be a finite number > 0"),
     (DECL, ["--max-device-hours", "inf"], "--max-device-hours=inf must be a finite number > 0"),
     (DECL, ["--initial-seeds", "5", "--max-seeds", "4"], "--max-seeds=4 is smaller than --initial-seeds=5"),
-    (DECL, ["--max-seeds", "2"], "--max-seeds=2 is too few"),
+    (DECL, ["--max-seeds", "2"], "--max-seeds=2 is too few; valid: an integer from 3 to 10,000"),
+    (DECL, ["--initial-seeds", "100000000", "--max-seeds", "100000001"], "--initial-seeds=100000000 is too many"),
     (DECL.replace("[0, 1, 2]", "[0, 1, 2, 3, 4]"), ["--max-seeds", "4"], "look 1 has 5 seeds (0, 1, 2, 3, 4)"),
     (DECL.replace("[0, 1, 2]", "[0, 1]"), [], "look 1 has 2 seeds (0, 1); valid: 3 to --max-seeds=20"),
     (DECL.replace(", seed: [0, 1, 2]", ""), [], "--until-decided needs seed and routing.method in the declaration's grid"),
     (DECL.replace("[smear, tag, hash]", "[smear]"), [], "the grid's smear is one method"),
     (DECL.replace("[smear, tag, hash]", "[tag, hash]"), [], "the grid's tag, hash lacks it"),
     (DECL, ["--reference", "moe"], "--reference='moe'"),
-], ids=["resume", "extend", "nan-delta", "negative-delta", "inf-hours", "max-below-initial", "max-too-few",
+], ids=["resume", "extend", "nan-delta", "negative-delta", "inf-hours", "max-below-initial", "max-too-few", "initial-too-many",
         "grid-over-max", "too-few-seeds", "no-seed-grid", "one-method", "no-reference", "unknown-reference"])
 def test_bad_input_is_refused_in_the_boundary(tmp_path, offline_data, monkeypatch, capsys, decl, args, expected):
     monkeypatch.chdir(tmp_path)

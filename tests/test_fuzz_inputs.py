@@ -120,9 +120,10 @@ flag_text = st.one_of(st.text(max_size=20), st.sampled_from(
     ["", " ", "nan", "inf", "-1", "0", "1e400", "x" * 300, "../up", "a/b", "s3://", "sqlite:///", "http://[::1",
      "postgresql://u@127.0.0.1:1/db", "ftp://x", "file:///nonexistent/x", "2,2", "3,x", "-0", "1_000"]))
 FLAGS = ["--name", "--storage", "--tracking-uri", "--cpus-per-trial", "--gpus-per-trial", "--num-samples",
-         "--max-concurrent-trials", "--seeds", "--data-root", "--sweep", "--calibration-steps", "--price-per-gpu-hour"]
+         "--max-concurrent-trials", "--seeds", "--data-root", "--sweep", "--calibration-steps", "--price-per-gpu-hour",
+         "--initial-seeds", "--max-seeds", "--max-device-hours", "--delta", "--reference"]
 SWITCHES = ["--smoke", "--resume", "--extend", "--estimate", "--verbose", "--check-images", "--no-system-metrics",
-            "--frobnicate"]
+            "--until-decided", "--frobnicate"]
 
 
 @st.composite
