@@ -196,8 +196,12 @@ def plan_loop(args, sweep, uri: str, storage: str) -> Loop:
                               f"--max-seeds {then[2]}, not {now[0]} {now[1]:g} {now[2]}; valid: the same flags "
                               "(--max-device-hours may change)")
     from service.extend import FINISHED
+    from service.journal import journal_path
 
     mode = "new" if parent is None else "continue" if state or parent.info.status in FINISHED else "resume"
+    if mode != "new" and not journal_path(storage, args.name).is_file():
+        raise ConfigError(f"sweep {args.name!r} has no record journal at {journal_path(storage, args.name)}; valid: "
+                          "the --storage the sweep ran with")
     return Loop(budget, mode)
 
 
@@ -313,6 +317,8 @@ def run(inputs, run_round, round_inputs, publish) -> int:
 
     name, uri, storage, budget = inputs.args.name, inputs.tracking_uri, inputs.storage, inputs.loop.budget
     failed, mode = False, inputs.loop.mode
+    if mode == "continue":  # what an earlier driver could not send goes first: the looks read MLflow
+        ParentRun.attach(uri, name, storage).replica.sync()
     for _ in range(budget.max_seeds + 3):  # each pass runs a round or stops: never more passes than seeds
         if mode in ("new", "resume"):  # look 1: the declaration's grid, a new sweep or the interrupted one
             code, mode = run_round(inputs), "continue"

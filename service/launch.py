@@ -194,11 +194,16 @@ def run_until_decided(inputs: Inputs) -> int:
     from service.inputs import round_inputs
     from service.record import EXIT_RECORD_INCOMPLETE, experiment_name
 
+    from service.journal import upload
+
     def publish(parent) -> int:
         where: list[str] = []
         complete = parent.publish(_publisher(inputs.tracking_uri, inputs.args.name, inputs.storage, where),
                                   experiment=experiment_name(inputs.sweep))
+        _say(upload(inputs.storage, inputs.args.name))
         print(*where)
+        if not complete:
+            print(parent.incomplete(), file=sys.stderr)
         return 0 if complete else EXIT_RECORD_INCOMPLETE
 
     try:

@@ -198,3 +198,113 @@ def test_until_decided_runs_rounds_under_one_parent_until_decided_or_the_budget(
     again = run_launch(tmp_path, env_with_venv, TINY, "--until-decided", "--max-seeds", "4", timeout=300)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert len(child_runs(db)[1]) == len(children)
+
+
+def _score(method: str, seed: int) -> float:
+    """A made-up test score per (method, seed): the same whichever driver or round runs it."""
+    rng = np.random.default_rng(1000 * seed + sum(map(ord, method)))
+    effect = {"smear": 0.0, "tag": 0.2, "hash": 0.0}[method]
+    return 0.5 + 0.01 * seed % 0.03 + effect + rng.normal(0, 0.03)
+
+
+def _fake_round(uri, storage, interrupt_at: list[int]):
+    """launch.run_sweep without Ray: the round's trials recorded as child runs of the parent run, the extension
+    tagged as run_sweep tags it; ``interrupt_at``: the round numbers (by first seed) a Ctrl-C ends."""
+    from service.record import ParentRun
+
+    def run_round(inputs) -> int:
+        ext, sweep = inputs.extension, inputs.sweep
+        parent = ParentRun.open(uri, sweep, "t", storage=storage, resume=ext is not None, tags={"smoke": "False"})
+        if ext is not None:
+            ext.start(parent, sweep)
+            if ext.seeds[0] in interrupt_at:
+                interrupt_at.remove(ext.seeds[0])
+                parent.finish("KILLED")
+                parent.replica.flush()
+                raise KeyboardInterrupt
+        client = parent.client
+        for t in sweep.trials:
+            m, s = t.overrides["routing.method"], t.overrides["seed"]
+            run = client.create_run(parent.experiment_id, run_name=f"{m}-s{s}", tags={
+                "mlflow.parentRunId": parent.run_id, "method": m, "seed": str(s)})
+            client.log_metric(run.info.run_id, "test/accuracy", _score(m, s))
+            client.log_metric(run.info.run_id, "compute/train_hours", 0.01)
+            client.set_terminated(run.info.run_id, "FINISHED")
+        if ext is not None:
+            ext.done(parent)
+        parent.finish("FINISHED")
+        parent.replica.flush()
+        return 0
+    return run_round
+
+
+def _until_decided(tmp_path, decl: str, *extra: str, interrupt_at=()):
+    """decide.run as launch.py runs it, with the fake round, in one fresh 'driver' per call."""
+    from service import decide
+    from service.inputs import Inputs, parse_args, round_inputs
+    from service.journal import journal_path
+    from service.replica import Replica
+    from service.spaces import load_sweep
+
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "results")
+    Replica.forget(journal_path(storage, "t"))
+    args = parse_args(launch_args(tmp_path, decl, "--until-decided", *extra))
+    sweep = load_sweep(args.sweep)
+    loop = decide.plan_loop(args, sweep, uri, storage)
+    inputs = Inputs(args, sweep, uri, storage, None, loop, decide.again_flags(args))
+    return decide.run(inputs, _fake_round(uri, storage, list(interrupt_at)), round_inputs, lambda parent: 0)
+
+
+LOOP = DECL.replace("[0, 1, 2]", "[0, 1, 2, 3]")
+
+
+def test_an_interrupted_loop_continues_with_the_same_command_to_the_same_end(tmp_path, offline_data, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    results = {}
+    for run, cut in (("whole", ()), ("cut", (4,))):
+        folder = tmp_path / run
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        if cut:
+            with pytest.raises(KeyboardInterrupt):
+                _until_decided(folder, LOOP, "--max-seeds", "8", interrupt_at=cut)
+            assert LoopState.from_tags(child_runs(f"{folder}/mlflow.db")[0].data.tags).look == 1
+        assert _until_decided(folder, LOOP, "--max-seeds", "8") == 0
+        parent, children = child_runs(f"{folder}/mlflow.db")
+        state = LoopState.from_tags(parent.data.tags)
+        runs = sorted((r.data.tags["method"], int(r.data.tags["seed"])) for r in children)
+        assert len(runs) == len(set(runs))                      # no trial twice, the interrupted round's included
+        results[run] = (state, decisions_from_tags(parent.data.tags), runs)
+        assert _until_decided(folder, LOOP, "--max-seeds", "8") == 0   # over: nothing more runs
+        assert len(child_runs(f"{folder}/mlflow.db")[1]) == len(children)
+        assert MlflowClient(f"sqlite:///{folder}/mlflow.db").get_run(parent.info.run_id).data.tags[
+            "decide.state"] == parent.data.tags["decide.state"]
+    (state, found, runs), again = results["whole"], results["cut"]
+    assert again == (state, found, runs) and state.look >= 2 and state.stopped
+    assert found["tag"]["verdict"] == "better" and state.design[0] == 4
+    at = found["tag"]["decided_at"]                            # no seed for tag after its decision
+    assert {s for m, s in runs if m == "tag"} == set(range(state.design[at - 1]))
+    assert {s for m, s in runs if m == "smear"} == set(range(state.design[state.look - 1]))
+
+
+def test_a_recorded_loop_refuses_other_flags(tmp_path, offline_data, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _until_decided(tmp_path, LOOP, "--max-seeds", "8") == 0
+    err = _refused_with_record(tmp_path, capsys, LOOP, "--until-decided", "--max-seeds", "8", "--delta", "0.02")
+    assert "loop ran with --reference smear --delta 0.01 --max-seeds 8, not smear 0.02 8" in err
+
+
+def _refused_with_record(tmp_path, capsys, decl, *args) -> str:
+    from service.launch import main
+
+    db = tmp_path / "mlflow.db"
+    before = db.stat().st_mtime_ns
+    capsys.readouterr()
+    try:
+        rc = main(launch_args(tmp_path, decl, *args))
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "valid" in err and db.stat().st_mtime_ns == before, err
+    return err

@@ -178,7 +178,10 @@ def sync_first(tracking_uri: str, sweep_run_name: str, storage: str | Path) -> i
     from service.journal import Journal, journal_path
 
     path = journal_path(str(storage), sweep_run_name)
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return 0
+    except OSError:  # a path the file system cannot even look up (a name too long): no journal there
         return 0
     header = Journal.at(path).parent
     if header.get("uri") != tracking_uri or not header.get("run_id"):

@@ -172,7 +172,9 @@ def sequential_decisions(scope: Scope) -> Section:
                     f"equivalence within delta = {state.delta:g} by TOST; alpha = {state.alpha:g} per family, "
                     f"Lan-DeMets O'Brien-Fleming spending, Holm across comparisons; docs/seeds.md); undecided ones "
                     f"got the next look's seeds. `fixed design`: the seeds a paired t-test of the same power needs, "
-                    f"look 1's differences as the pilot. Training device-hours so far: {state.device_hours:.3g}.", "",
+                    f"look 1's differences as the pilot; a comparison the budget (`--max-seeds`, `--max-device-hours`) "
+                    f"left undecided had less power than that. Training device-hours so far: "
+                    f"{state.device_hours:.3g}.", "",
                     "| method | decision | at look | seeds | fixed design | mean difference | Holm p (superiority) | "
                     "Holm p (equivalence) | note |", "|---|---|---:|---:|---:|---:|---:|---:|---|", *rows, "",
                     f"Seeds run (method x seed): {spent}{vs}.", ""],
