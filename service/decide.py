@@ -308,11 +308,12 @@ def _say(state: LoopState, found: dict, nxt: Round | None) -> None:
 
 
 def run(inputs, run_round, round_inputs, publish) -> int:
-    """Every round of the loop (the module docstring). ``run_round(inputs) -> exit code`` runs one Tune experiment
-    (launch.run_sweep), ``round_inputs(inputs, seeds, methods)`` the checked inputs of an extension round
-    (service/inputs.py), ``publish(parent) -> 0 or an exit code`` the report again once the loop's final state is recorded."""
+    """Every round of the loop (the module docstring). ``run_round(inputs) -> exit code`` runs one Tune
+    experiment (launch.run_sweep), ``round_inputs(inputs, seeds, methods)`` gives the checked inputs of an
+    extension round (service/inputs.py), ``publish(parent) -> 0 or an exit code`` writes the report again once
+    the loop's final state is recorded. Returns the exit code: 0, 1 (some trial failed), or a round's other."""
     from service.extend import DONE, extension_name
-    from service.record import ParentRun, experiment_name
+    from service.record import ParentRun
     from service.report.trials import read_trials
 
     name, uri, storage, budget = inputs.args.name, inputs.tracking_uri, inputs.storage, inputs.loop.budget
