@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.spaces import Sweep
+from service.spaces import METHOD_KEY, Sweep
 from smear.configs import ConfigError
 
 FINISHED = ("FINISHED", "FAILED")  # a sweep that ran to its end (FAILED: some of its trials failed)
@@ -89,9 +89,12 @@ def _recorded_trials(client, run_id: str) -> list[dict] | None:
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
 
 
-def plan(uri: str, storage: str, name: str, sweep: Sweep, smoke: bool, seeds: list[int]) -> Extension:
+def plan(uri: str, storage: str, name: str, sweep: Sweep, smoke: bool, seeds: list[int],
+         methods: list[str] | None = None) -> Extension:
     """Check that ``name`` is a finished sweep of this declaration that lacks every one of ``seeds``, and say
-    how to run the extension. Reads the MLflow store, writes nothing; ConfigError (one line) otherwise."""
+    how to run the extension. ``methods``: the sweep was loaded with that method filter (``--until-decided``'s
+    rounds), so its trials repeat the recorded ones of those methods. Reads the MLflow store, writes nothing;
+    ConfigError (one line) otherwise."""
     from service.record import experiment_name
     from service.report.trials import ReportError, find_sweep, open_store
     from service.runner import can_resume
@@ -118,6 +121,8 @@ def plan(uri: str, storage: str, name: str, sweep: Sweep, smoke: bool, seeds: li
         raise ConfigError(f"--seeds: seed {clash[0]} is already in sweep {name!r} (seeds "
                           f"{', '.join(map(str, present))}); valid: seeds it does not have")
     recorded = _recorded_trials(client, run_id)
+    if recorded is not None and methods is not None:
+        recorded = [o for o in recorded if o.get(METHOD_KEY) in methods]
     now = [t.overrides for t in sweep.trials]
     if recorded is not None and _points(recorded) != _points(now):
         raise ConfigError(f"declaration {sweep.name!r} now resolves to other trials than sweep {name!r} ran "

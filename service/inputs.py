@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from smear.configs import ConfigError
 from smear.data.domainnet import DataError
-from service import estimate  # (light: torch only when it calibrates)
+from service import decide, estimate  # (light: torch only when it calibrates)
 from service.spaces import Sweep, load_sweep
 from service.refusal import internal_error, refuse
 from service.uris import check_uri, resolve_tracking_uri
@@ -53,6 +53,7 @@ EXAMPLES = """examples:
   python service/launch.py --sweep default --dry-run         # validate, print the trials, start nothing
   python service/launch.py --resume --name RUN               # continue a sweep whose driver died
   python service/launch.py --extend --name RUN --seeds 3,4   # more seeds for a finished sweep
+  python service/launch.py --until-decided --name RUN --max-seeds 12   # seeds until each comparison is decided
   python service/launch.py --dry-run --estimate --sweep resnet-domainnet   # projected device-hours
 """
 
@@ -86,9 +87,11 @@ def parse_args(argv: list[str] | None = None, *, usage: str | None = None, epilo
                         "after a sweep that ended with writes unsent (exit 4); idempotent")
     estimate.add_arguments(p)  # --estimate, --price-per-gpu-hour, --calibration-steps, --calibration-batch
     _extend_arguments(p)
+    decide.add_arguments(p)  # --until-decided and its budget (service/decide.py)
     args = p.parse_args(argv)
     estimate.check_arguments(p, args)
     _check_extend(p, args)
+    decide.check_arguments(p, args)
     for flag, low in (("cpus_per_trial", 0), ("gpus_per_trial", 0), ("max_concurrent_trials", 1), ("num_samples", 1)):
         v = getattr(args, flag)
         if v is not None and not (math.isfinite(v) and v >= low):
@@ -219,6 +222,8 @@ class Inputs:
     tracking_uri: str
     storage: str
     extension: Any | None  # service.extend.Extension for --extend
+    loop: Any | None = None  # service.decide.Loop for --until-decided
+    again: str | None = None  # the flags of the command that continues the sweep, when not --resume / --extend's
 
 
 class Reading:
@@ -250,19 +255,40 @@ def read_inputs(argv: list[str] | None, reading: Reading, *, usage: str | None =
     with reading(f"--storage={args.storage!r}"):
         storage = resolve_storage(args.storage)
     with reading(f"the declaration --sweep={args.sweep!r}"):
-        sweep = load_sweep(args.sweep, smoke=args.smoke, num_samples=args.num_samples, seeds=args.seeds)
+        sweep = load_sweep(args.sweep, smoke=args.smoke, num_samples=args.num_samples,
+                           seeds=args.seeds if args.seeds is not None else decide.initial_seeds(args))
     with reading("--extend"):
         ext = plan_extension(args, sweep, uri, storage) if args.extend else None  # issue 14
+    with reading("--until-decided"):
+        loop = decide.plan_loop(args, sweep, uri, storage) if args.until_decided else None  # issue 22
+        if loop is not None and loop.mode == "resume":  # look 1 was interrupted: it continues as --resume would
+            args = argparse.Namespace(**{**vars(args), "resume": True})
     apply_overrides(sweep, args)
     if not args.dry_run:  # this machine and its services (service/preflight.py), before the data check's minute
         with reading("this machine and its services"):
             check_environment(sweep, storage=args.storage or DEFAULT_STORAGE, tracking_uri=uri)  # as the user wrote it
-            check_sweep_name(storage, args.name, resume=args.resume, extend=args.extend)
+            check_sweep_name(storage, args.name, resume=args.resume,
+                             extend=args.extend or (loop is not None and loop.mode == "continue"))
     with reading(f"the data (--data-root={args.data_root!r})"):
         resolve_data(sweep, args.data_root, create=not args.dry_run, images="full" if args.check_images else "header")
     with reading("the trials' resources"):
         check_resources(sweep)
-    return Inputs(args=args, sweep=sweep, tracking_uri=uri, storage=storage, extension=ext)
+    return Inputs(args=args, sweep=sweep, tracking_uri=uri, storage=storage, extension=ext, loop=loop,
+                  again=decide.again_flags(args) if loop is not None else None)
+
+
+def round_inputs(inputs: Inputs, seeds: list[int], methods: list[str]) -> Inputs:
+    """--until-decided: one round after look 1, checked as ``--extend --seeds`` is (service/extend.py): the grid
+    of ``methods`` only at ``seeds``, under the same parent run. A refusal is a ConfigError / DataError line."""
+    from service.extend import plan
+
+    args = argparse.Namespace(**{**vars(inputs.args), "resume": False, "extend": True, "seeds": seeds})
+    sweep = load_sweep(args.sweep, smoke=args.smoke, num_samples=args.num_samples, seeds=seeds, methods=methods)
+    ext = plan(inputs.tracking_uri, inputs.storage, args.name, sweep, args.smoke, seeds, methods)
+    apply_overrides(sweep, args)
+    resolve_data(sweep, args.data_root, create=True, images="full" if args.check_images else "header")
+    check_resources(sweep)
+    return Inputs(args, sweep, inputs.tracking_uri, inputs.storage, ext, inputs.loop, inputs.again)
 
 
 def check_record_wait() -> None:

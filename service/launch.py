@@ -3,6 +3,7 @@
     python service/launch.py [--sweep NAME|PATH] [--smoke] [--dry-run] [--tracking-uri URI]
                              [--storage DIR] [--name RUN_NAME] [--data-root DIR]
     python service/launch.py --sweep NAME --extend --name RUN_NAME --seeds 3,4   # more seeds, same sweep
+    python service/launch.py --sweep NAME --until-decided --name RUN_NAME       # seeds until decided
 
 Local Ray is started for the sweep unless RAY_ADDRESS names a cluster (``ray job submit`` sets it).
 MLflow goes to ``sqlite:///$PWD/mlflow.db`` unless ``--tracking-uri`` or MLFLOW_TRACKING_URI says
@@ -59,7 +60,6 @@ def run_sweep(inputs: Inputs) -> int:
     from service.journal import journal_path, upload
     from service.record import EXIT_RECORD_INCOMPLETE, NoParentRun, ParentRun, experiment_name
     from service.progress import close_displays
-    from service.report import end_of_sweep
     from service.runner import build_tuner, connect_ray
     from service.provenance import note as provenance_note, provenance
     from service.replica import fail_fast_http
@@ -79,7 +79,7 @@ def run_sweep(inputs: Inputs) -> int:
         ext.start(parent, sweep)
     tracker = MLflowTracker(journal_path(storage, name), uri, parent.experiment_id, parent.run_id, name,
                             {**code, **({"extension": ext.experiment} if ext else {})}, trials=sweep.identity())
-    again = f"--extend --seeds {','.join(map(str, ext.seeds))}" if ext else "--resume"
+    again = inputs.again or (f"--extend --seeds {','.join(map(str, ext.seeds))}" if ext else "--resume")
     print(f"sweep {name}: {sweep.num_trials} {'new ' if ext else ''}trials; if interrupted, "
           f"continue with: python service/launch.py --sweep {args.sweep} --name {name} --storage {storage} "
           f"--tracking-uri {uri}{_same_trials(args)} {again}", flush=True)
@@ -126,13 +126,7 @@ def run_sweep(inputs: Inputs) -> int:
                   tags={k: v for k, v in (("sweep_error", reason), ("tracking_note", note)) if v})
     print(f"\nsweep {name}: {n_trials} {'new ' if ext else ''}trials, {n_err} failed, wall {wall:.0f} s\n")
     where = []  # the report's line: where it is, or why it was not written
-
-    def publisher(data: dict) -> bool:  # the report, written by the replica once the rest of the record is in
-        ok, line = end_of_sweep(uri, name, storage, data["experiment"], data.get("extension"))
-        where.append(line)
-        return ok
-
-    complete = parent.publish(publisher, experiment=experiment_name(sweep), extension=ext.experiment if ext else None)
+    complete = parent.publish(_publisher(uri, name, storage, where), experiment=experiment_name(sweep), extension=ext.experiment if ext else None)
     _say(upload(storage, name))
     code = 0 if n_err == 0 else EXIT_SWEEP_FAILED if reason.startswith("storage ") else 1
     if reason:
@@ -155,7 +149,6 @@ def run_sync(inputs: Inputs) -> int:
     from service.journal import Journal, journal_path
     from service.record import EXIT_RECORD_INCOMPLETE, incomplete_note
     from service.replica import Replica, fail_fast_http
-    from service.report import end_of_sweep
 
     name, storage, uri = inputs.args.name, inputs.storage, inputs.tracking_uri
     path = journal_path(storage, name)
@@ -163,13 +156,7 @@ def run_sync(inputs: Inputs) -> int:
     fail_fast_http()
     replica = Replica.at(path, uri, header["experiment_id"], header["run_id"])
     where = []
-
-    def publisher(data: dict) -> bool:
-        ok, line = end_of_sweep(uri, name, storage, data["experiment"], data.get("extension"))
-        where.append(line)
-        return ok
-
-    replica.publisher = publisher
+    replica.publisher = _publisher(uri, name, storage, where)
     try:
         sent = replica.sync()
     except Exception as e:  # noqa: BLE001 - the server does not answer (or fails): one line, the journal is intact
@@ -186,6 +173,43 @@ def run_sync(inputs: Inputs) -> int:
     print(f"sync: sweep {name}: {sent} write(s) sent to {uri} from {path}; its record is complete"
           + (f" ({note})" if note else ""))
     return 0
+
+
+def _publisher(uri: str, name: str, storage: str, where: list[str]):
+    """The report, written by the replica once the rest of the record is in (a journal ``report`` entry's
+    data); ``where`` gets the line that says where it is, or why it was not written."""
+    from service.report import end_of_sweep
+
+    def publisher(data: dict) -> bool:
+        ok, line = end_of_sweep(uri, name, storage, data["experiment"], data.get("extension"))
+        where.append(line)
+        return ok
+    return publisher
+
+
+def run_until_decided(inputs: Inputs) -> int:
+    """``--until-decided``: look 1, then rounds of extensions until every comparison is decided or the budget is
+    spent (service/decide.py), each round a run_sweep; the report again at the end, with the final decisions."""
+    from service import decide
+    from service.inputs import round_inputs
+    from service.record import EXIT_RECORD_INCOMPLETE, experiment_name
+
+    from service.journal import upload
+
+    def publish(parent) -> int:
+        where: list[str] = []
+        complete = parent.publish(_publisher(inputs.tracking_uri, inputs.args.name, inputs.storage, where),
+                                  experiment=experiment_name(inputs.sweep))
+        _say(upload(inputs.storage, inputs.args.name))
+        print(*where)
+        if not complete:
+            print(parent.incomplete(), file=sys.stderr)
+        return 0 if complete else EXIT_RECORD_INCOMPLETE
+
+    try:
+        return decide.run(inputs, run_sweep, round_inputs, publish)
+    except (ConfigError, DataError) as e:  # a round refused (the declaration or the data changed under the loop)
+        return refuse(str(e))
 
 
 def _say(line: str | None) -> None:
@@ -266,11 +290,13 @@ def main(argv: list[str] | None = None, *, usage: str | None = None, epilog: str
         except (ConfigError, DataError) as e:
             return refuse(str(e))
     try:
-        return run_sync(inputs) if inputs.args.sync else run_sweep(inputs)
+        if inputs.args.sync:
+            return run_sync(inputs)
+        return run_until_decided(inputs) if inputs.args.until_decided else run_sweep(inputs)
     except KeyboardInterrupt:  # SIGTERM (`ray job stop`, kill) or Ctrl-C: every run of the sweep is KILLED
         term = signal.SIGTERM in _received
         print(f"launch.py: interrupted ({'SIGTERM' if term else 'SIGINT'}): the sweep's MLflow runs are KILLED; "
-              "continue it with the --resume command printed above", file=sys.stderr)
+              "continue it with the command printed above (continue with: ...)", file=sys.stderr)
         return EXIT_SIGTERM if term else EXIT_SIGINT
 
 

@@ -73,6 +73,16 @@ class ParentRun:
             parent.artifact("trials.json", json.dumps([{"index": t.index, **t.overrides} for t in sweep.trials]))
         return parent
 
+    @classmethod
+    def attach(cls, uri: str, name: str, storage: str) -> "ParentRun":
+        """The parent run of the sweep ``name`` as its journal in ``storage`` records it, to write to between two
+        of its Tune experiments (``--until-decided``'s state): no reopening, its status stays what it is."""
+        from service.journal import Journal
+
+        header = Journal.at(journal_path(storage, name)).parent
+        replica = Replica.at(journal_path(storage, name), uri, header["experiment_id"], header["run_id"])
+        return cls(replica, header["experiment_id"], header["run_id"], name, storage)
+
     def tag(self, key: str, value: str) -> None:
         self.replica.write(PARENT, "tags", tags={key: value[:5000]})
 

@@ -29,6 +29,7 @@ from trainables.settings import make_config
 from trainables.settings import DEFAULT_SETTING, available_settings, get_setting
 from trainables.identity import TRIAL_KEY, SweepTrials
 
+METHOD_KEY, SEED_KEY = "routing.method", "seed"  # the grid keys of a comparison over seeds (--until-decided)
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
 
@@ -202,10 +203,11 @@ def read_declaration(path: Path) -> str:
 
 
 def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | None = None,
-               seeds: list[int] | None = None) -> Sweep:
+               seeds: list[int] | None = None, methods: list[str] | None = None) -> Sweep:
     """Load, validate and resolve a declaration; any problem is one ConfigError line naming the file.
 
-    ``seeds`` replaces the grid's seeds (``launch.py --extend``: the same grid at new seeds)."""
+    ``seeds`` replaces the grid's seeds (``launch.py --extend``: the same grid at new seeds); ``methods`` keeps
+    only those of the grid's ``routing.method`` (``--until-decided``: a round of the undecided comparisons)."""
     path = find_declaration(name_or_path)
     text = read_declaration(path)
     try:
@@ -213,15 +215,19 @@ def load_sweep(name_or_path: str, *, smoke: bool = False, num_samples: int | Non
         if not raw:
             raise ConfigError("the declaration is empty; valid: at least a description and a base or grid "
                               "(an empty one would run the paper's full defaults)")
-        return _resolve(path, text, parse_declaration(raw), smoke=smoke, num_samples=num_samples, seeds=seeds)
+        return _resolve(path, text, parse_declaration(raw), smoke=smoke, num_samples=num_samples, seeds=seeds,
+                        methods=methods)
     except ConfigError as e:
         raise ConfigError(f"{path.name}: {e}") from None
 
 
 def _resolve(path: Path, text: str, decl: Declaration, *, smoke: bool, num_samples: int | None,
-             seeds: list[int] | None = None) -> Sweep:
-    methods = available_methods()
-    grid = expand_grid(decl.smoke_grid if smoke and decl.smoke_grid else decl.grid, methods)
+             seeds: list[int] | None = None, methods: list[str] | None = None) -> Sweep:
+    grid = expand_grid(decl.smoke_grid if smoke and decl.smoke_grid else decl.grid, available_methods())
+    if methods is not None:
+        if METHOD_KEY not in grid:
+            raise ConfigError(f"a method filter needs {METHOD_KEY} in the grid (--until-decided)")
+        grid = {**grid, METHOD_KEY: [m for m in grid[METHOD_KEY] if m in methods]}
     if seeds is not None:
         if decl.search == "optuna":
             raise ConfigError("--seeds (--extend) needs search: grid or random; an optuna sweep's points are "

@@ -205,6 +205,29 @@ def test_any_declaration_alone_gets_a_dry_run_or_one_clean_refusal(fuzz_env, dec
     _check_contract(folder, rc, output, seconds)
 
 
+LOOP_FLAGS = ["--initial-seeds", "--max-seeds", "--max-device-hours", "--delta", "--reference", "--name", "--seeds"]
+LOOP_SWITCHES = ["--resume", "--extend", "--sync", "--smoke", "--frobnicate"]
+LOOP_VALID = {"description": "d", "base": {"steps": 2, "eval_every": 1, "data.resolution": 16},
+              "grid": {"routing.method": ["smear", "tag"], "seed": [0, 1, 2]}}
+
+
+@st.composite
+def loop_flag_sets(draw) -> list[str]:
+    """--until-decided's flags (service/decide.py): values of every kind, any combination; always a dry run."""
+    argv = ["--dry-run", "--until-decided"]
+    for flag in draw(st.lists(st.sampled_from(LOOP_FLAGS), max_size=3, unique=True)):
+        argv += [flag, draw(st.one_of(flag_text, st.sampled_from(["3", "4", "20", "0.5", "1e-9", "smear", "tag"])))]
+    return argv + draw(st.lists(st.sampled_from(LOOP_SWITCHES), max_size=1))
+
+
+@PROFILE
+@given(declaration=st.one_of(st.just(yaml.safe_dump(LOOP_VALID).encode()), declarations()), flags=loop_flag_sets())
+def test_any_until_decided_flags_get_a_dry_run_or_one_clean_refusal(fuzz_env, declaration, flags):
+    folder = fuzz_env.mktemp("fuzz-loop")
+    rc, output, seconds = _run(folder, declaration, flags, None)
+    _check_contract(folder, rc, output, seconds)
+
+
 def test_the_valid_declarations_pass_the_contract_as_valid(fuzz_env):
     """The fuzz starts from valid declarations: each one is a clean dry run (the contract has teeth both ways)."""
     for tree in VALID:

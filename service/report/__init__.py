@@ -56,7 +56,7 @@ EXIT_BAD_INPUT = 2
 
 # the sections of each setting, in summary.md's order
 SECTIONS = (scores.score_table, scores.seed_statistics, scores.cross_task_aggregates, scores.planned_seeds,
-            scores.compute, scores.trial_list, scores.score_plots, best_heatmaps, learning_curves,
+            scores.sequential_decisions, scores.compute, scores.trial_list, scores.score_plots, best_heatmaps, learning_curves,
             routing_diagnostics, sensitivity_section)
 
 
@@ -115,7 +115,7 @@ def build_report(client, parent, experiment, trials: list[Trial], out_dir: Path,
     for setting in settings:
         scope = Scope(client, [t for t in trials if t.setting == setting], out_dir,
                       "" if len(settings) == 1 else f"_{setting}", parent.data.tags.get("sweep", parent.info.run_name),
-                      reference or default_reference(), interval, n_boot)
+                      reference or default_reference(), interval, n_boot, parent.data.tags)
         sections += [section(scope) for section in SECTIONS]
     return Report(sections, trials)
 
@@ -178,7 +178,10 @@ def sync_first(tracking_uri: str, sweep_run_name: str, storage: str | Path) -> i
     from service.journal import Journal, journal_path
 
     path = journal_path(str(storage), sweep_run_name)
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return 0
+    except OSError:  # a path the file system cannot even look up (a name too long): no journal there
         return 0
     header = Journal.at(path).parent
     if header.get("uri") != tracking_uri or not header.get("run_id"):

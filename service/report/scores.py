@@ -147,6 +147,40 @@ def planned_seeds(scope: Scope) -> Section:
                     "| note |", "|---|---:|---:|---:|---:|---:|---|", *rows, ""], numbers={"planned_seeds": plans})
 
 
+def sequential_decisions(scope: Scope) -> Section:
+    """``--until-decided`` (service/decide.py), as recorded on the parent run: each comparison's decision, the look
+    it came at, the seeds it took, and the seeds the fixed design of the same power (look 1 as the pilot) would
+    have taken. Nothing for a sweep that ran no such loop."""
+    from service.decide import LoopState, decisions_from_tags
+
+    state = LoopState.from_tags(scope.tags)
+    if state is None or state.design is None:
+        return Section([])
+    found, ref, looks = decisions_from_tags(scope.tags), state.reference, state.design
+    num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    rows = [f"| {m} | {d['verdict']} | {num(d['decided_at'], 'd')} | {d['seeds']} | {num(state.fixed.get(m), 'd')} | "
+            f"{num(d['mean'], '+.4f')} | {d['p_superiority_holm']:.3g} | {d['p_equivalence_holm']:.3g} | {d['note']} |"
+            for m, d in found.items()]
+    spent = state.design[state.look - 1] + sum(d["seeds"] for d in found.values())
+    fixed = [n for n in state.fixed.values() if n is not None]
+    vs = (f"; a fixed design of the same power: {max(fixed)} seeds for each of the {len(found) + 1} methods, "
+          f"{max(fixed) * (len(found) + 1)}" if len(fixed) == len(found) else "")
+    status = f"stopped: {state.stopped}" if state.stopped else "still running"
+    return Section([f"### Seeds until decided (reference `{ref}`)", "",
+                    f"`--until-decided`: looks at {', '.join(map(str, looks))} seeds (paired with `{ref}`), "
+                    f"{state.look} done, {status}. Each comparison stops at its verdict (two-sided superiority, or "
+                    f"equivalence within delta = {state.delta:g} by TOST; alpha = {state.alpha:g} per family, "
+                    f"Lan-DeMets O'Brien-Fleming spending, Holm across comparisons; docs/seeds.md); undecided ones "
+                    f"got the next look's seeds. `fixed design`: the seeds a paired t-test of the same power needs, "
+                    f"look 1's differences as the pilot; a comparison the budget (`--max-seeds`, `--max-device-hours`) "
+                    f"left undecided had less power than that. Training device-hours so far: "
+                    f"{state.device_hours:.3g}.", "",
+                    "| method | decision | at look | seeds | fixed design | mean difference | Holm p (superiority) | "
+                    "Holm p (equivalence) | note |", "|---|---|---:|---:|---:|---:|---:|---:|---|", *rows, "",
+                    f"Seeds run (method x seed): {spent}{vs}.", ""],
+                   numbers={"decisions": found, "state": state})
+
+
 def compute(scope: Scope) -> Section:
     """What one trial of each method costs; nothing when no trial logged compute metrics."""
     cost = compute_table(scope.trials)

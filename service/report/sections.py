@@ -41,6 +41,7 @@ class Scope:
     reference: str          # the method every other is compared with
     interval: str = "t"     # the CI of a mean over seeds: "t" or "bootstrap"
     n_boot: int = 10_000    # bootstrap resamples
+    tags: dict = field(default_factory=dict)  # the parent run's tags (what the launcher recorded: --until-decided)
 
     @property
     def primary(self) -> str:

@@ -211,6 +211,12 @@ def trial_table(trials: list[Trial], scale: float = 100.0) -> str:
     return "\n".join(lines)
 
 
+def device_hours(trials: list[Trial]) -> float:
+    """The trials' training device-hours: the sum of their ``compute/train_hours`` (trainables/names.py), the
+    compute table's total and ``--max-device-hours``' meter (service/decide.py)."""
+    return sum(t.compute.get("train_hours", 0.0) for t in trials)
+
+
 def compute_table(trials: list[Trial]) -> str:
     """Markdown: per method (best first), what one trial costs: trainable / total parameters, GFLOPs per example
     of one training step (whole model and routing blocks), seconds per step and training hours (mean over its
@@ -229,7 +235,6 @@ def compute_table(trials: list[Trial]) -> str:
             ms = mean_std([t.compute.get(key) for t in ts])
             cells.append("-" if ms is None else fmt.format(ms[0] * scale))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    total = sum(t.compute.get("train_hours", 0.0) for t in trials)
-    lines += ["", f"Training time of the whole sweep: {total:.3g} device-hours (x GPUs per trial on a GPU cluster; "
+    lines += ["", f"Training time of the whole sweep: {device_hours(trials):.3g} device-hours (x GPUs per trial on a GPU cluster; "
                   "evaluation and start-up left out)."]
     return "\n".join(lines)
