@@ -21,12 +21,14 @@ to the sweep's folder in the storage at the sweep's end (:func:`upload`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+log = logging.getLogger(__name__)
 FILE = "record.jsonl"
 PARENT = "parent"  # the key of the sweep's parent run; every other key is a Tune trial id
 # open: the run exists (a trial's: created with its tags, params and config; the parent's: bound to its id)
@@ -91,6 +93,7 @@ class Journal:
         self._lock = threading.Lock()
         self._file = None
         self._written = self._synced = 0   # lines handed to the OS / made durable by this process
+        self.broken: str | None = None     # why the file could not be written (then MLflow alone holds the writes)
         for e in self.entries():
             self.runs.setdefault(e.key, RunState()).fold(e)
 
@@ -128,15 +131,30 @@ class Journal:
             state = self.runs.setdefault(key, RunState())
             entry = Entry(key, op, state.n + 1, data)
             line = entry.line()
-            if self._file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.path, "a", encoding="utf-8")
-                self._terminate_cut_line()
-            self._file.write(line)
-            self._file.flush()
-            self._written += 1
+            if self.broken is None:
+                try:
+                    if self._file is None:
+                        self.path.parent.mkdir(parents=True, exist_ok=True)
+                        self._file = open(self.path, "a", encoding="utf-8")
+                        self._terminate_cut_line()
+                    self._file.write(line)
+                    self._file.flush()
+                    self._written += 1
+                except OSError as e:  # e.g. the storage is full: the sweep goes on, its writes go to MLflow only
+                    self._break(e, entry)
             state.fold(entry)
         return entry
+
+    def _break(self, error: OSError, entry: Entry) -> None:
+        self.broken = f"{error.strerror or error} (from its write {entry.n} of {entry.key})"
+        log.warning("the record journal %s cannot be written (%s): the sweep's writes go to MLflow only from here",
+                    self.path, self.broken)
+        try:
+            if self._file is not None:
+                self._file.close()
+        except OSError:
+            pass
+        self._file = None
 
     def _terminate_cut_line(self) -> None:
         """A last line cut short by a killed driver: end it, so that the next entry starts its own line."""
@@ -152,7 +170,11 @@ class Journal:
         with self._lock:
             if self._file is None or self._synced == self._written:
                 return
-            os.fsync(self._file.fileno())
+            try:
+                os.fsync(self._file.fileno())
+            except OSError as e:
+                self._break(e, Entry("?", "open", self._written, {}))
+                return
             self._synced = self._written
 
     def entries(self) -> Iterator[Entry]:
@@ -230,9 +252,10 @@ class Missing:
     name: str
     ops: dict[str, int] = field(default_factory=dict)
     end: str = ""
+    exists: bool = False  # its run is in MLflow (it may still lack the rest of its creation: params, config)
 
     def describe(self) -> str:
-        parts = ["no run yet"] if self.ops.get("open") else []
+        parts = [("its params and config" if self.exists else "no run yet")] if self.ops.get("open") else []
         if self.ops.get("metrics"):
             parts.append(f"{self.ops['metrics']} metric step(s)")
         for op, what in (("start", "its restart"), ("heatmap", "its routing heatmap"), ("artifact", "files"),

@@ -64,7 +64,7 @@ def server_answers(uri: str, timeout: float = 5.0) -> bool:
 WAIT_ENV = "SMEAR_RECORD_WAIT_S"
 
 
-def record_wait(default: float = 60.0) -> float:
+def record_wait(default: float = 120.0) -> float:
     """How long a sweep's end waits for a tracking server that does not answer before it leaves the rest of the
     record in the journal: $SMEAR_RECORD_WAIT_S seconds if set (the launcher's boundary checks it), else
     ``default``. Raises ValueError naming the value when it is not a number >= 0."""
@@ -98,7 +98,7 @@ class Replica:
     restores, the parent run and the launcher share its queue, thread and counts)."""
 
     RETRY_S = 5.0         # between two tries of a write while the tracking server is down
-    FLUSH_WAIT_S = 60.0   # at the sweep's end, how long to wait for a server that is down: see record_wait()
+    FLUSH_WAIT_S = 120.0  # at the sweep's end, how long to wait for a server that is down: see record_wait()
 
     _open: dict[str, "Replica"] = {}
     _registry_lock = threading.Lock()
@@ -329,7 +329,7 @@ class Replica:
         for e in self.journal.entries():
             if e.n <= self.applied.get(e.key, 0):
                 continue
-            m = out.setdefault(e.key, Missing(self.journal.state(e.key).name or e.key))
+            m = out.setdefault(e.key, Missing(self.journal.state(e.key).name or e.key, exists=e.key in self.run_ids))
             if e.op == "end":
                 m.end = e.data["status"]
             else:
@@ -347,6 +347,8 @@ class Replica:
         if self.dropped:
             parts.append(f"{self.dropped} writes not sent before the sweep ended (the server did not answer): "
                          "kept in the journal, sent by --sync")
-        if parts and not self.refused and not self.dropped:
+        if self.journal.broken:
+            parts.append(f"the record journal {self.journal.path} could not be written: {self.journal.broken}")
+        if parts and not self.refused and not self.dropped and not self.journal.broken:
             parts.append("every write was sent")
         return f"MLflow: {'; '.join(parts)}" if parts else None

@@ -289,7 +289,9 @@ def test_mlflow_server_outage_of_a_minute_loses_nothing_and_blocks_no_trial(tmp_
     port and store. Trials finish meanwhile (their system-metrics monitors cannot reach it); the sweep still
     ends 0, with exactly one FINISHED run per trial, every step once, and says what happened."""
     server = MlflowServer(tmp_path / "mlflow.db", env_with_venv).start()
-    proc = _launch(tmp_path, env_with_venv, OUTAGE, tracking=server.url)
+    # the sweep's end waits for the server as long as it takes to come back on a loaded machine (here the trials
+    # may all end while it is down): the case of a server lost for good is tests/test_record_loss.py's
+    proc = _launch(tmp_path, {**env_with_venv, "SMEAR_RECORD_WAIT_S": "600"}, OUTAGE, tracking=server.url)
     client = MlflowClient(server.url)
     try:
         def first_run() -> bool:

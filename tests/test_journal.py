@@ -222,3 +222,25 @@ def test_a_damaged_journal_is_read_without_error_and_sync_refuses_it_in_one_line
     lines = [x for x in err.getvalue().splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("launch.py: error: ") and "internal error" not in lines[0], lines
     assert sorted(p.name for p in folder.rglob("*")) == ["record.jsonl", "s"]  # nothing written
+
+
+def test_a_journal_on_a_full_disk_leaves_the_writes_to_mlflow_and_says_so(store, tmp_path):
+    """The journal lives in the sweep's storage; when that storage is full (here /dev/full: every write is ENOSPC),
+    no write raises: the sweep's end (exit 3, service/storage_guard.py) still ends its runs in MLflow, and the
+    record's summary says the journal could not be written."""
+    _, uri, client, exp = store
+    path = tmp_path / "record.jsonl"
+    path.symlink_to("/dev/full")
+    parent = _parent(client, exp)
+    replica = Replica.at(path, uri, exp, parent)
+    replica.write(PARENT, "open", run_id=parent, experiment_id=exp, uri=uri, name="s")
+    replica.write("t_1", "open", run_name="r", tags={"mlflow.parentRunId": parent, "trial_id": "t_1"}, params={},
+                  config={})
+    replica.write("t_1", "metrics", step=1, ts=1, final=False, values={"val/acc": 0.5})
+    replica.write("t_1", "end", status="FAILED", end_time=2, tags={})
+    assert replica.flush(timeout=60)
+    assert replica.journal.broken and "No space left on device" in replica.journal.broken
+    (run,) = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+    assert run.info.status == "FAILED" and run.data.metrics == {"val/acc": 0.5}
+    assert "could not be written: No space left on device" in replica.summary()
+    Replica.forget(path)
