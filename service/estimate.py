@@ -201,10 +201,60 @@ def format_bill(bill: Bill) -> str:
     return "\n".join(out)
 
 
-def run(sweep: Sweep, args: argparse.Namespace) -> int:
-    """``--dry-run --estimate``: calibrate, print the bill. A config that cannot be calibrated here is a
-    ConfigError (launch.py: one line, exit 2)."""
+def seed_plan(bill: Bill, tracking_uri: str, pilot: str, experiment: str | None = None) -> list[str]:
+    """``--dry-run --estimate --name PILOT``: from the finished sweep PILOT's paired differences (each method -
+    the reference, over the seeds both have), the seeds each comparison needs to detect delta at 80% power
+    (:func:`service.sequential.plan_seeds`: a fixed design, and the group-sequential one), the seeds still to
+    run, and their device-hours at this bill's rate per trial (the method's and the reference's trial at each
+    new seed). Lines of text; a pilot that is not there or cannot tell is one note."""
+    from service.report.stats import default_reference, paired_differences
+    from service.report.tables import seed_scores
+    from service.report.trials import ReportError, find_sweep, open_store, read_trials
+    from service.sequential import DEFAULT_DELTA, POWER, plan_seeds
+
+    try:
+        client = open_store(tracking_uri)
+        parent, _ = find_sweep(client, pilot, experiment)
+        scores = seed_scores(read_trials(client, parent))
+    except ReportError as e:
+        return [f"note: no seed plan from --name {pilot!r}: {e}"]
+    reference = default_reference()
+    others = [m for m in scores if m != reference]
+    if reference not in scores or not others:
+        return [f"note: no seed plan from --name {pilot!r}: it has no comparison with the reference `{reference}`"]
+    plans = plan_seeds({m: paired_differences(m, scores[m], reference, scores[reference]) for m in others})
+    hours = {r.method: r.device_hours / r.trials for r in bill.rows if r.trials}
+    out = ["", f"seed plan from the finished sweep {pilot!r} (reference `{reference}`): the seeds to detect a "
+               f"difference of {DEFAULT_DELTA:g} with {POWER:.0%} power, the pilot's SD taken as the truth "
+               "(docs/seeds.md)", "",
+           "| method | pilot pairs | SD | fixed design | sequential: at most / expected | more seeds (fixed) | "
+           "their device-hours |", "|---|---:|---:|---:|---:|---:|---:|"]
+    total_ref, total = 0, 0.0
+    for p in plans.values():
+        more = None if p.fixed is None else max(0, p.fixed - p.pilot)
+        cost = None if more is None or p.method not in hours else more * hours[p.method]
+        if more is not None and reference in hours:
+            total_ref = max(total_ref, more)
+        total += cost or 0.0
+        seq = "-" if p.sequential is None else f"{p.sequential} / {p.expected:.1f}"
+        out.append(f"| {p.method} | {p.pilot} | {'-' if p.sd is None else f'{p.sd:.4f}'} | "
+                   f"{'-' if p.fixed is None else p.fixed} | {seq} | {'-' if more is None else more} | "
+                   f"{'-' if cost is None else _num(cost)} |" + (f" {p.note}" if p.note else ""))
+    total += total_ref * hours.get(reference, 0.0)
+    out += ["", f"device-hours for every comparison to reach its fixed design: {_num(total)} (the reference's "
+                f"{total_ref} more seeds included once)"]
+    return out
+
+
+def run(sweep: Sweep, args: argparse.Namespace, tracking_uri: str | None = None) -> int:
+    """``--dry-run --estimate``: calibrate, print the bill (and with ``--name`` of a finished sweep, the seed plan
+    its seeds give: :func:`seed_plan`). A config that cannot be calibrated here is a ConfigError (launch.py: one
+    line, exit 2)."""
     bill = calibrate(sweep, steps=args.calibration_steps, batch=args.calibration_batch, price=args.price_per_gpu_hour)
     print()
     print(format_bill(bill), flush=True)
+    if args.name and tracking_uri:
+        from service.record import experiment_name
+
+        print("\n".join(seed_plan(bill, tracking_uri, args.name, experiment_name(sweep))), flush=True)
     return 0

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None, *, usage: str | None = None, epilog: str
     if inputs.args.dry_run:
         print_trials(inputs.sweep)
         try:  # --estimate: the projected device-hours and cost, from a short calibration (service/estimate.py)
-            return estimate.run(inputs.sweep, inputs.args) if inputs.args.estimate else 0
+            return estimate.run(inputs.sweep, inputs.args, inputs.tracking_uri) if inputs.args.estimate else 0
         except (ConfigError, DataError) as e:
             return refuse(str(e))
     try:

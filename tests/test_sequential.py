@@ -277,3 +277,30 @@ def test_the_report_section_plans_seeds_from_the_sweeps_differences(tmp_path):
     assert scores.planned_seeds in SECTIONS
     alone = scores.planned_seeds(Scope(None, trials[:5], tmp_path, "", "sweep", "ref"))
     assert alone.markdown == []                                                    # nothing to compare
+
+
+def test_the_estimate_plans_seeds_from_a_finished_pilot_sweep(tmp_path):
+    """--dry-run --estimate --name PILOT: the seeds each comparison with the reference needs (service.sequential's
+    plan of the pilot's paired differences), those still to run, and their device-hours at the bill's rate."""
+    from mlflow.tracking import MlflowClient
+
+    from service.estimate import Bill, Row, seed_plan
+    from service.report.stats import paired_differences
+    from tests.test_report import _fake_sweep
+
+    db = tmp_path / "mlflow.db"
+    accs = {"smear": [0.60, 0.62, 0.61], "tag": [0.58, 0.61, 0.57]}
+    _fake_sweep(db, "pilot", [(m, s, a) for m, v in accs.items() for s, a in enumerate(v)], heatmap=False)
+    MlflowClient(f"sqlite:///{db}")  # the store exists
+    bill = Bill("space", "cpu", "test", 3, "", None, rows=[
+        Row("resnet_domainnet", m, 3, [100] * 3, steps_per_s=100 / 3600, data_wait=0.0, gpu=1.0, workers=1, packed=1)
+        for m in accs])                                                # 1 device-hour per trial
+    lines = seed_plan(bill, f"sqlite:///{db}", "pilot", "smear-sweep/space")
+    plan = seq.plan_seeds({"tag": paired_differences("tag", dict(enumerate(accs["tag"])), "smear",
+                                                     dict(enumerate(accs["smear"])))})["tag"]
+    (row,) = [line for line in lines if line.startswith("| tag |")]
+    more = plan.fixed - 3
+    assert row.startswith(f"| tag | 3 | {plan.sd:.4f} | {plan.fixed} | {plan.sequential} / ") and f"| {more} |" in row
+    assert lines[-1].startswith(f"device-hours for every comparison to reach its fixed design: {2 * more:.4g}"), lines
+    assert seed_plan(bill, f"sqlite:///{db}", "absent", "smear-sweep/space")[0].startswith(
+        "note: no seed plan from --name 'absent': ")
