@@ -26,6 +26,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -99,6 +100,7 @@ class Replica:
 
     RETRY_S = 5.0         # between two tries of a write while the tracking server is down
     FLUSH_WAIT_S = 60.0   # at the sweep's end, how long to wait for a server that is down: see record_wait()
+    LAG_SAMPLES = 100_000  # the tracker lags kept (:attr:`lags`): a bounded memory in a sweep of any size
 
     _open: dict[str, "Replica"] = {}
     _registry_lock = threading.Lock()
@@ -110,6 +112,9 @@ class Replica:
         self.refused: list[str] = []        # "<what>: <reason>" of each write the server refused
         self.outages: list[float] = []      # seconds of each outage retried through
         self.seconds = 0.0                  # time in MLflow calls (BENCHMARKS.md)
+        # seconds from a report's arrival at the driver (its metrics' timestamp) to its values being in MLflow, for
+        # the newest LAG_SAMPLES metrics writes this process sent (benchmarks/scale.py reads its p50 / p99)
+        self.lags: deque[float] = deque(maxlen=self.LAG_SAMPLES)
         self.publisher = None               # data -> bool: publish the report (a `report` entry); launch.py's
         self.dropped = 0                    # writes this process stopped trying (the server never came back)
         self._unsure: set[str] = set()      # keys whose next metrics write may already be in MLflow
@@ -196,6 +201,8 @@ class Replica:
             if down:
                 self._give_up.wait(self.RETRY_S)  # an outage: not time spent logging
                 continue
+            if entry.op == "metrics":
+                self.lags.append(time.time() - int(entry.data["ts"]) / 1000)
             if down_since is not None:
                 self.outages.append(time.monotonic() - down_since)
                 log.warning("MLflow server %s answers again after %.0f s; writing the %d queued writes", self.uri,

@@ -150,7 +150,7 @@ def quiet_tune_logs() -> None:
 
 
 def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker, tracking, resume: bool,
-                verbose: bool = False):
+                verbose: bool = False, trainable=trial):
     """The Tuner. On resume, Tune restores the pickled tracker (which finds this process's replica of the
     sweep's journal again: service/tracking.py) and the sweep's console as it started (its RunConfig:
     ``verbose`` applies to a new sweep).
@@ -158,6 +158,8 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
     The console (service/progress.py): one live display on a terminal, one line per trial end elsewhere.
     ``verbose``: Ray Tune's own trial tables and results too (with the plain lines, which suit them). Every
     trial is resolved through the tracker's :class:`~trainables.identity.SweepTrials` (the sweep's one).
+    ``trainable``: the function each trial runs, called with ``trial``'s keywords (benchmarks/scale.py gives one
+    that only sleeps and reports, to measure the service's own cost at scale).
     """
     from ray import tune
 
@@ -169,7 +171,7 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
     # state can predate their end (a driver killed right after it), and they must not train or log again
     finished = tracker.finished_trials() if resume else None
     trainable = tune.with_resources(
-        tune.with_parameters(trial, trials=trials, train_storage=f"{exp_path}/_train", tracking=tracking,
+        tune.with_parameters(trainable, trials=trials, train_storage=f"{exp_path}/_train", tracking=tracking,
                              experiment_path=exp_path, finished=finished),
         lambda config: trials.resources_of(config).placement_group())
     if resume:
