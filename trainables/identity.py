@@ -6,7 +6,8 @@ Grid and random sweeps: Tune's config is ``{TRIAL_KEY: index}`` into the configs
 declaration (Tune's tables and folder names stay short); Optuna: Tune's config is the trial's config itself.
 
 Its imports (the settings, torch) wait until a trial is typed: a process that only unpickles the identity (a
-trial process before it trains; benchmarks/scale.py's simulated trials) does not pay ~10 s and ~250 MB for them.
+trial process before it trains; benchmarks/scale.py's simulated trials) does not pay for them (measured: ~9 s,
+and 0.35 GB of RSS a process against 0.21 GB; BENCHMARKS.md, "Scale").
 """
 from __future__ import annotations
 
