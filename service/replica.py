@@ -26,6 +26,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -99,6 +100,7 @@ class Replica:
 
     RETRY_S = 5.0         # between two tries of a write while the tracking server is down
     FLUSH_WAIT_S = 120.0  # at the sweep's end, how long to wait for a server that is down: see record_wait()
+    LAG_SAMPLES = 100_000  # the tracker lags kept (:attr:`lags`): a bounded memory in a sweep of any size
 
     _open: dict[str, "Replica"] = {}
     _registry_lock = threading.Lock()
@@ -110,6 +112,9 @@ class Replica:
         self.refused: list[str] = []        # "<what>: <reason>" of each write the server refused
         self.outages: list[float] = []      # seconds of each outage retried through
         self.seconds = 0.0                  # time in MLflow calls (BENCHMARKS.md)
+        # seconds from a report's arrival at the driver (its metrics' timestamp) to its values being in MLflow, for
+        # the newest LAG_SAMPLES metrics writes this process sent (benchmarks/scale.py reads its p50 / p99)
+        self.lags: deque[float] = deque(maxlen=self.LAG_SAMPLES)
         self.publisher = None               # data -> bool: publish the report (a `report` entry); launch.py's
         self.dropped = 0                    # writes this process stopped trying (the server never came back)
         self._unsure: set[str] = set()      # keys whose next metrics write may already be in MLflow
@@ -196,6 +201,8 @@ class Replica:
             if down:
                 self._give_up.wait(self.RETRY_S)  # an outage: not time spent logging
                 continue
+            if entry.op == "metrics":
+                self.lags.append(time.time() - int(entry.data["ts"]) / 1000)
             if down_since is not None:
                 self.outages.append(time.monotonic() - down_since)
                 log.warning("MLflow server %s answers again after %.0f s; writing the %d queued writes", self.uri,
@@ -254,43 +261,46 @@ class Replica:
                 self._unsure.discard(entry.key)
             self.applied[entry.key] = entry.n
             return
+        # the entry's last call carries its marker: its params or tags, if it has any left, and the mark in one
+        # log_batch (params and tags at most 100 per call), after everything else it writes (BENCHMARKS.md, "Scale")
+        params: list[Param] = []
+        tags: list[RunTag] = []
         if entry.op == "open" and entry.key != PARENT:
             if run_id is None:
                 run_id = c.create_run(self.experiment_id, run_name=d["run_name"], tags=d["tags"]).info.run_id
                 self.run_ids[entry.key] = run_id
-            params = [Param(k, v) for k, v in d["params"].items()]
-            for i in range(0, len(params), 100):
-                c.log_batch(run_id, params=params[i:i + 100])
             c.log_dict(run_id, d["config"], "config.json")
+            params = [Param(k, v) for k, v in d["params"].items()]
         elif entry.op == "start":
             c.update_run(run_id, status="RUNNING")
             if "attempt" in d:
-                c.set_tag(run_id, "attempt", d["attempt"])
+                tags = [RunTag("attempt", str(d["attempt"]))]
         elif entry.op == "heatmap":
             self._log_heatmap(run_id, d["heat"], d["title"])
         elif entry.op == "artifact":
             c.log_text(run_id, d["text"], d["path"])
-        elif entry.op in ("tags", "end") and d.get("tags"):
-            tags = [RunTag(k, str(v)) for k, v in d["tags"].items()]
-            for i in range(0, len(tags), 100):
-                c.log_batch(run_id, tags=tags[i:i + 100])
-        if entry.op == "end":
-            c.set_terminated(run_id, d["status"], end_time=int(d["end_time"]))
         elif entry.op == "report":
             if self.publisher is None:
                 raise _Skipped()
             if not self.publisher(d):
                 raise RuntimeError("the report could not be written")
-        c.set_tag(run_id, MARKER, str(entry.n))
+        if entry.op == "end":  # its status first: a run ended again by a sync gets the same status and tags
+            c.set_terminated(run_id, d["status"], end_time=int(d["end_time"]))
+        if entry.op in ("tags", "end") and d.get("tags"):
+            tags = [RunTag(k, str(v)) for k, v in d["tags"].items()]
+        while len(params) > 100 or len(tags) > 99:
+            c.log_batch(run_id, params=params[:100], tags=tags[:100])
+            params, tags = params[100:], tags[100:]
+        c.log_batch(run_id, params=params, tags=[*tags, RunTag(MARKER, str(entry.n))])
         self.applied[entry.key] = entry.n
 
     def _log_heatmap(self, run_id: str, heat: dict, title: str) -> None:
         import matplotlib.pyplot as plt
 
-        from service.report.plots import routing_heatmaps
+        from service.report.plots import routing_heatmap_strip
 
         self.client.log_dict(run_id, heat, "routing/heatmaps.json")
-        fig = routing_heatmaps(heat, title)
+        fig = routing_heatmap_strip(heat, title)
         self.client.log_figure(run_id, fig, "routing/heatmaps.png")
         plt.close(fig)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -107,20 +109,38 @@ class StateBackup(Callback):
         for f in Path(self.exp_path).glob("experiment_state-*.json"):
             try:
                 st = f.stat()
-                if self._copied.get(f.name) == (st.st_mtime_ns, st.st_size):
+                if self._copied.get(f.name) == (st.st_mtime_ns, st.st_size) or not state_is_whole(f, st.st_size):
+                    continue  # unchanged, or being written: the next step copies it
+                tmp = f.with_name(f.name + self.SUFFIX + ".tmp")
+                shutil.copyfile(f, tmp)
+                if (f.stat().st_mtime_ns, f.stat().st_size) != (st.st_mtime_ns, st.st_size):
+                    tmp.unlink(missing_ok=True)  # rewritten while copied: the next step copies it
                     continue
-                text = f.read_text()
-                json.loads(text)
-            except (OSError, ValueError):  # being written: the next step copies it
-                continue
-            tmp = f.with_name(f.name + self.SUFFIX + ".tmp")
-            try:
-                tmp.write_text(text)
                 os.replace(tmp, f.with_name(f.name + self.SUFFIX))
             except OSError:  # a full or failing storage: the sweep's own writes say so; a backup never fails it
-                tmp.unlink(missing_ok=True)
+                f.with_name(f.name + self.SUFFIX + ".tmp").unlink(missing_ok=True)
                 continue
             self._copied[f.name] = (st.st_mtime_ns, st.st_size)
+
+
+# The end of Tune's (2.60) experiment state, written last by its json.dump (TuneController.save_to_dir: the keys
+# trial_data, runner_data, stats, in that order; the trials' states inside are JSON strings, their quotes escaped)
+_STATE_END = re.compile(rb'"stats": \{"start_time": [-+0-9.eE]+\}\}\s*$')
+
+
+def state_is_whole(f: Path, size: int) -> bool:
+    """Whether Tune's state file ``f`` is complete: its last bytes are the end Tune writes last, else (another
+    layout) it parses. A sweep of 1,000 trials has an ~80 MB state: parsing it after every change of it held
+    Tune's loop ~10 s on 2 busy cores (BENCHMARKS.md, "Scale"); its last 256 bytes take microseconds."""
+    with open(f, "rb") as fh:
+        fh.seek(max(0, size - 256))
+        if _STATE_END.search(fh.read()):
+            return True
+    try:
+        json.loads(f.read_text())
+        return True
+    except ValueError:
+        return False
 
 
 def repair_experiment_state(exp_path: str) -> list[str]:
@@ -150,7 +170,7 @@ def quiet_tune_logs() -> None:
 
 
 def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker, tracking, resume: bool,
-                verbose: bool = False):
+                verbose: bool = False, trainable=trial):
     """The Tuner. On resume, Tune restores the pickled tracker (which finds this process's replica of the
     sweep's journal again: service/tracking.py) and the sweep's console as it started (its RunConfig:
     ``verbose`` applies to a new sweep).
@@ -158,6 +178,8 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
     The console (service/progress.py): one live display on a terminal, one line per trial end elsewhere.
     ``verbose``: Ray Tune's own trial tables and results too (with the plain lines, which suit them). Every
     trial is resolved through the tracker's :class:`~trainables.identity.SweepTrials` (the sweep's one).
+    ``trainable``: the function each trial runs, called with ``trial``'s keywords (benchmarks/scale.py gives one
+    that only sleeps and reports, to measure the service's own cost at scale).
     """
     from ray import tune
 
@@ -169,7 +191,7 @@ def build_tuner(sweep: Sweep, *, name: str, storage: str, tracker: MLflowTracker
     # state can predate their end (a driver killed right after it), and they must not train or log again
     finished = tracker.finished_trials() if resume else None
     trainable = tune.with_resources(
-        tune.with_parameters(trial, trials=trials, train_storage=f"{exp_path}/_train", tracking=tracking,
+        tune.with_parameters(trainable, trials=trials, train_storage=f"{exp_path}/_train", tracking=tracking,
                              experiment_path=exp_path, finished=finished),
         lambda config: trials.resources_of(config).placement_group())
     if resume:

@@ -401,6 +401,23 @@ def test_a_state_file_cut_short_by_a_killed_driver_is_repaired_from_its_last_com
     assert sorted(p.name for p in tmp_path.iterdir()) == [state.name]
 
 
+def test_state_backup_knows_tunes_whole_state_by_its_end_without_parsing_it(tmp_path):
+    """A state in Tune's layout is copied when it ends as Tune ends it ("stats" last), and not when cut short
+    (without a parse of the file: an 80 MB state at 1,000 trials, BENCHMARKS.md "Scale")."""
+    from service.runner import StateBackup, state_is_whole
+
+    state = tmp_path / "experiment_state-2026-12-02_07-00-00.json"
+    whole = json.dumps({"trial_data": [["{\"trial_id\": \"a\", \"stats\": {\"start_time\": 1}}", "{}"]],
+                        "runner_data": {"x": 1}, "stats": {"start_time": 1764658800.25}})
+    state.write_text(whole)
+    assert state_is_whole(state, state.stat().st_size)
+    StateBackup(str(tmp_path)).on_step_end(iteration=1, trials=[])
+    assert (tmp_path / (state.name + StateBackup.SUFFIX)).read_text() == whole
+    for cut in (len(whole) - 1, len(whole) // 2, whole.index("}}") + 2):
+        state.write_text(whole[:cut])
+        assert not state_is_whole(state, state.stat().st_size), cut
+
+
 DDP_LONG = """
 description: one data-parallel trial (2 Ray Train workers) long enough to lose a worker mid-way
 base: {steps: 120, eval_every: 10, batch_size: 16, num_workers: 2, torch_threads: 1, data.resolution: 16,

@@ -4,14 +4,18 @@ display, the summary) and hands the same object to the trainable; nothing else r
 
 Grid and random sweeps: Tune's config is ``{TRIAL_KEY: index}`` into the configs the driver resolved from the
 declaration (Tune's tables and folder names stay short); Optuna: Tune's config is the trial's config itself.
+
+Its imports (the settings, torch) wait until a trial is typed: a process that only unpickles the identity (a
+trial process before it trains; benchmarks/scale.py's simulated trials) does not pay for them (measured: ~9 s,
+and 0.35 GB of RSS a process against 0.21 GB; BENCHMARKS.md, "Scale").
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trainables.config import TrainConfig
-from trainables.resources import TrialResources
-from trainables.settings import make_config
+if TYPE_CHECKING:
+    from trainables.config import TrainConfig
+    from trainables.resources import TrialResources
 
 TRIAL_KEY = "trial_index"
 
@@ -39,6 +43,8 @@ class SweepTrials:
 
     def typed(self, tune_config: dict[str, Any]) -> TrainConfig:
         """The trial's typed config (built once per trial index)."""
+        from trainables.settings import make_config
+
         index = tune_config.get(TRIAL_KEY)
         if index is None:
             return make_config(tune_config)
@@ -48,6 +54,8 @@ class SweepTrials:
 
     def resources_of(self, tune_config: dict[str, Any]) -> TrialResources:
         """What the trial asks of Ray: its setting's per-worker resources, shaped by its own ``num_workers``."""
+        from trainables.resources import TrialResources
+
         cfg = self.typed(tune_config)
         return TrialResources.of(cfg, self.resources.get(cfg.setting, {}))
 

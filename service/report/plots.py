@@ -33,6 +33,32 @@ def routing_heatmaps(heatmap: dict, title: str = ""):
     return fig
 
 
+def routing_heatmap_strip(heatmap: dict, title: str = ""):
+    """:func:`routing_heatmaps` in one panel, for each trial's run (the replica draws one per trial): the blocks'
+    group x expert matrices stacked top to bottom, the block names on the left, the groups' order (the rows of
+    every block) below. One image and one set of labels: ~0.3 s at T5-base's 60 blocks, where a panel per block
+    takes ~4 s (BENCHMARKS.md, "Scale"); the report keeps the panels for the trials it shows. Returns a Figure."""
+    import numpy as np
+
+    groups, blocks = heatmap["groups"], heatmap["blocks"]
+    names = [b for b in blocks if blocks[b]]
+    n_g = max(1, len(groups))
+    mat = np.concatenate([np.asarray(blocks[b], dtype=float) for b in names]) if names else np.zeros((1, 1))
+    fig, ax = plt.subplots(figsize=(4.5 + 0.2 * mat.shape[1], 1.4 + 0.1 * len(names) * max(1.0, n_g / 6)))
+    im = ax.imshow(mat, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
+    ax.set_yticks([i * n_g + (n_g - 1) / 2 for i in range(len(names))], names, fontsize=6)
+    for i in range(1, len(names)):
+        ax.axhline(i * n_g - 0.5, color="white", lw=0.5)
+    ax.set_xticks(range(mat.shape[1]))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlabel(f"expert\n(rows of each block, top to bottom: {', '.join(groups)})", fontsize=7)
+    fig.colorbar(im, ax=ax, shrink=0.5, label="mean routing weight")
+    fig.subplots_adjust(left=0.3)  # the block names (a tight layout would cost as much as the drawing)
+    if title:
+        ax.set_title(title, fontsize=8)
+    return fig
+
+
 def score_per_method(scores: dict[str, list[float]], ylabel: str, title: str = ""):
     """One column per method (in the given order): a bar at the mean, one point per seed, a std whisker."""
     import statistics

@@ -73,7 +73,13 @@ def heatmap_of(client, trial: Trial) -> dict:
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
         with tempfile.TemporaryDirectory() as d:
-            local = client.download_artifacts(trial.run_id, HEATMAP_ARTIFACT, d)
+            if trial.artifact_uri:  # straight from the run's artifact root: no lookup of the run (2 per file)
+                from mlflow.artifacts import download_artifacts
+
+                local = download_artifacts(artifact_uri=f"{trial.artifact_uri.rstrip('/')}/{HEATMAP_ARTIFACT}",
+                                           dst_path=d, tracking_uri=getattr(client, "tracking_uri", None))
+            else:
+                local = client.download_artifacts(trial.run_id, HEATMAP_ARTIFACT, d)
             return json.loads(Path(local).read_text())
     finally:
         if bar is None:
@@ -124,6 +130,8 @@ def best_heatmaps(scope: Scope) -> Section:
 
 
 def _history(client, trial: Trial, key: str) -> list[tuple[int, float]]:
+    if trial.metric_keys is not None and key not in trial.metric_keys:
+        return []  # the run never logged it (e.g. routing/temperature): no read
     try:
         return [(m.step, m.value) for m in client.get_metric_history(trial.run_id, key)]
     except Exception:  # a run without that metric, or an unreadable record: no curve

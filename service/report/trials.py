@@ -36,6 +36,8 @@ class Trial:
     wall_s: float | None = None          # MLflow run end_time - start_time
     params: dict[str, str] = field(default_factory=dict)     # the trial's flattened config, as logged
     compute: dict[str, float] = field(default_factory=dict)  # compute/* metrics (trainables.accounting, loop)
+    artifact_uri: str = ""               # the run's artifact root: its files are read without a lookup of the run
+    metric_keys: frozenset[str] | None = None  # the metrics the run has (None: not known): no history read of others
 
 
 def open_store(tracking_uri: str):
@@ -132,7 +134,8 @@ def trial_from_run(run) -> Trial:
                  primary=primary, group_metric=gmetric, group_kind=tags.get("group_kind") or "group",
                  test=_num(metrics.get(f"test/{primary}")), val_best=_num(metrics.get(f"val/best_{primary}")),
                  groups=groups, group_order=order, wall_s=wall, params=dict(run.data.params),
-                 compute={k[len("compute/"):]: v for k, v in metrics.items() if k.startswith("compute/") and _finite(v)})
+                 compute={k[len("compute/"):]: v for k, v in metrics.items() if k.startswith("compute/") and _finite(v)},
+                 artifact_uri=info.artifact_uri or "", metric_keys=frozenset(metrics))
 
 
 def read_trials(client, parent) -> list[Trial]:
