@@ -121,7 +121,7 @@ flag_text = st.one_of(st.text(max_size=20), st.sampled_from(
      "postgresql://u@127.0.0.1:1/db", "ftp://x", "file:///nonexistent/x", "2,2", "3,x", "-0", "1_000"]))
 FLAGS = ["--name", "--storage", "--tracking-uri", "--cpus-per-trial", "--gpus-per-trial", "--num-samples",
          "--max-concurrent-trials", "--seeds", "--data-root", "--sweep", "--calibration-steps", "--price-per-gpu-hour"]
-SWITCHES = ["--smoke", "--resume", "--extend", "--sync", "--estimate", "--verbose", "--check-images", "--no-system-metrics",
+SWITCHES = ["--smoke", "--resume", "--extend", "--estimate", "--verbose", "--check-images", "--no-system-metrics",
             "--frobnicate"]
 
 
