@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         sweep = load_sweep(str(decl))
         out["load_sweep_s"], out["trials"] = time.perf_counter() - t0, sweep.num_trials
-        ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, log_to_driver=False)
         try:
             for mode in a.modes.split(","):
                 root = Path(d, mode)
