@@ -23,7 +23,7 @@ from smear.configs import ConfigError
 from smear.data.domainnet import DataError
 from service import decide, estimate  # (light: torch only when it calibrates)
 from service.spaces import Sweep, load_sweep
-from service.refusal import internal_error, refuse
+from service.refusal import first_line, internal_error, refuse
 from service.uris import check_uri, resolve_tracking_uri
 
 DESCRIPTION = "Launch a sweep: validate the declaration, run it on Ray Tune, record every trial in MLflow, report."
@@ -341,7 +341,7 @@ def probe_parent_run(uri: str, run_id: str, name: str) -> None:
         except MlflowException as e:
             if e.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return False
-            raise ConfigError(f"tracking URI {uri!r}: {str(e).splitlines()[0][:200]}; valid: a store that "
+            raise ConfigError(f"tracking URI {uri!r}: {first_line(e)}; valid: a store that "
                               "answers") from None
 
     if not within(3 * PROBE_TIMEOUT_S, f"tracking URI {uri!r}", has_parent):

@@ -26,6 +26,7 @@ from smear.configs import ConfigError
 from smear.data.domainnet import DataError
 from service import estimate  # (light: torch only when it calibrates)
 from service.inputs import Inputs, boundary, refuse
+from service.refusal import first_line
 from service.spaces import Sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,7 +162,7 @@ def run_sync(inputs: Inputs) -> int:
         sent = replica.sync()
     except Exception as e:  # noqa: BLE001 - the server does not answer (or fails): one line, the journal is intact
         print(f"launch.py: sync of sweep {name}: {uri} did not take the record ({type(e).__name__}: "
-              f"{str(e).splitlines()[0][:200] if str(e) else ''}); nothing is lost: run the same command again "
+              f"{first_line(e)}); nothing is lost: run the same command again "
               f"once it answers", file=sys.stderr)
         return EXIT_RECORD_INCOMPLETE
     if where:

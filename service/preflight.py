@@ -17,6 +17,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from service.refusal import first_line
 from smear.configs import ConfigError
 
 
@@ -42,7 +43,7 @@ def check_environment(sweep, *, storage: str, tracking_uri: str) -> None:
             connect_ray(logging_level=logging.WARNING)
         except ConnectionError as e:  # answered the probe, then refused the connection (auth, version)
             raise ConfigError(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']!r}: Ray refused the connection "
-                              f"({str(e).splitlines()[0][:200]}); valid: a cluster this driver can join") from None
+                              f"({first_line(e)}); valid: a cluster this driver can join") from None
         check_cluster_resources(sweep, cluster_shapes())
         check_weights_on_nodes(sweep)
         logging.getLogger("ray").setLevel(logging.INFO)  # Ray's default for the sweep itself
@@ -192,7 +193,7 @@ def check_weights_on_nodes(sweep, timeout: float = NODE_CHECK_TIMEOUT_S) -> None
         try:
             message = ray.get(ref)
         except Exception as e:  # the check itself failed there (runtime env, import): left to the trials
-            print(f"launch.py: note: the pretrained-weights check failed on {where}: {str(e).splitlines()[0][:200]}",
+            print(f"launch.py: note: the pretrained-weights check failed on {where}: {first_line(e)}",
                   file=sys.stderr)
             continue
         if message:

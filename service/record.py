@@ -100,12 +100,12 @@ class ParentRun:
         self.replica.write(PARENT, "end", status=status, end_time=int(time.time() * 1000), tags={})
 
     def publish(self, publisher, **data) -> bool:
-        """The report, once the record is complete: its journal entry (``data``: what the report needs), then
+        """The report, once the record is complete: its journal entry (``data``: what the report needs), sent
+        after every earlier write (one queue, in order; none once the wait for a lost server is over), then
         ``publisher(data) -> bool`` writes it; returns whether the whole record is in MLflow."""
         self.replica.publisher = publisher
-        complete = self.replica.flush()
         self.replica.write(PARENT, "report", **data)
-        return self.replica.flush() and complete
+        return self.replica.flush()
 
     def incomplete(self) -> str:
         """The lines a sweep ends with when its record is not all in MLflow: which runs lack what, and the

@@ -13,6 +13,12 @@ def one_line(message: str) -> str:
     return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception in a few words: the first line of its message (at most ``limit`` characters), else its type."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
+
+
 def refuse(message: str, prog: str = "launch.py") -> int:
     print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
     return EXIT_BAD_INPUT

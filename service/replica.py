@@ -33,6 +33,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from service.journal import PARENT, Entry, Journal, Missing
+from service.refusal import first_line
 
 log = logging.getLogger(__name__)
 MARKER = "record.n"
@@ -184,7 +185,7 @@ class Replica:
             except Exception as e:
                 if entry.op == "metrics":
                     self._unsure.add(entry.key)  # its values may have landed without the answer
-                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                reason = first_line(e)
                 if server_answers(self.uri):
                     log.warning("MLflow %s failed (%s); continuing without it", self._what(entry), reason)
                     self.refused.append(f"{self._what(entry)}: {reason}")
@@ -330,7 +331,7 @@ class Replica:
             except Exception as e:
                 if not server_answers(self.uri):
                     raise
-                self.refused.append(f"{self._what(entry)}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+                self.refused.append(f"{self._what(entry)}: {first_line(e)}")
         return sent
 
     def missing(self) -> dict[str, Missing]:

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.refusal import first_line
 from service.report.diagnostics import curve_band, sensitivity, specialisation, varied_params
 from service.report.stats import default_reference
 from service.report.tables import method_order
@@ -118,7 +119,7 @@ def best_heatmaps(scope: Scope) -> Section:
         p = heatmap_figure(heatmap_of(scope.client, best), best, f"best {paper_method} trial", scope.kind,
                            scope.path("heatmaps_best_smear"))
     except Exception as e:  # no artifact (failed trial, older record), unreadable JSON
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        msg = first_line(e)
         return Section([f"No specialisation heatmaps: {HEATMAP_ARTIFACT} of {best.run_name} could not be "
                         f"read ({msg}).", ""], numbers={"best": best.run_name})
     score = "-" if best.test is None else f"{best.test * 100:.2f}"

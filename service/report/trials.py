@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.refusal import first_line
+
 EXPERIMENT_PREFIX = "smear-sweep/"
 
 
@@ -55,7 +57,7 @@ def open_store(tracking_uri: str):
     except ReportError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ReportError(f"cannot read the MLflow store {tracking_uri!r}: {first}") from None
     return client
 
